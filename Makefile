@@ -1,0 +1,61 @@
+# asvp-backend: `make run` serves the backend, `make test` runs every test. Both set themselves up.
+#
+# Virtual environments live outside the clone, keyed by the requirements' hash, so a second clone (or CI)
+# reuses them; a fresh machine builds them (about 5 minutes: torch is large).
+
+PYTHON      ?= python3
+VENV_ROOT   ?= $(HOME)/.cache/asvp-backend
+REQ_HASH    := $(shell cat requirements.txt requirements-test.txt | sha256sum | cut -c1-12)
+VENV        ?= $(VENV_ROOT)/venv-$(REQ_HASH)
+LS_VERSION  := 1.23.2
+LS_VENV     ?= $(VENV_ROOT)/label-studio-$(LS_VERSION)
+BIN         := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: run test test-unit test-integration test-e2e lint venv ls-venv redis bench clean-venvs help
+
+help:  ## show the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+run: venv  ## serve the backend on port 9090 (embedded mode unless REDIS_URL is set)
+	$(BIN)/asvp-backend serve
+
+venv: $(VENV)/.complete  ## create the backend's virtual environment
+	@$(BIN)/pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored" || true
+
+$(VENV)/.complete: requirements.txt requirements-test.txt
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -r requirements-test.txt 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -c "import torch, torchvision, timm, fastapi, rq, label_studio_sdk"
+	touch $@
+
+ls-venv: $(LS_VENV)/.complete  ## Label Studio $(LS_VERSION) in its own environment (for the e2e tests)
+
+$(LS_VENV)/.complete:
+	rm -rf $(LS_VENV)
+	$(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/pip install -q label-studio==$(LS_VERSION) 2>&1 | grep -v "is ignored" || true
+	$(LS_VENV)/bin/label-studio --version >/dev/null
+	touch $@
+
+redis:  ## make sure a Redis server answers on 127.0.0.1:6379
+	scripts/ensure-redis.sh
+
+lint: venv  ## ruff
+	$(BIN)/ruff check asvp_backend tests bench
+
+test: venv ls-venv redis lint  ## every test: unit, integration (Redis, rq), e2e (Label Studio)
+	LS_VENV=$(LS_VENV) $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS) tests
+
+test-unit: venv  ## unit tests only
+	$(BIN)/python -m pytest -q tests/unit $(PYTEST_ARGS)
+
+test-integration: venv redis
+	$(BIN)/python -m pytest -q tests/integration $(PYTEST_ARGS)
+
+test-e2e: venv ls-venv redis
+	LS_VENV=$(LS_VENV) $(BIN)/python -m pytest -q -ra tests/e2e $(PYTEST_ARGS)
+
+clean-venvs:  ## delete the cached environments
+	rm -rf $(VENV_ROOT)/venv-* $(LS_VENV)

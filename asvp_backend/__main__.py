@@ -1,0 +1,3 @@
+from asvp_backend.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,167 @@
+"""`asvp-backend`: serve the API, run workers, show status (extract and simulate come with their issues)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+
+from asvp_backend import __version__
+from asvp_backend.config import ConfigError, Settings, env_names
+
+log = logging.getLogger("asvp_backend")
+
+
+class _SecretFilter(logging.Filter):
+    """Last line of defence: mask configured secrets if one ever reaches a log message."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self.secrets = [s for s in secrets if s and len(s) >= 4]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            message = record.getMessage()
+            masked = message
+            for secret in self.secrets:
+                masked = masked.replace(secret, "***")
+            if masked != message:
+                record.msg, record.args = masked, ()
+        return True
+
+
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    secret_filter = _SecretFilter(
+        [settings.label_studio_api_key or "", settings.basic_auth_pass or "", settings.webhook_secret or ""]
+    )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(secret_filter)
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from asvp_backend.runtime import build_runtime, set_runtime
+    from asvp_backend.server.app import create_app
+
+    runtime = build_runtime(settings)
+    set_runtime(runtime)
+    log.info("serving on %s:%s (%s)", args.host or settings.host, args.port or settings.port,
+             "rq on Redis" if settings.redis_url else "embedded: in-process worker, state in MODEL_DIR")
+    uvicorn.run(
+        create_app(runtime),
+        host=args.host or settings.host,
+        port=args.port or settings.port,
+        log_level=settings.log_level,
+        access_log=args.access_log,
+    )
+    return 0
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    if not settings.redis_url:
+        print("asvp-backend worker needs REDIS_URL (without it, `serve` runs jobs in-process)", file=sys.stderr)
+        return 2
+    from rq import SimpleWorker, Worker
+
+    import asvp_backend.jobs.tasks  # noqa: F401  (import job code once, before forking work-horses)
+    from asvp_backend.runtime import connect_redis
+
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    unknown = set(queues) - {"cpu", "gpu"}
+    if unknown:
+        print(f"unknown queue(s): {', '.join(sorted(unknown))}; use cpu and/or gpu", file=sys.stderr)
+        return 2
+    worker_class = SimpleWorker if args.in_process else Worker
+    worker = worker_class(queues, connection=connect_redis(settings.redis_url), name=args.name)
+    log.info("worker %s listening on %s", worker.name, ",".join(queues))
+    worker.work(burst=args.burst, with_scheduler=False)
+    return 0
+
+
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    from asvp_backend.runtime import build_runtime
+
+    runtime = build_runtime(settings)
+    try:
+        projects = []
+        for pid in runtime.store.project_ids():
+            state = runtime.store.get(pid)
+            if state is None:
+                continue
+            projects.append(
+                {
+                    "project": pid,
+                    "model_version": str(state.version),
+                    "labels": list(state.spec.labels),
+                    "last_sync": state.last_sync,
+                    "rounds": len(state.rounds),
+                }
+            )
+        jobs = [j.to_dict() for j in runtime.queue.jobs(args.project, limit=args.jobs)]
+        if args.project is not None:
+            projects = [p for p in projects if p["project"] == args.project]
+        report = {"settings": settings.redacted(), "projects": projects, "jobs": jobs}
+        print(json.dumps(report, indent=2, default=str))
+    finally:
+        runtime.close()
+    return 0
+
+
+COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
+    "serve": cmd_serve,
+    "worker": cmd_worker,
+    "status": cmd_status,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="asvp-backend",
+        description="Label Studio ML backend that ranks the labelling queue by active learning (ASVP).",
+        epilog="Configuration comes from environment variables: " + ", ".join(env_names()),
+    )
+    parser.add_argument("--version", action="version", version=f"asvp-backend {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP API Label Studio connects to")
+    serve.add_argument("--host", default=None, help="bind address (default: HOST or 0.0.0.0)")
+    serve.add_argument("--port", type=int, default=None, help="port (default: PORT or 9090)")
+    serve.add_argument("--access-log", action="store_true", help="log every request")
+
+    worker = sub.add_parser("worker", help="run an rq worker for the cpu and/or gpu queue (needs REDIS_URL)")
+    worker.add_argument("--queues", default="cpu,gpu", help="comma-separated queues, in priority order")
+    worker.add_argument("--name", default=None, help="worker name (default: rq's)")
+    worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    worker.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run jobs in the worker process (keeps models loaded; use on GPU machines) instead of forking",
+    )
+
+    status = sub.add_parser("status", help="print projects, versions and recent jobs as JSON")
+    status.add_argument("--project", type=int, default=None, help="only this project")
+    status.add_argument("--jobs", type=int, default=20, help="how many recent jobs to show")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings)
+    return COMMANDS[args.command](settings, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,177 @@
+"""Settings from environment variables, validated once at start.
+
+Names follow Label Studio and its ML backend SDK where they exist (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY,
+MODEL_DIR, BASIC_AUTH_USER, BASIC_AUTH_PASS, LOG_LEVEL, PORT, LOCAL_FILES_DOCUMENT_ROOT) so that a Label Studio
+user's .env works unchanged; the rest are ours. Every field is declared here, so reading an undeclared
+option cannot happen (a pitfall of the reference code).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+
+class ConfigError(ValueError):
+    """A setting has a value we cannot use; the message names the variable and what is allowed."""
+
+
+def _bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off", ""}:
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _int_in(low: int, high: int | None = None) -> Callable[[str, str], int]:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f">= {low}"
+            raise ConfigError(f"{name} must be {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float, high: float) -> Callable[[str, str], float]:
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _choice(*allowed: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in allowed:
+            raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {raw!r}")
+        return value
+
+    return parse
+
+
+def _http_url(name: str, raw: str) -> str:
+    value = raw.strip().rstrip("/")
+    parsed = urlparse(value)
+    if parsed.scheme not in {"http", "https"} or not parsed.netloc:
+        raise ConfigError(f"{name} must be an http(s) URL such as http://label-studio:8080, got {raw!r}")
+    return value
+
+
+def _redis_url(name: str, raw: str) -> str:
+    value = raw.strip()
+    if urlparse(value).scheme not in {"redis", "rediss", "unix"}:
+        raise ConfigError(f"{name} must look like redis://host:6379/0, got {raw!r}")
+    return value
+
+
+def _text(name: str, raw: str) -> str:
+    return raw.strip()
+
+
+def _path(name: str, raw: str) -> Path:
+    return Path(raw).expanduser()
+
+
+def _env(env_name: str, parse: Callable[[str, str], Any], secret: bool = False, **kw: Any) -> Any:
+    return field(metadata={"env": env_name, "parse": parse, "secret": secret}, **kw)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All configuration of the API and the workers. Build it with `Settings.from_env()`."""
+
+    # Label Studio connection (Label Studio's names)
+    label_studio_url: str | None = _env("LABEL_STUDIO_URL", _http_url, default=None)
+    label_studio_api_key: str | None = _env("LABEL_STUDIO_API_KEY", _text, secret=True, default=None)
+    local_files_document_root: Path | None = _env("LOCAL_FILES_DOCUMENT_ROOT", _path, default=None)
+    # Server
+    model_dir: Path = _env("MODEL_DIR", _path, default=Path("data/models"))
+    host: str = _env("HOST", _text, default="0.0.0.0")
+    port: int = _env("PORT", _int_in(1, 65535), default=9090)
+    log_level: str = _env("LOG_LEVEL", _choice("debug", "info", "warning", "error"), default="info")
+    basic_auth_user: str | None = _env("BASIC_AUTH_USER", _text, default=None)
+    basic_auth_pass: str | None = _env("BASIC_AUTH_PASS", _text, secret=True, default=None)
+    webhook_secret: str | None = _env("WEBHOOK_SECRET", _text, secret=True, default=None)
+    max_body_bytes: int = _env("MAX_BODY_BYTES", _int_in(1024), default=64 * 2**20)
+    # Queue: rq on Redis when set, otherwise an in-process worker (the embedded default)
+    redis_url: str | None = _env("REDIS_URL", _redis_url, default=None)
+    job_timeout: int = _env("JOB_TIMEOUT", _int_in(10), default=6 * 3600)
+    # Features
+    backbone: str = _env("BACKBONE", _text, default="tf_efficientnet_lite0")
+    backbone_weights: str = _env("BACKBONE_WEIGHTS", _text, default="auto")
+    image_size: int | None = _env("IMAGE_SIZE", _int_in(16, 1024), default=None)
+    device: str = _env("DEVICE", _choice("auto", "cpu", "cuda"), default="auto")
+    extract_batch_size: int = _env("EXTRACT_BATCH_SIZE", _int_in(1, 4096), default=64)
+    extract_workers: int = _env("EXTRACT_WORKERS", _int_in(0, 64), default=2)
+    allow_private_image_hosts: bool = _env("ALLOW_PRIVATE_IMAGE_HOSTS", _bool, default=False)
+    predict_inline_max: int = _env("PREDICT_INLINE_MAX", _int_in(0, 1000), default=8)
+    # Selection
+    strategy: str = _env("STRATEGY", _text, default="margin")
+    cold_start_strategy: str = _env("COLD_START_STRATEGY", _text, default="typiclust")
+    proxy: str = _env("PROXY", _text, default="mlp")
+    epsilon: float = _env("EPSILON", _float_in(0.0, 1.0), default=0.0)
+    retrain_every: int = _env("RETRAIN_EVERY", _int_in(1), default=10)
+    push_top_k: int = _env("PUSH_TOP_K", _int_in(1), default=2000)
+    ls_sampling: str = _env("LS_SAMPLING", _choice("uncertainty", "keep"), default="uncertainty")
+    seed: int = _env("SEED", _int_in(0), default=0)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate every declared variable; raise ConfigError naming the first bad one."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(f.metadata["env"])
+            if raw is None or raw.strip() == "":
+                continue
+            values[f.name] = f.metadata["parse"](f.metadata["env"], raw)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            raise ConfigError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
+        if self.label_studio_url and not self.label_studio_api_key:
+            raise ConfigError("LABEL_STUDIO_API_KEY is required when LABEL_STUDIO_URL is set")
+
+    @property
+    def embedded(self) -> bool:
+        """True when no Redis is configured: state on disk and an in-process worker."""
+        return self.redis_url is None
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as a dict, with every secret replaced, for logs and the status command."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["secret"] and value:
+                value = "***"
+            elif f.name == "redis_url" and value:
+                parsed = urlparse(value)
+                if parsed.password:
+                    value = value.replace(parsed.password, "***")
+            out[f.metadata["env"]] = str(value) if isinstance(value, Path) else value
+        return out
+
+
+def env_names() -> list[str]:
+    """Every environment variable the settings read, in declaration order (for .env.example and docs)."""
+    return [f.metadata["env"] for f in fields(Settings)]

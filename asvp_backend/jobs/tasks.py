@@ -1,0 +1,74 @@
+"""The job functions. Each reads what it needs from Label Studio and the shared volume, never from a
+webhook payload, so a lost or forged webhook can neither lose nor inject a label."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from asvp_backend.jobs.context import JobContext
+from asvp_backend.jobs.registry import register_job
+from asvp_backend.labelstudio.client import task_image, task_label
+from asvp_backend.labelstudio.label_config import LabelConfigError, parse_label_config
+from asvp_backend.state import ProjectState, SyncedTask, TaskSnapshot
+
+log = logging.getLogger(__name__)
+
+
+@register_job("sync", queue="cpu")
+def sync(ctx: JobContext) -> dict[str, Any]:
+    """Read the project's tasks and labels from Label Studio and record them."""
+    runtime, pid = ctx.runtime, ctx.project_id
+    state = runtime.store.require(pid)
+    client = runtime.label_studio()
+    started = time.time()
+
+    spec, config_error = state.spec, None
+    project = client.get_project(pid)
+    label_config = project.get("label_config") or state.label_config
+    if label_config != state.label_config:
+        try:
+            spec = parse_label_config(label_config)
+        except LabelConfigError as exc:  # keep serving the last good config, and say why
+            config_error, label_config = str(exc), state.label_config
+
+    total = int(project.get("task_number") or 0)
+    tasks: dict[int, SyncedTask] = {}
+    for task in client.iter_tasks(pid):
+        tasks[int(task["id"])] = SyncedTask(image=task_image(task, spec), label=task_label(task, spec))
+        ctx.progress(len(tasks), max(total, len(tasks)), stage="reading tasks")
+    snapshot = TaskSnapshot(runtime.settings.model_dir, pid)
+    previous = snapshot.load()
+    snapshot.save(tasks)
+
+    labelled = sum(1 for t in tasks.values() if t.label is not None)
+    summary = {
+        "at": time.time(),
+        "tasks": len(tasks),
+        "labelled": labelled,
+        "new_tasks": len(tasks.keys() - previous.keys()),
+        "deleted_tasks": len(previous.keys() - tasks.keys()),
+        "seconds": round(time.time() - started, 3),
+        "config_error": config_error,
+    }
+
+    def record(current: ProjectState | None) -> ProjectState | None:
+        if current is None:
+            return None
+        current.last_sync = summary
+        current.label_config, current.spec = label_config, spec
+        current.record_job(ctx.job_id)
+        return current
+
+    runtime.store.update(pid, record)
+    ctx.progress(len(tasks), len(tasks), stage="done", force=True)
+    log.info("project %s synced: %s tasks, %s labelled", pid, len(tasks), labelled)
+    return summary
+
+
+@register_job("train", queue="cpu")
+def train(ctx: JobContext) -> dict[str, Any]:
+    """Start Training: sync with Label Studio, then retrain whatever the number of new labels."""
+    ctx.params["force_round"] = True
+    return sync(ctx)

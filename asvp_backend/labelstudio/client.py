@@ -1,0 +1,152 @@
+"""The Label Studio API, as this backend uses it: read tasks and labels, write predictions and versions.
+
+Authentication goes through label-studio-sdk, which accepts a legacy token or a personal access token
+(and refreshes the PAT's short-lived access token). The calls themselves are plain HTTP on Label Studio's
+documented routes: we page through tens of thousands of tasks and push predictions in batches, where the
+SDK's typed models would only add parsing cost. Errors never carry the token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import requests
+
+from asvp_backend.labelstudio.label_config import ClassificationSpec
+
+log = logging.getLogger(__name__)
+
+PREDICTION_BATCH = 500  # Label Studio imports predictions in batches of 500 as well
+VIEW_TITLE = "ASVP: label next"
+
+
+class LabelStudioError(RuntimeError):
+    """A Label Studio call failed; the message names the call and the status, never the token."""
+
+
+class LabelStudioClient:
+    def __init__(self, url: str, api_key: str, timeout: float = 30.0) -> None:
+        from label_studio_sdk import LabelStudio
+
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self._sdk = LabelStudio(base_url=self.url, api_key=api_key, timeout=timeout)
+        self._session = requests.Session()
+
+    def auth_headers(self) -> dict[str, str]:
+        """The Authorization header Label Studio expects (Token <legacy> or Bearer <access JWT>)."""
+        headers = self._sdk._client_wrapper.get_headers()
+        return {"Authorization": headers["Authorization"]}
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        kwargs.setdefault("timeout", self.timeout)
+        try:
+            response = self._session.request(method, self.url + path, headers=self.auth_headers(), **kwargs)
+        except requests.RequestException as exc:
+            raise LabelStudioError(f"{method} {path}: {type(exc).__name__}") from None
+        if response.status_code >= 400:
+            detail = response.text[:300].replace("\n", " ")
+            raise LabelStudioError(f"{method} {path}: HTTP {response.status_code}: {detail}")
+        if not response.content:
+            return None
+        return response.json()
+
+    # ------------------------------------------------------------------ projects
+    def get_project(self, project_id: int) -> dict[str, Any]:
+        return self.request("GET", f"/api/projects/{int(project_id)}/")
+
+    def update_project(self, project_id: int, **fields: Any) -> dict[str, Any]:
+        return self.request("PATCH", f"/api/projects/{int(project_id)}/", json=fields)
+
+    # ------------------------------------------------------------------ tasks
+    def iter_tasks(self, project_id: int, page_size: int = 500) -> Iterator[dict[str, Any]]:
+        """Every task of the project with its annotations, page by page."""
+        page = 1
+        while True:
+            params = {"project": int(project_id), "page": page, "page_size": page_size, "fields": "all"}
+            try:
+                body = self.request("GET", "/api/tasks", params=params)
+            except LabelStudioError as exc:
+                if "HTTP 404" in str(exc) and page > 1:  # past the last page
+                    return
+                raise
+            tasks = body.get("tasks", []) if isinstance(body, dict) else body
+            yield from tasks
+            if len(tasks) < page_size:
+                return
+            page += 1
+
+    def ordered_task_ids(self, project_id: int, view_id: int | None = None) -> list[int]:
+        """Unlabelled task ids in the order of our Data Manager view (lowest prediction score first)."""
+        query = {"filters": _UNLABELLED_FILTER, "ordering": ["tasks:predictions_score"]}
+        params: dict[str, Any] = {"project": int(project_id), "page_size": 1000, "fields": "task_only"}
+        if view_id is not None:
+            params["view"] = view_id
+        else:
+            params["query"] = json.dumps(query)
+        body = self.request("GET", "/api/tasks", params=params)
+        return [int(t["id"]) for t in body.get("tasks", [])]
+
+    def next_task(self, project_id: int) -> dict[str, Any] | None:
+        return self.request("GET", f"/api/projects/{int(project_id)}/next")
+
+    # ------------------------------------------------------------------ predictions and versions
+    def import_predictions(self, project_id: int, predictions: list[dict[str, Any]]) -> int:
+        done = 0
+        for start in range(0, len(predictions), PREDICTION_BATCH):
+            batch = predictions[start : start + PREDICTION_BATCH]
+            self.request("POST", f"/api/projects/{int(project_id)}/import/predictions", json=batch, timeout=120)
+            done += len(batch)
+        return done
+
+    def model_versions(self, project_id: int) -> dict[str, int]:
+        body = self.request("GET", f"/api/projects/{int(project_id)}/model-versions/")
+        if isinstance(body, dict):
+            return {str(k): int(v) for k, v in body.items()}
+        return {str(item.get("model_version")): int(item.get("count", 0)) for item in body or []}
+
+    def delete_model_version(self, project_id: int, version: str) -> None:
+        self.request(
+            "DELETE", f"/api/projects/{int(project_id)}/model-versions/", json={"model_version": version}
+        )
+
+    # ------------------------------------------------------------------ Data Manager view
+    def ensure_ranking_view(self, project_id: int) -> int:
+        """A Data Manager tab over unlabelled tasks ordered by prediction score (lowest first)."""
+        data = {"title": VIEW_TITLE, "ordering": ["tasks:predictions_score"], "filters": _UNLABELLED_FILTER}
+        views = self.request("GET", "/api/dm/views/", params={"project": int(project_id)}) or []
+        for view in views:
+            if (view.get("data") or {}).get("title") == VIEW_TITLE:
+                return int(view["id"])
+        created = self.request("POST", "/api/dm/views/", json={"project": int(project_id), "data": data})
+        return int(created["id"])
+
+
+_UNLABELLED_FILTER = {
+    "conjunction": "and",
+    "items": [
+        {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0},
+    ],
+}
+
+
+def task_label(task: dict[str, Any], spec: ClassificationSpec) -> str | None:
+    """The task's label: the newest non-cancelled annotation's choice for our <Choices>, if any."""
+    annotations = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
+    annotations.sort(key=lambda a: (a.get("updated_at") or a.get("created_at") or "", a.get("id") or 0))
+    for annotation in reversed(annotations):
+        for region in annotation.get("result") or []:
+            if region.get("from_name") != spec.from_name or region.get("type") != "choices":
+                continue
+            choices = (region.get("value") or {}).get("choices") or []
+            if len(choices) == 1 and choices[0] in spec.labels:
+                return choices[0]
+    return None
+
+
+def task_image(task: dict[str, Any], spec: ClassificationSpec) -> str | None:
+    value = (task.get("data") or {}).get(spec.image_key)
+    return value if isinstance(value, str) and value else None

@@ -1,0 +1,246 @@
+"""Per-project state: label config, version counters, last sync, score history, rounds.
+
+Two interchangeable stores behind one small interface: Redis when REDIS_URL is set (the API and every
+worker see the same state), otherwise JSON files under MODEL_DIR (the embedded default). Every change is a
+read-modify-write under a per-project lock, so a webhook burst or two workers cannot lose an update, and
+files are replaced atomically, so a crash never leaves half a state behind.
+
+The synced task list (ids, image URLs, labels) is bigger than the state and lives next to the feature
+store on the shared volume (`TaskSnapshot`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from asvp_backend.labelstudio.label_config import ClassificationSpec
+from asvp_backend.versioning import ModelVersion
+
+MAX_VERSIONS = 50
+MAX_ROUNDS = 200
+MAX_JOB_IDS = 100
+
+
+@dataclass
+class ProjectState:
+    project_id: int
+    label_config: str
+    spec: ClassificationSpec
+    generation: int = 0
+    round: int = 0
+    versions: list[str] = field(default_factory=list)  # oldest first
+    last_sync: dict[str, Any] | None = None
+    labels_at_last_round: int = 0
+    score_history: list[float] = field(default_factory=list)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    job_ids: list[str] = field(default_factory=list)
+    updated_at: float = field(default_factory=time.time)
+
+    @property
+    def version(self) -> ModelVersion:
+        return ModelVersion(self.generation, self.round)
+
+    def advance_round(self) -> ModelVersion:
+        """Move to the next round and record the version; the only way a version moves forward."""
+        new = self.version.next_round()
+        self.generation, self.round = new.generation, new.round
+        self._record_version(new)
+        return new
+
+    def _record_version(self, version: ModelVersion) -> None:
+        text = str(version)
+        if text not in self.versions:
+            self.versions.append(text)
+        del self.versions[:-MAX_VERSIONS]
+
+    def record_round(self, record: dict[str, Any]) -> None:
+        self.rounds.append(record)
+        del self.rounds[:-MAX_ROUNDS]
+
+    def record_job(self, job_id: str) -> None:
+        self.job_ids.append(job_id)
+        del self.job_ids[:-MAX_JOB_IDS]
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["spec"]["labels"] = list(self.spec.labels)
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> ProjectState:
+        data = json.loads(text)
+        spec = data.pop("spec")
+        spec["labels"] = tuple(spec["labels"])
+        return cls(spec=ClassificationSpec(**spec), **data)
+
+    @classmethod
+    def new(cls, project_id: int, label_config: str, spec: ClassificationSpec) -> ProjectState:
+        state = cls(project_id=project_id, label_config=label_config, spec=spec)
+        state._record_version(state.version)
+        return state
+
+
+class ProjectNotFound(KeyError):
+    """No state for this project: it was never set up through /setup."""
+
+
+class StateStore(ABC):
+    """Where project state lives. `update` is the only way to change a project."""
+
+    @abstractmethod
+    def get(self, project_id: int) -> ProjectState | None: ...
+
+    @abstractmethod
+    def project_ids(self) -> list[int]: ...
+
+    @abstractmethod
+    def _lock(self, project_id: int) -> contextlib.AbstractContextManager[None]: ...
+
+    @abstractmethod
+    def _write(self, state: ProjectState) -> None: ...
+
+    def update(
+        self,
+        project_id: int,
+        change: Callable[[ProjectState | None], ProjectState | None],
+    ) -> ProjectState | None:
+        """Apply `change` to the current state under the project's lock and store what it returns."""
+        with self._lock(project_id):
+            new = change(self.get(project_id))
+            if new is not None:
+                new.updated_at = time.time()
+                self._write(new)
+            return new
+
+    def require(self, project_id: int) -> ProjectState:
+        state = self.get(project_id)
+        if state is None:
+            raise ProjectNotFound(project_id)
+        return state
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over the target."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def project_dir(model_dir: Path, project_id: int) -> Path:
+    return Path(model_dir) / "projects" / str(int(project_id))
+
+
+class FileStateStore(StateStore):
+    """JSON per project under MODEL_DIR/projects/<id>/state.json, locked with flock."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = Path(model_dir)
+
+    def _path(self, project_id: int) -> Path:
+        return project_dir(self.model_dir, project_id) / "state.json"
+
+    def get(self, project_id: int) -> ProjectState | None:
+        try:
+            return ProjectState.from_json(self._path(project_id).read_text())
+        except FileNotFoundError:
+            return None
+
+    def project_ids(self) -> list[int]:
+        root = self.model_dir / "projects"
+        if not root.is_dir():
+            return []
+        return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "state.json").exists())
+
+    @contextlib.contextmanager
+    def _lock(self, project_id: int) -> Iterator[None]:
+        lock_path = project_dir(self.model_dir, project_id) / "state.lock"
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _write(self, state: ProjectState) -> None:
+        atomic_write(self._path(state.project_id), state.to_json().encode())
+
+
+class RedisStateStore(StateStore):
+    """One JSON string per project in Redis; a Redis lock serialises writers across processes."""
+
+    PREFIX = "asvp:project:"
+
+    def __init__(self, redis: Any) -> None:
+        self.redis = redis
+
+    def get(self, project_id: int) -> ProjectState | None:
+        raw = self.redis.get(f"{self.PREFIX}{int(project_id)}")
+        return None if raw is None else ProjectState.from_json(raw)
+
+    def project_ids(self) -> list[int]:
+        ids = []
+        for key in self.redis.scan_iter(match=f"{self.PREFIX}*", count=500):
+            key = key.decode() if isinstance(key, bytes) else key
+            suffix = key[len(self.PREFIX) :]
+            if suffix.isdigit():
+                ids.append(int(suffix))
+        return sorted(ids)
+
+    @contextlib.contextmanager
+    def _lock(self, project_id: int) -> Iterator[None]:
+        with self.redis.lock(f"asvp:lock:project:{int(project_id)}", timeout=30, blocking_timeout=30):
+            yield
+
+    def _write(self, state: ProjectState) -> None:
+        self.redis.set(f"{self.PREFIX}{state.project_id}", state.to_json())
+
+
+@dataclass
+class SyncedTask:
+    image: str | None
+    label: str | None
+
+
+class TaskSnapshot:
+    """The project's tasks as Label Studio last reported them: id -> image URL and label (or None).
+
+    Stored as one JSON file on the shared volume and replaced atomically by each sync.
+    """
+
+    def __init__(self, model_dir: Path, project_id: int) -> None:
+        self.path = project_dir(model_dir, project_id) / "tasks.json"
+
+    def load(self) -> dict[int, SyncedTask]:
+        try:
+            raw = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        return {int(k): SyncedTask(image=v[0], label=v[1]) for k, v in raw.items()}
+
+    def save(self, tasks: dict[int, SyncedTask]) -> None:
+        payload = {str(k): [t.image, t.label] for k, t in tasks.items()}
+        atomic_write(self.path, json.dumps(payload, separators=(",", ":")).encode())
+
+
+def create_state_store(model_dir: Path, redis: Any | None) -> StateStore:
+    return FileStateStore(model_dir) if redis is None else RedisStateStore(redis)
