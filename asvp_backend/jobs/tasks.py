@@ -72,3 +72,14 @@ def train(ctx: JobContext) -> dict[str, Any]:
     """Start Training: sync with Label Studio, then retrain whatever the number of new labels."""
     ctx.params["force_round"] = True
     return sync(ctx)
+
+
+@register_job("ping", queue="cpu")
+def ping(ctx: JobContext) -> dict[str, Any]:
+    """Answer from a worker: proves a worker listens and can report progress (`asvp-backend status`)."""
+    import os
+    import socket
+
+    for step in range(3):
+        ctx.progress(step + 1, 3, stage="ping", force=True)
+    return {"pid": os.getpid(), "host": socket.gethostname(), "project": ctx.project_id}

@@ -1,0 +1,138 @@
+"""End to end against a real Label Studio 1.23.2: connect, predict, webhook -> job, versions, Start Training."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+import requests
+
+from tests.conftest import start_backend, start_worker
+from tests.helpers import IMAGE_CONFIG, free_port, png_bytes, wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+class LS:
+    """A thin client for the test's own calls to Label Studio (the backend uses its own client)."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self.url = url
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Token {token}"
+
+    def call(self, method: str, path: str, **kwargs):
+        response = self.session.request(method, self.url + path, timeout=120, **kwargs)
+        assert response.status_code < 400, f"{method} {path}: {response.status_code} {response.text[:500]}"
+        return response.json() if response.content else None
+
+    def tasks(self, project: int) -> list[dict]:
+        body = self.call("GET", "/api/tasks", params={"project": project, "page_size": 100, "fields": "all"})
+        return body["tasks"]
+
+
+@pytest.fixture(scope="module")
+def stack(label_studio, redis_url, tmp_path_factory):
+    """Label Studio + backend (rq mode) + one rq worker, all real processes."""
+    import redis
+
+    redis.Redis.from_url(redis_url).flushdb()
+    tmp = tmp_path_factory.mktemp("e2e")
+    port = free_port()
+    env = {
+        "REDIS_URL": redis_url,
+        "MODEL_DIR": str(tmp / "models"),
+        "LABEL_STUDIO_URL": label_studio["url"],
+        "LABEL_STUDIO_API_KEY": label_studio["token"],
+        "LOCAL_FILES_DOCUMENT_ROOT": label_studio["docroot"],
+    }
+    backend = start_backend(tmp, port, **env)
+    worker = start_worker(tmp, "worker", **env)
+    ls = LS(label_studio["url"], label_studio["token"])
+    try:
+        yield {"ls": ls, "backend": f"http://127.0.0.1:{port}", "backend_proc": backend, "worker": worker,
+               **label_studio}
+    finally:
+        worker.stop()
+        backend.stop()
+
+
+@pytest.fixture(scope="module")
+def project(stack):
+    ls: LS = stack["ls"]
+    created = ls.call("POST", "/api/projects", json={"title": "asvp e2e", "label_config": IMAGE_CONFIG})
+    pid = created["id"]
+    files = [(f"file{i}", (f"img_{i}.png", png_bytes(i), "image/png")) for i in range(6)]
+    ls.call("POST", f"/api/projects/{pid}/import", files=files)
+    data_uri_tasks = [{"image": "data:image/png;base64," + base64.b64encode(png_bytes(10 + i)).decode()}
+                      for i in range(4)]
+    ls.call("POST", f"/api/projects/{pid}/import", json=data_uri_tasks)
+    assert len(ls.tasks(pid)) == 10
+    ml = ls.call("POST", "/api/ml", json={"url": stack["backend"], "project": pid, "title": "asvp"})
+    return {"id": pid, "ml": ml["id"]}
+
+
+def backend_jobs(stack, pid: int) -> list[dict]:
+    return requests.get(f"{stack['backend']}/jobs", params={"project": pid}, timeout=5).json()["jobs"]
+
+
+def test_label_studio_connects_and_gets_a_prediction_for_every_task(stack, project):
+    ls: LS = stack["ls"]
+    ml = ls.call("GET", f"/api/ml/{project['ml']}")
+    assert ml["state"] == "CO", ml
+    assert ml["model_version"] == "asvp-g0-r0"
+
+    reply = ls.call(
+        "POST",
+        "/api/dm/actions",
+        params={"id": "retrieve_tasks_predictions", "project": project["id"]},
+        json={"selectedItems": {"all": True, "excluded": []}},
+    )
+    assert reply is not None
+    tasks = ls.tasks(project["id"])
+    for task in tasks:
+        versions = [p["model_version"] for p in task["predictions"]]
+        assert "asvp-g0-r0" in versions, f"task {task['id']} has predictions {versions}"
+
+
+def test_an_annotation_reaches_the_backend_and_becomes_a_sync_job(stack, project):
+    ls: LS = stack["ls"]
+    task = ls.tasks(project["id"])[0]
+    result = [{"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": ["cat"]}}]
+    ls.call("POST", f"/api/tasks/{task['id']}/annotations", json={"result": result})
+
+    def synced():
+        jobs = [j for j in backend_jobs(stack, project["id"]) if j["kind"] == "sync"]
+        return jobs if jobs and jobs[0]["status"] in {"finished", "failed"} else None
+
+    jobs = wait_for(synced, timeout=90, what="a sync job from the annotation webhook")
+    latest = jobs[0]
+    assert latest["status"] == "finished", stack["worker"].log()[-3000:]
+    assert latest["result"]["tasks"] == 10 and latest["result"]["labelled"] == 1
+    state = requests.get(f"{stack['backend']}/projects/{project['id']}", timeout=5).json()
+    assert state["last_sync"]["labelled"] == 1
+
+
+def test_versions_come_back_through_label_studio(stack, project):
+    ls: LS = stack["ls"]
+    body = ls.call("GET", f"/api/ml/{project['ml']}/versions")
+    assert "asvp-g0-r0" in body["versions"], body
+
+
+def test_start_training_queues_a_job(stack, project):
+    ls: LS = stack["ls"]
+    before = {j["id"] for j in backend_jobs(stack, project["id"])}
+    ls.call("POST", f"/api/ml/{project['ml']}/train", json={})
+    new = wait_for(
+        lambda: [j for j in backend_jobs(stack, project["id"]) if j["id"] not in before and j["kind"] == "train"],
+        timeout=30,
+        what="a train job",
+    )
+    assert new[0]["reason"] == "Start Training pressed"
+
+
+def test_no_secret_in_backend_logs(stack, project):
+    logs = stack["backend_proc"].log() + stack["worker"].log()
+    assert stack["token"] not in logs
+    assert json.dumps(stack["token"]) not in logs

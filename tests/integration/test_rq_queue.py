@@ -1,0 +1,66 @@
+"""The rq queue against a real Redis server and a real rq worker process."""
+
+import threading
+
+import pytest
+
+from asvp_backend.jobs.queue import RqJobQueue
+from asvp_backend.labelstudio.label_config import parse_label_config
+from asvp_backend.state import ProjectState, RedisStateStore
+from tests.conftest import start_worker
+from tests.helpers import IMAGE_CONFIG, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_burst_of_submissions_queues_one_job(clean_redis):
+    queue = RqJobQueue(clean_redis)
+    submitted = [queue.submit("sync", 5, reason="burst") for _ in range(100)]
+    assert len({s.job_id for s in submitted}) == 1
+    assert sum(not s.deduplicated for s in submitted) == 1
+    other = queue.submit("sync", 6)
+    assert not other.deduplicated and other.job_id != submitted[0].job_id
+    jobs = queue.jobs(5)
+    assert [(j.kind, j.status, j.reason) for j in jobs] == [("sync", "queued", "burst")]
+
+
+def test_a_real_worker_runs_jobs_reports_progress_and_failures(clean_redis, redis_url, tmp_path):
+    queue = RqJobQueue(clean_redis)
+    worker = start_worker(tmp_path, "worker", REDIS_URL=redis_url, MODEL_DIR=str(tmp_path / "models"))
+    try:
+        ping = queue.submit("ping", 1)
+        failing = queue.submit("sync", 999)  # never set up: the job must fail with a reason, not hang
+
+        def ended():
+            jobs = {j.id: j for j in queue.jobs(limit=10)}
+            done = [jobs.get(ping.job_id), jobs.get(failing.job_id)]
+            return all(j and j.status in {"finished", "failed"} for j in done) and jobs
+
+        jobs = wait_for(ended, timeout=60, what="both jobs to end")
+        assert jobs[ping.job_id].status == "finished", worker.log()
+        assert jobs[ping.job_id].progress["done"] == 3 and jobs[ping.job_id].result["project"] == 1
+        assert jobs[failing.job_id].status == "failed"
+        assert "ProjectNotFound" in jobs[failing.job_id].error
+        # the pending marker was cleared when the job started, so a new event queues a new job
+        again = queue.submit("ping", 1)
+        assert not again.deduplicated and again.job_id != ping.job_id
+    finally:
+        worker.stop()
+
+
+def test_redis_state_store_serialises_writers(clean_redis):
+    store = RedisStateStore(clean_redis)
+    spec = parse_label_config(IMAGE_CONFIG)
+    store.update(9, lambda _: ProjectState.new(9, IMAGE_CONFIG, spec))
+
+    def bump():
+        for _ in range(15):
+            store.update(9, lambda s: (s.advance_round(), s)[1])
+
+    threads = [threading.Thread(target=bump) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert store.require(9).round == 60
+    assert store.project_ids() == [9]
