@@ -36,7 +36,7 @@ $(LS_VENV)/.complete:
 	rm -rf $(LS_VENV)
 	$(PYTHON) -m venv $(LS_VENV)
 	$(LS_VENV)/bin/pip install -q label-studio==$(LS_VERSION) 2>&1 | grep -v "is ignored" || true
-	$(LS_VENV)/bin/label-studio --version >/dev/null
+	$(LS_VENV)/bin/python -c "import label_studio, sys; sys.exit(label_studio.__version__ != '$(LS_VERSION)')"
 	touch $@
 
 redis:  ## make sure a Redis server answers on 127.0.0.1:6379

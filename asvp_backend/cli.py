@@ -53,8 +53,12 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
     runtime = build_runtime(settings)
     set_runtime(runtime)
-    log.info("serving on %s:%s (%s)", args.host or settings.host, args.port or settings.port,
-             "rq on Redis" if settings.redis_url else "embedded: in-process worker, state in MODEL_DIR")
+    log.info(
+        "serving on %s:%s (%s)",
+        args.host or settings.host,
+        args.port or settings.port,
+        "rq on Redis" if settings.redis_url else "embedded: in-process worker, state in MODEL_DIR",
+    )
     uvicorn.run(
         create_app(runtime),
         host=args.host or settings.host,
@@ -67,7 +71,9 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     if not settings.redis_url:
-        print("asvp-backend worker needs REDIS_URL (without it, `serve` runs jobs in-process)", file=sys.stderr)
+        print(
+            "asvp-backend worker needs REDIS_URL (without it, `serve` runs jobs in-process)", file=sys.stderr
+        )
         return 2
     from rq import SimpleWorker, Worker
 

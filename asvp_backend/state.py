@@ -104,6 +104,10 @@ class StateStore(ABC):
     def project_ids(self) -> list[int]: ...
 
     @abstractmethod
+    def exists(self, project_id: int) -> bool:
+        """Cheap check for hot paths (the webhook) that must not parse the whole state."""
+
+    @abstractmethod
     def _lock(self, project_id: int) -> contextlib.AbstractContextManager[None]: ...
 
     @abstractmethod
@@ -164,6 +168,9 @@ class FileStateStore(StateStore):
         except FileNotFoundError:
             return None
 
+    def exists(self, project_id: int) -> bool:
+        return self._path(project_id).exists()
+
     def project_ids(self) -> list[int]:
         root = self.model_dir / "projects"
         if not root.is_dir():
@@ -196,6 +203,9 @@ class RedisStateStore(StateStore):
     def get(self, project_id: int) -> ProjectState | None:
         raw = self.redis.get(f"{self.PREFIX}{int(project_id)}")
         return None if raw is None else ProjectState.from_json(raw)
+
+    def exists(self, project_id: int) -> bool:
+        return bool(self.redis.exists(f"{self.PREFIX}{int(project_id)}"))
 
     def project_ids(self) -> list[int]:
         ids = []

@@ -54,8 +54,9 @@ class Process:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115  (closed in stop)
-        self.proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            args, env=env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -75,20 +76,27 @@ class Process:
 
 
 def backend_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO", "REDIS_URL", "MODEL_DIR"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO", "REDIS_URL", "MODEL_DIR"))
+    }
     env.update({"PYTHONPATH": str(ROOT), "LOG_LEVEL": "info", "PYTHONUNBUFFERED": "1"})
     env.update(extra)
     return env
 
 
 def start_worker(tmp: Path, name: str, **env: str) -> Process:
-    return Process(name, [sys.executable, "-m", "asvp_backend", "worker", "--queues", "cpu,gpu"],
-                   backend_env(**env), tmp)
+    return Process(
+        name, [sys.executable, "-m", "asvp_backend", "worker", "--queues", "cpu,gpu"], backend_env(**env), tmp
+    )
 
 
 def start_backend(tmp: Path, port: int, **env: str) -> Process:
-    proc = Process("backend", [sys.executable, "-m", "asvp_backend", "serve", "--host", "127.0.0.1",
-                               "--port", str(port)], backend_env(**env), tmp)
+    proc = Process(
+        "backend",
+        [sys.executable, "-m", "asvp_backend", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        backend_env(**env),
+        tmp,
+    )
 
     def up() -> bool:
         if not proc.alive():
@@ -115,22 +123,29 @@ def label_studio(tmp_path_factory) -> Iterator[dict[str, str]]:
     port = free_port()
     token = secrets.token_hex(20)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO", "DJANGO"))}
-    env.update({
-        "LABEL_STUDIO_BASE_DATA_DIR": str(tmp / "data"),
-        "LABEL_STUDIO_USERNAME": "admin@example.com",
-        "LABEL_STUDIO_PASSWORD": "admin12345",
-        "LABEL_STUDIO_USER_TOKEN": token,
-        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
-        "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
-        "LOCAL_FILES_SERVING_ENABLED": "true",
-        "LOCAL_FILES_DOCUMENT_ROOT": str(docroot),
-        "ML_BLOCK_LOCAL_IP": "false",
-        "SSRF_PROTECTION_ENABLED": "false",
-        "COLLECT_ANALYTICS": "false",
-        "LATEST_VERSION_CHECK": "false",
-    })
-    proc = Process("label-studio", [str(binary), "start", "--no-browser", "--internal-host", "127.0.0.1",
-                                    "--port", str(port)], env, tmp, cwd=tmp)
+    env.update(
+        {
+            "LABEL_STUDIO_BASE_DATA_DIR": str(tmp / "data"),
+            "LABEL_STUDIO_USERNAME": "admin@example.com",
+            "LABEL_STUDIO_PASSWORD": "admin12345",
+            "LABEL_STUDIO_USER_TOKEN": token,
+            "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+            "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+            "LOCAL_FILES_SERVING_ENABLED": "true",
+            "LOCAL_FILES_DOCUMENT_ROOT": str(docroot),
+            "ML_BLOCK_LOCAL_IP": "false",
+            "SSRF_PROTECTION_ENABLED": "false",
+            "COLLECT_ANALYTICS": "false",
+            "LATEST_VERSION_CHECK": "false",
+        }
+    )
+    proc = Process(
+        "label-studio",
+        [str(binary), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port)],
+        env,
+        tmp,
+        cwd=tmp,
+    )
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool:

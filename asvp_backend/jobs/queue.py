@@ -77,7 +77,8 @@ class JobQueue(ABC):
 
 # --------------------------------------------------------------------------------------------- rq
 _CLEAR_IF_MINE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+local v = redis.call('get', KEYS[1])
+if v and string.sub(v, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. '|' then return redis.call('del', KEYS[1]) end
 return 0
 """
 
@@ -93,10 +94,15 @@ def jobs_key(project_id: int) -> str:
 ALL_JOBS_KEY = "asvp:jobs:all"
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 class RqJobQueue(JobQueue):
     """rq queues `cpu` and `gpu` on Redis; workers are `asvp-backend worker --queues cpu,gpu`."""
 
     PENDING_TTL = 24 * 3600
+    ENQUEUE_GRACE = 30.0  # seconds a marker may point at a job that is still being enqueued
 
     def __init__(self, redis: Any, job_timeout: int = 6 * 3600) -> None:
         from rq import Queue
@@ -106,21 +112,17 @@ class RqJobQueue(JobQueue):
         self._queues = {name: Queue(name, connection=redis) for name in ("cpu", "gpu")}
 
     def submit(self, kind: str, project_id: int, reason: str = "", **params: Any) -> Submitted:
-        from rq.job import Job
 
         spec = job_kind(kind)
         key = pending_key(kind, project_id)
         job_id = new_job_id(kind, project_id)
-        if not self.redis.set(key, job_id, nx=True, ex=self.PENDING_TTL):
+        marker = f"{job_id}|{time.time():.3f}"
+        if not self.redis.set(key, marker, nx=True, ex=self.PENDING_TTL):
             existing = self.redis.get(key)
-            existing = existing.decode() if isinstance(existing, bytes) else existing
-            if existing:
-                job = Job.fetch_many([existing], connection=self.redis)[0]
-                waiting = {"queued", "deferred", "scheduled"}
-                if job is not None and job.get_status(refresh=False).value in waiting:
-                    return Submitted(existing, deduplicated=True)
-            # the marker outlived its job (a worker died before starting it): take it over
-            self.redis.set(key, job_id, ex=self.PENDING_TTL)
+            if self._still_pending(existing):
+                return Submitted(_text(existing).split("|")[0], deduplicated=True)
+            # the marker outlived its job (a worker died, or rq expired the job): take it over
+            self.redis.set(key, marker, ex=self.PENDING_TTL)
         self._queues[spec.queue].enqueue_call(
             "asvp_backend.jobs.runner.run_job",
             args=(kind, int(project_id), job_id, params),
@@ -137,6 +139,18 @@ class RqJobQueue(JobQueue):
         pipe.ltrim(ALL_JOBS_KEY, 0, 999)
         pipe.execute()
         return Submitted(job_id, deduplicated=False)
+
+    def _still_pending(self, marker: bytes | str | None) -> bool:
+        """True while the marked job waits in a queue, or is being enqueued by another API thread."""
+        from rq.job import Job
+
+        if marker is None:
+            return False
+        job_id, _, stamp = _text(marker).partition("|")
+        status = self.redis.hget(Job.key_for(job_id), "status")  # one round trip, no unpickling
+        if status is None:  # not enqueued yet (a concurrent submit), unless the marker is old
+            return time.time() - float(stamp or 0) < self.ENQUEUE_GRACE
+        return _text(status) in {"queued", "deferred", "scheduled"}
 
     def clear_pending(self, kind: str, project_id: int, job_id: str) -> None:
         self.redis.eval(_CLEAR_IF_MINE, 1, pending_key(kind, project_id), job_id)

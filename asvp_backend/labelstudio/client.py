@@ -98,7 +98,9 @@ class LabelStudioClient:
         done = 0
         for start in range(0, len(predictions), PREDICTION_BATCH):
             batch = predictions[start : start + PREDICTION_BATCH]
-            self.request("POST", f"/api/projects/{int(project_id)}/import/predictions", json=batch, timeout=120)
+            self.request(
+                "POST", f"/api/projects/{int(project_id)}/import/predictions", json=batch, timeout=120
+            )
             done += len(batch)
         return done
 

@@ -74,8 +74,12 @@ class LimitsAndAuth:
         try:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
             if self.expected is not None and path not in OPEN_ROUTES and not self._authorised(headers):
-                await _send_json(send_wrapper, 401, {"detail": "authentication required"},
-                                 extra=[(b"www-authenticate", b'Basic realm="asvp-backend"')])
+                await _send_json(
+                    send_wrapper,
+                    401,
+                    {"detail": "authentication required"},
+                    extra=[(b"www-authenticate", b'Basic realm="asvp-backend"')],
+                )
                 return
             declared = headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > self.max_body:
@@ -85,8 +89,9 @@ class LimitsAndAuth:
         except BodyTooLarge:
             await _send_json(send_wrapper, 413, {"detail": f"request body over {self.max_body} bytes"})
         finally:
-            self.metrics.observe(route, scope.get("method", "?"), status_holder["status"],
-                                 time.perf_counter() - started)
+            self.metrics.observe(
+                route, scope.get("method", "?"), status_holder["status"], time.perf_counter() - started
+            )
 
     def _authorised(self, headers: dict[str, str]) -> bool:
         value = headers.get("authorization", "")
@@ -114,7 +119,9 @@ class LimitsAndAuth:
         return wrapped
 
 
-async def _send_json(send: Any, status: int, body: dict, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+async def _send_json(
+    send: Any, status: int, body: dict, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
     payload = json.dumps(body).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers + (extra or [])})
@@ -227,7 +234,7 @@ def create_app(runtime: Runtime) -> FastAPI:
             metrics.webhooks.labels(action[:40] if outcome == "ignored" else "other", outcome).inc()
             return JSONResponse({"status": "ignored", "reason": f"{outcome} event {action[:60]!r}"})
         project_id = parse_project_id(body.project)
-        if store.get(project_id) is None:
+        if not store.exists(project_id):
             metrics.webhooks.labels(action, "unknown_project").inc()
             return JSONResponse({"status": "ignored", "reason": f"project {project_id} is not set up"})
         submitted = queue.submit(trigger.job, project_id, reason=trigger.reason)

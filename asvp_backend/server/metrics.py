@@ -14,7 +14,9 @@ log = logging.getLogger(__name__)
 
 
 class Metrics:
-    def __init__(self, jobs_by_state: Callable[[], dict[str, int]], rounds_by_project: Callable[[], dict[int, int]]):
+    def __init__(
+        self, jobs_by_state: Callable[[], dict[str, int]], rounds_by_project: Callable[[], dict[int, int]]
+    ):
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "asvp_http_requests_total", "HTTP requests", ["route", "method", "status"], registry=self.registry
@@ -28,7 +30,9 @@ class Metrics:
         )
         self.errors = Counter("asvp_errors_total", "Errors by kind", ["kind"], registry=self.registry)
         self.webhooks = Counter(
-            "asvp_webhooks_total", "Webhook events by action and outcome", ["action", "outcome"],
+            "asvp_webhooks_total",
+            "Webhook events by action and outcome",
+            ["action", "outcome"],
             registry=self.registry,
         )
         self.registry.register(_ScrapeTimeCollector(jobs_by_state, rounds_by_project))
@@ -43,7 +47,9 @@ class Metrics:
 class _ScrapeTimeCollector:
     """Reads the queue and the project state when Prometheus scrapes, so the numbers are never stale."""
 
-    def __init__(self, jobs_by_state: Callable[[], dict[str, int]], rounds_by_project: Callable[[], dict[int, int]]):
+    def __init__(
+        self, jobs_by_state: Callable[[], dict[str, int]], rounds_by_project: Callable[[], dict[int, int]]
+    ):
         self.jobs_by_state = jobs_by_state
         self.rounds_by_project = rounds_by_project
 

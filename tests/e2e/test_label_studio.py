@@ -51,8 +51,13 @@ def stack(label_studio, redis_url, tmp_path_factory):
     worker = start_worker(tmp, "worker", **env)
     ls = LS(label_studio["url"], label_studio["token"])
     try:
-        yield {"ls": ls, "backend": f"http://127.0.0.1:{port}", "backend_proc": backend, "worker": worker,
-               **label_studio}
+        yield {
+            "ls": ls,
+            "backend": f"http://127.0.0.1:{port}",
+            "backend_proc": backend,
+            "worker": worker,
+            **label_studio,
+        }
     finally:
         worker.stop()
         backend.stop()
@@ -65,8 +70,9 @@ def project(stack):
     pid = created["id"]
     files = [(f"file{i}", (f"img_{i}.png", png_bytes(i), "image/png")) for i in range(6)]
     ls.call("POST", f"/api/projects/{pid}/import", files=files)
-    data_uri_tasks = [{"image": "data:image/png;base64," + base64.b64encode(png_bytes(10 + i)).decode()}
-                      for i in range(4)]
+    data_uri_tasks = [
+        {"image": "data:image/png;base64," + base64.b64encode(png_bytes(10 + i)).decode()} for i in range(4)
+    ]
     ls.call("POST", f"/api/projects/{pid}/import", json=data_uri_tasks)
     assert len(ls.tasks(pid)) == 10
     ml = ls.call("POST", "/api/ml", json={"url": stack["backend"], "project": pid, "title": "asvp"})
@@ -125,7 +131,9 @@ def test_start_training_queues_a_job(stack, project):
     before = {j["id"] for j in backend_jobs(stack, project["id"])}
     ls.call("POST", f"/api/ml/{project['ml']}/train", json={})
     new = wait_for(
-        lambda: [j for j in backend_jobs(stack, project["id"]) if j["id"] not in before and j["kind"] == "train"],
+        lambda: [
+            j for j in backend_jobs(stack, project["id"]) if j["id"] not in before and j["kind"] == "train"
+        ],
         timeout=30,
         what="a train job",
     )

@@ -10,8 +10,14 @@ def test_defaults_are_the_embedded_mode():
 
 def test_reads_label_studio_names():
     settings = Settings.from_env(
-        {"LABEL_STUDIO_URL": "http://ls:8080/", "LABEL_STUDIO_API_KEY": "abc", "REDIS_URL": "redis://r:6379/0",
-         "DEVICE": "CUDA", "PUSH_TOP_K": "500", "ALLOW_PRIVATE_IMAGE_HOSTS": "yes"}
+        {
+            "LABEL_STUDIO_URL": "http://ls:8080/",
+            "LABEL_STUDIO_API_KEY": "abc",
+            "REDIS_URL": "redis://r:6379/0",
+            "DEVICE": "CUDA",
+            "PUSH_TOP_K": "500",
+            "ALLOW_PRIVATE_IMAGE_HOSTS": "yes",
+        }
     )
     assert settings.label_studio_url == "http://ls:8080"
     assert settings.device == "cuda" and settings.push_top_k == 500 and settings.allow_private_image_hosts
@@ -24,7 +30,10 @@ def test_reads_label_studio_names():
         ({"DEVICE": "gpu"}, "DEVICE must be one of auto, cpu, cuda"),
         ({"PORT": "http"}, "PORT must be an integer"),
         ({"PORT": "70000"}, "PORT must be between"),
-        ({"LABEL_STUDIO_URL": "localhost:8080", "LABEL_STUDIO_API_KEY": "k"}, "LABEL_STUDIO_URL must be an http"),
+        (
+            {"LABEL_STUDIO_URL": "localhost:8080", "LABEL_STUDIO_API_KEY": "k"},
+            "LABEL_STUDIO_URL must be an http",
+        ),
         ({"LABEL_STUDIO_URL": "http://ls:8080"}, "LABEL_STUDIO_API_KEY is required"),
         ({"REDIS_URL": "localhost"}, "REDIS_URL must look like"),
         ({"BASIC_AUTH_USER": "u"}, "set together"),
@@ -39,9 +48,14 @@ def test_bad_values_are_refused_with_the_variable_name(env, message):
 
 def test_redacted_hides_every_secret():
     settings = Settings.from_env(
-        {"LABEL_STUDIO_URL": "http://ls:8080", "LABEL_STUDIO_API_KEY": "supersecretkey",
-         "BASIC_AUTH_USER": "u", "BASIC_AUTH_PASS": "hunter22", "WEBHOOK_SECRET": "whsecret",
-         "REDIS_URL": "redis://:redispass@r:6379/0"}
+        {
+            "LABEL_STUDIO_URL": "http://ls:8080",
+            "LABEL_STUDIO_API_KEY": "supersecretkey",
+            "BASIC_AUTH_USER": "u",
+            "BASIC_AUTH_PASS": "hunter22",
+            "WEBHOOK_SECRET": "whsecret",
+            "REDIS_URL": "redis://:redispass@r:6379/0",
+        }
     )
     text = str(settings.redacted())
     for secret in ("supersecretkey", "hunter22", "whsecret", "redispass"):

@@ -6,9 +6,17 @@ from tests.helpers import IMAGE_CONFIG
 
 def test_parses_the_standard_image_classification_config():
     spec = parse_label_config(IMAGE_CONFIG)
-    assert (spec.from_name, spec.to_name, spec.image_key, spec.labels) == ("label", "image", "image", ("cat", "dog"))
+    assert (spec.from_name, spec.to_name, spec.image_key, spec.labels) == (
+        "label",
+        "image",
+        "image",
+        ("cat", "dog"),
+    )
     assert spec.result("dog") == {
-        "from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": ["dog"]}
+        "from_name": "label",
+        "to_name": "image",
+        "type": "choices",
+        "value": {"choices": ["dog"]},
     }
 
 
@@ -28,19 +36,36 @@ def test_any_names_and_value_keys():
     [
         ("", "empty"),
         ("<View><Image", "not valid XML"),
-        ('<View><Text name="t" value="$text"/><Choices name="c" toName="t"><Choice value="a"/>'
-         '<Choice value="b"/></Choices></View>', "no <Image>"),
+        (
+            '<View><Text name="t" value="$text"/><Choices name="c" toName="t"><Choice value="a"/>'
+            '<Choice value="b"/></Choices></View>',
+            "no <Image>",
+        ),
         ('<View><Image name="i" value="$image"/></View>', "no <Choices>"),
-        ('<View><Image name="i" value="$image"/><Choices name="c" toName="i" choice="multiple">'
-         '<Choice value="a"/><Choice value="b"/></Choices></View>', "several choices"),
-        ('<View><Image name="i" value="$image"/><Text name="t" value="$x"/><Choices name="c" toName="t">'
-         '<Choice value="a"/><Choice value="b"/></Choices></View>', "bound to an <Image>"),
-        ('<View><Image name="i" value="$image"/><Choices name="c" toName="i"><Choice value="a"/><Choice value="b"/>'
-         '</Choices><Choices name="d" toName="i"><Choice value="x"/><Choice value="y"/></Choices></View>', "several"),
-        ('<View><Image name="i" value="$image"/><Choices name="c" toName="i"><Choice value="a"/></Choices></View>',
-         "at least two"),
-        ('<View><Image name="i" value="image"/><Choices name="c" toName="i"><Choice value="a"/><Choice value="b"/>'
-         '</Choices></View>', "value="),
+        (
+            '<View><Image name="i" value="$image"/><Choices name="c" toName="i" choice="multiple">'
+            '<Choice value="a"/><Choice value="b"/></Choices></View>',
+            "several choices",
+        ),
+        (
+            '<View><Image name="i" value="$image"/><Text name="t" value="$x"/><Choices name="c" toName="t">'
+            '<Choice value="a"/><Choice value="b"/></Choices></View>',
+            "bound to an <Image>",
+        ),
+        (
+            '<View><Image name="i" value="$image"/><Choices name="c" toName="i"><Choice value="a"/><Choice value="b"/>'
+            '</Choices><Choices name="d" toName="i"><Choice value="x"/><Choice value="y"/></Choices></View>',
+            "several",
+        ),
+        (
+            '<View><Image name="i" value="$image"/><Choices name="c" toName="i"><Choice value="a"/></Choices></View>',
+            "at least two",
+        ),
+        (
+            '<View><Image name="i" value="image"/><Choices name="c" toName="i"><Choice value="a"/><Choice value="b"/>'
+            "</Choices></View>",
+            "value=",
+        ),
         ('<!DOCTYPE x [<!ENTITY a "b">]><View/>', "DOCTYPE"),
     ],
 )

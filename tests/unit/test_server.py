@@ -29,8 +29,16 @@ def client(tmp_path):
 
 
 def setup_project(client, project="3.1700000000"):
-    return client.post("/setup", json={"project": project, "schema": IMAGE_CONFIG, "hostname": "http://ls",
-                                       "access_token": "tok", "extra_params": None})
+    return client.post(
+        "/setup",
+        json={
+            "project": project,
+            "schema": IMAGE_CONFIG,
+            "hostname": "http://ls",
+            "access_token": "tok",
+            "extra_params": None,
+        },
+    )
 
 
 def test_health_is_json_up(client):
@@ -47,7 +55,9 @@ def test_setup_returns_version_and_never_resets_it(client, tmp_path):
 
 
 def test_setup_refuses_configs_we_cannot_serve_with_a_4xx(client):
-    response = client.post("/setup", json={"project": "4.1", "schema": "<View><Text name='t' value='$t'/></View>"})
+    response = client.post(
+        "/setup", json={"project": "4.1", "schema": "<View><Text name='t' value='$t'/></View>"}
+    )
     assert response.status_code == 400 and "no <Image>" in response.json()["detail"]
     assert client.get("/versions", params={"project": 4}).status_code == 404  # nothing was stored
 
@@ -55,7 +65,9 @@ def test_setup_refuses_configs_we_cannot_serve_with_a_4xx(client):
 def test_predict_one_result_per_task_in_order(client):
     setup_project(client)
     tasks = [{"id": i, "data": {"image": f"/data/upload/3/{i}.png"}} for i in (5, 2, 9)]
-    response = client.post("/predict", json={"tasks": tasks, "project": "3.1700000000", "label_config": IMAGE_CONFIG})
+    response = client.post(
+        "/predict", json={"tasks": tasks, "project": "3.1700000000", "label_config": IMAGE_CONFIG}
+    )
     results = response.json()["results"]
     assert len(results) == 3
     for item in results:
@@ -83,13 +95,20 @@ def test_predict_bad_input_is_a_clear_4xx(client, body, status, message):
 
 def test_huge_bodies_are_refused(tmp_path):
     client, _ = make_client(tmp_path, MAX_BODY_BYTES="2048")
-    response = client.post("/predict", content=b"{" + b" " * 5000 + b"}", headers={"content-type": "application/json"})
+    response = client.post(
+        "/predict", content=b"{" + b" " * 5000 + b"}", headers={"content-type": "application/json"}
+    )
     assert response.status_code == 413
 
 
 def test_webhook_burst_makes_one_job_and_project_updated_trains_nothing(client):
     setup_project(client)
-    payload = {"action": "ANNOTATION_CREATED", "project": {"id": 3}, "annotation": {"id": 1}, "task": {"id": 1}}
+    payload = {
+        "action": "ANNOTATION_CREATED",
+        "project": {"id": 3},
+        "annotation": {"id": 1},
+        "task": {"id": 1},
+    }
     replies = [client.post("/webhook", json=payload).json() for _ in range(100)]
     assert len({r["job"] for r in replies}) == 1 and sum(not r["deduplicated"] for r in replies) == 1
     ignored = client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 3}}).json()
@@ -125,7 +144,9 @@ def test_metrics_are_prometheus_text(client):
 
 
 def test_basic_auth_guards_everything_but_health_and_webhook(tmp_path):
-    client, _ = make_client(tmp_path, BASIC_AUTH_USER="ls", BASIC_AUTH_PASS="s3cret-pass", WEBHOOK_SECRET="hook")
+    client, _ = make_client(
+        tmp_path, BASIC_AUTH_USER="ls", BASIC_AUTH_PASS="s3cret-pass", WEBHOOK_SECRET="hook"
+    )
     assert client.get("/health").status_code == 200
     assert client.get("/versions").status_code == 401
     good = "Basic " + base64.b64encode(b"ls:s3cret-pass").decode()
@@ -139,10 +160,13 @@ def test_basic_auth_guards_everything_but_health_and_webhook(tmp_path):
 
 
 def test_no_secret_in_error_bodies_or_logs(tmp_path, caplog):
-    client, _ = make_client(tmp_path, BASIC_AUTH_USER="ls", BASIC_AUTH_PASS="s3cret-pass", WEBHOOK_SECRET="hook")
+    client, _ = make_client(
+        tmp_path, BASIC_AUTH_USER="ls", BASIC_AUTH_PASS="s3cret-pass", WEBHOOK_SECRET="hook"
+    )
     auth = {"Authorization": "Basic " + base64.b64encode(b"ls:s3cret-pass").decode()}
-    response = client.post("/setup", json={"project": "1.1", "schema": "<View/>", "access_token": "LS-TOKEN-XYZ"},
-                           headers=auth)
+    response = client.post(
+        "/setup", json={"project": "1.1", "schema": "<View/>", "access_token": "LS-TOKEN-XYZ"}, headers=auth
+    )
     assert response.status_code == 400
     combined = response.text + caplog.text
     for secret in ("s3cret-pass", "LS-TOKEN-XYZ", "hook"):

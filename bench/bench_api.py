@@ -1,0 +1,141 @@
+"""HTTP latency of the API as Label Studio sees it: a webhook burst, /predict, /setup, /health.
+
+Starts `asvp-backend serve` as a real process (rq mode on a Redis server, or the embedded mode) and
+measures with a real HTTP client over loopback. Figures go to stdout as a Markdown table.
+
+    python bench/bench_api.py --mode redis --redis-url redis://127.0.0.1:6379/12
+    python bench/bench_api.py --mode embedded
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.helpers import IMAGE_CONFIG, free_port, wait_for  # noqa: E402
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def timed(session: requests.Session, method: str, url: str, **kwargs) -> float:
+    started = time.perf_counter()
+    response = session.request(method, url, timeout=30, **kwargs)
+    elapsed = time.perf_counter() - started
+    response.raise_for_status()
+    return elapsed * 1000
+
+
+def row(name: str, samples: list[float]) -> str:
+    return (
+        f"| {name} | {len(samples)} | {statistics.median(samples):.2f} | {percentile(samples, 99):.2f} "
+        f"| {max(samples):.2f} |"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--mode", choices=["redis", "embedded"], default="redis")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/12")
+    parser.add_argument("--burst", type=int, default=500, help="webhook requests in the burst")
+    parser.add_argument("--concurrency", type=int, default=16, help="concurrent connections during the burst")
+    parser.add_argument("--repeat", type=int, default=50, help="samples for /predict, /setup, /health")
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="asvp-bench-"))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "LABEL_STUDIO_URL"}}
+    env.update({"MODEL_DIR": str(tmp), "PYTHONPATH": str(ROOT), "LOG_LEVEL": "warning"})
+    if args.mode == "redis":
+        import redis
+
+        redis.Redis.from_url(args.redis_url).flushdb()
+        env["REDIS_URL"] = args.redis_url
+    server = subprocess.Popen(
+        [sys.executable, "-m", "asvp_backend", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _up(base), timeout=60, what="server")
+        session = requests.Session()
+        setup = {
+            "project": "1.1700000000",
+            "schema": IMAGE_CONFIG,
+            "hostname": "http://ls",
+            "access_token": "x",
+        }
+        setup_ms = [timed(session, "POST", f"{base}/setup", json=setup) for _ in range(args.repeat)]
+        health_ms = [timed(session, "GET", f"{base}/health") for _ in range(args.repeat)]
+        tasks = [
+            {"id": i, "data": {"image": f"/data/upload/1/{i}.png"}, "annotations": [], "predictions": []}
+            for i in range(100)
+        ]
+        predict = {"tasks": tasks, "project": "1.1700000000", "label_config": IMAGE_CONFIG, "params": {}}
+        predict_ms = [timed(session, "POST", f"{base}/predict", json=predict) for _ in range(args.repeat)]
+
+        event = {
+            "action": "ANNOTATION_CREATED",
+            "project": {"id": 1},
+            "annotation": {"id": 1},
+            "task": {"id": 1},
+        }
+        sessions = [requests.Session() for _ in range(args.concurrency)]
+
+        def send(i: int) -> float:
+            return timed(sessions[i % args.concurrency], "POST", f"{base}/webhook", json=event)
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(args.concurrency) as pool:
+            webhook_ms = list(pool.map(send, range(args.burst)))
+        burst_s = time.perf_counter() - started
+        jobs = session.get(f"{base}/jobs", params={"project": 1}).json()["jobs"]
+
+        print(
+            f"### API latency, mode={args.mode} ({platform.node()}, {os.cpu_count()} cores, Python "
+            f"{platform.python_version()})\n"
+        )
+        print("| request | n | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|")
+        print(row(f"POST /webhook (burst, {args.concurrency} concurrent)", webhook_ms))
+        print(row("POST /predict (100 tasks)", predict_ms))
+        print(row("POST /setup", setup_ms))
+        print(row("GET /health", health_ms))
+        print(
+            f"\nBurst of {args.burst} webhooks took {burst_s:.2f} s ({args.burst / burst_s:.0f} req/s) "
+            f"and made {len(jobs)} job(s)."
+        )
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    return 0
+
+
+def _up(base: str) -> bool:
+    try:
+        return requests.get(f"{base}/health", timeout=1).ok
+    except requests.RequestException:
+        return False
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
