@@ -6,13 +6,16 @@ it with `set_runtime`.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from asvp_backend.config import ConfigError, Settings
 from asvp_backend.jobs.queue import InProcessJobQueue, JobQueue, RqJobQueue
-from asvp_backend.state import StateStore, create_state_store
+from asvp_backend.state import StateStore, create_state_store, project_dir
 
 
 @dataclass
@@ -34,6 +37,23 @@ class Runtime:
                 self.settings.label_studio_url, self.settings.label_studio_api_key or ""
             )
         return self._label_studio
+
+    @contextlib.contextmanager
+    def exclusive(self, project_id: int, name: str) -> Iterator[None]:
+        """Serialise jobs of one kind on one project across workers (Redis lock) or threads (flock)."""
+        if self.redis is not None:
+            lock = self.redis.lock(f"asvp:running:{int(project_id)}:{name}", timeout=self.settings.job_timeout)
+            with lock:
+                yield
+            return
+        path = project_dir(self.settings.model_dir, project_id) / f".{name}.running"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def close(self) -> None:
         self.queue.close()

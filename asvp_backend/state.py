@@ -51,11 +51,16 @@ class ProjectState:
         return ModelVersion(self.generation, self.round)
 
     def advance_round(self) -> ModelVersion:
-        """Move to the next round and record the version; the only way a version moves forward."""
-        new = self.version.next_round()
-        self.generation, self.round = new.generation, new.round
-        self._record_version(new)
-        return new
+        """Move to the next round of the same generation and record the version."""
+        return self.advance_to(self.version.next_round())
+
+    def advance_to(self, version: ModelVersion) -> ModelVersion:
+        """The only way a version moves: forward, never back (a stale job cannot rewind a project)."""
+        if version.round <= self.round or version.generation < self.generation:
+            raise ValueError(f"version {version} does not move forward from {self.version}")
+        self.generation, self.round = version.generation, version.round
+        self._record_version(version)
+        return version
 
     def _record_version(self, version: ModelVersion) -> None:
         text = str(version)

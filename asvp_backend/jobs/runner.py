@@ -22,7 +22,8 @@ def run_job(kind: str, project_id: int, job_id: str, params: dict[str, Any], que
     ctx = JobContext(kind=kind, project_id=project_id, job_id=job_id, params=params, runtime=runtime)
     ctx._reporter = _reporter_for(job_id, queue)
     log.info("job %s started (%s, project %s)", job_id, kind, project_id)
-    result = spec.function(ctx)
+    with runtime.exclusive(project_id, kind):  # never two jobs of a kind on one project at once
+        result = spec.function(ctx)
     log.info("job %s finished", job_id)
     return result
 

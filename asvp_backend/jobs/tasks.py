@@ -8,7 +8,9 @@ import time
 from typing import Any
 
 from asvp_backend.jobs.context import JobContext
+from asvp_backend.jobs.extraction import extract_project, feature_store
 from asvp_backend.jobs.registry import register_job
+from asvp_backend.jobs.rounds import round_due, run_round
 from asvp_backend.labelstudio.client import task_image, task_label
 from asvp_backend.labelstudio.label_config import LabelConfigError, parse_label_config
 from asvp_backend.state import ProjectState, SyncedTask, TaskSnapshot
@@ -61,10 +63,47 @@ def sync(ctx: JobContext) -> dict[str, Any]:
         current.record_job(ctx.job_id)
         return current
 
-    runtime.store.update(pid, record)
+    state = runtime.store.update(pid, record)
     ctx.progress(len(tasks), len(tasks), stage="done", force=True)
     log.info("project %s synced: %s tasks, %s labelled", pid, len(tasks), labelled)
+    summary["next"] = _follow_up(ctx, state, tasks, labelled)
     return summary
+
+
+def _follow_up(ctx: JobContext, state: ProjectState | None, tasks: dict[int, SyncedTask], labelled: int) -> str:
+    """Queue what the sync made necessary: extraction for tasks without features, else a round when due."""
+    if state is None:
+        return "none"
+    force = bool(ctx.params.get("force_round"))
+    generation = feature_store(ctx.runtime.settings.model_dir, ctx.project_id).current()
+    with_image = [tid for tid, task in tasks.items() if task.image]
+    if generation is None or set(generation.missing(with_image)) - set(generation.skipped()) or force:
+        ctx.runtime.queue.submit("extract", ctx.project_id, reason="tasks without features", force_round=force)
+        return "extract"
+    if round_due(labelled, state.labels_at_last_round, len(state.rounds), ctx.runtime.settings.retrain_every, force):
+        ctx.runtime.queue.submit("round", ctx.project_id, reason="new labels", force_round=force)
+        return "round"
+    return "none"
+
+
+@register_job("extract", queue="gpu")
+def extract(ctx: JobContext) -> dict[str, Any]:
+    """Cache features for the project's tasks that lack them (and drop deleted tasks)."""
+    runtime = ctx.runtime
+    force = bool(ctx.params.get("force_round"))
+    summary = extract_project(ctx, retry_skipped=force)
+    state = runtime.store.require(ctx.project_id)
+    labelled = (state.last_sync or {}).get("labelled", 0)
+    if round_due(labelled, state.labels_at_last_round, len(state.rounds), runtime.settings.retrain_every, force):
+        runtime.queue.submit("round", ctx.project_id, reason="features ready", force_round=force)
+        summary["next"] = "round"
+    return summary
+
+
+@register_job("round", queue="cpu")
+def selection_round(ctx: JobContext) -> dict[str, Any]:
+    """Retrain the proxy, rank the unlabelled tasks and push the ranking into Label Studio."""
+    return run_round(ctx)
 
 
 @register_job("train", queue="cpu")

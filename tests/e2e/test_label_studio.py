@@ -46,6 +46,10 @@ def stack(label_studio, redis_url, tmp_path_factory):
         "LABEL_STUDIO_URL": label_studio["url"],
         "LABEL_STUDIO_API_KEY": label_studio["token"],
         "LOCAL_FILES_DOCUMENT_ROOT": label_studio["docroot"],
+        "RETRAIN_EVERY": "1",
+        "EXTRACT_WORKERS": "1",
+        "EXTRACT_BATCH_SIZE": "8",
+        "DEVICE": "cpu",
     }
     backend = start_backend(tmp, port, **env)
     worker = start_worker(tmp, "worker", **env)
@@ -144,3 +148,88 @@ def test_no_secret_in_backend_logs(stack, project):
     logs = stack["backend_proc"].log() + stack["worker"].log()
     assert stack["token"] not in logs
     assert json.dumps(stack["token"]) not in logs
+
+
+# ---------------------------------------------------------------------------------------------- rounds
+def backend_state(stack, pid: int) -> dict:
+    return requests.get(f"{stack['backend']}/projects/{pid}", timeout=5).json()
+
+
+def annotate(ls: LS, task_id: int, label: str) -> None:
+    result = [{"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [label]}}]
+    ls.call("POST", f"/api/tasks/{task_id}/annotations", json={"result": result})
+
+
+def wait_for_round(stack, pid: int, labelled: int, timeout: float = 240) -> dict:
+    def done():
+        state = backend_state(stack, pid)
+        rounds = [r for r in state.get("rounds", []) if r["labelled"] >= labelled]
+        failed = [j for j in backend_jobs(stack, pid) if j["status"] == "failed"]
+        assert not failed, f"failed jobs: {failed}\n{stack['worker'].log()[-4000:]}"
+        return rounds[-1] if rounds else None
+
+    return wait_for(done, timeout=timeout, interval=1, what=f"a round with {labelled} labels")
+
+
+def unlabelled_ranking(ls: LS, pid: int, view_id: int) -> list[int]:
+    body = ls.call("GET", "/api/tasks", params={"project": pid, "view": view_id, "page_size": 100})
+    return [t["id"] for t in body["tasks"]]
+
+
+def test_annotations_make_the_queue_rerank_itself(stack, project):
+    ls: LS = stack["ls"]
+    pid = project["id"]
+    tasks = sorted(ls.tasks(pid), key=lambda t: t["id"])
+    unlabelled = [t for t in tasks if not t["annotations"]]
+    # uploaded PNGs alternate red (even seed) and blue (odd seed); label a few of each
+    for task, label in zip(unlabelled[:4], ["dog", "cat", "dog", "cat"], strict=True):
+        annotate(ls, task["id"], label)
+    record = wait_for_round(stack, pid, labelled=5)
+    assert record["strategy"] == "margin" and record["classes"] == 2
+    version = record["version"]
+
+    project_body = ls.call("GET", f"/api/projects/{pid}")
+    assert project_body["model_version"] == version
+    assert project_body["sampling"] == "Uncertainty sampling"
+
+    tasks = ls.tasks(pid)
+    open_tasks = [t for t in tasks if not t["annotations"]]
+    assert len(open_tasks) == record["pool"] == 5
+    scores = {}
+    for task in open_tasks:
+        current = [p for p in task["predictions"] if p["model_version"] == version]
+        assert len(current) == 1, f"task {task['id']}: {[p['model_version'] for p in task['predictions']]}"
+        assert current[0]["result"][0]["value"]["choices"][0] in {"cat", "dog"}  # a pre-annotation
+        scores[task["id"]] = current[0]["score"]
+
+    expected = sorted(scores, key=lambda tid: (scores[tid], tid))
+    assert unlabelled_ranking(ls, pid, record["view_id"])[: len(expected)] == expected
+    assert record["top_tasks"][0] == expected[0]
+    next_task = ls.call("GET", f"/api/projects/{pid}/next")
+    assert next_task["id"] == expected[0], (next_task["id"], scores)
+
+    # /predict, as the labelling UI calls it, serves the same label and score
+    reply = requests.post(f"{stack['backend']}/predict", json={"project": f"{pid}.1", "tasks": open_tasks}, timeout=30)
+    served = {t["id"]: r for t, r in zip(open_tasks, reply.json()["results"], strict=True)}
+    assert all(served[tid]["score"] == pytest.approx(scores[tid], abs=1e-6) for tid in scores)
+
+
+def test_a_second_round_replaces_the_first_ranking(stack, project):
+    ls: LS = stack["ls"]
+    pid = project["id"]
+    first = backend_state(stack, pid)["rounds"][-1]
+    open_tasks = [t for t in ls.tasks(pid) if not t["annotations"]]
+    for task, label in zip(open_tasks[:2], ["dog", "cat"], strict=True):
+        annotate(ls, task["id"], label)
+    second = wait_for_round(stack, pid, labelled=7)
+    assert second["round"] > first["round"]
+    ls.call("POST", f"/api/ml/{project['ml']}/train", json={})  # Start Training: one more round, forced
+    third = wait_for(lambda: [r for r in backend_state(stack, pid)["rounds"] if r["round"] > second["round"]],
+                     timeout=240, interval=1, what="the forced round")[-1]
+    versions = ls.call("GET", f"/api/projects/{pid}/model-versions/")
+    names = set(versions) if isinstance(versions, dict) else {v["model_version"] for v in versions}
+    assert third["version"] in names and second["version"] in names
+    assert first["version"] not in names, names  # older than the previous version: deleted
+    assert ls.call("GET", f"/api/projects/{pid}")["model_version"] == third["version"]
+    for task in [t for t in ls.tasks(pid) if not t["annotations"]]:
+        assert third["version"] in [p["model_version"] for p in task["predictions"]]

@@ -1,0 +1,117 @@
+"""The `extract` job: cache one feature vector per task of the project in the current generation.
+
+Runs on the gpu queue (and on a CPU when that is all there is). Only tasks that lack a vector are sent
+through the backbone, and vectors are appended shard by shard, so an interrupted run resumes where it
+stopped. Deleted tasks are dropped from the index; images that cannot be read are recorded with a reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from asvp_backend.config import Settings
+from asvp_backend.state import TaskSnapshot, project_dir
+
+log = logging.getLogger(__name__)
+
+COMPACT_ABOVE_SHARDS = 16
+_backbones: dict[tuple, Any] = {}
+_backbones_lock = threading.Lock()
+
+
+def feature_store(model_dir: Path, project_id: int):
+    from asvp_backend.features import FeatureStore
+
+    return FeatureStore(project_dir(model_dir, project_id) / "features")
+
+
+def backbone_for(settings: Settings):
+    """One backbone per process and configuration: loading weights costs seconds, a job should not pay it twice."""
+    from asvp_backend.features import create_backbone
+
+    key = (settings.backbone, settings.backbone_weights, settings.device, settings.image_size)
+    with _backbones_lock:
+        if key not in _backbones:
+            _backbones[key] = create_backbone(
+                settings.backbone, settings.backbone_weights, settings.device, settings.image_size
+            )
+        return _backbones[key]
+
+
+def image_fetcher(settings: Settings, client: Any):
+    from asvp_backend.labelstudio.images import ImageFetcher
+
+    return ImageFetcher(
+        label_studio_url=settings.label_studio_url,
+        auth_headers=client.auth_headers if client is not None else None,
+        document_root=str(settings.local_files_document_root) if settings.local_files_document_root else None,
+        allow_private_hosts=settings.allow_private_image_hosts,
+    )
+
+
+def _target_generation(store: Any, backbone: Any) -> tuple[Any, bool]:
+    """The generation to fill: the current one if the backbone still matches it; otherwise a newer one
+    (resumed when an interrupted run left it behind) that becomes current only once it is complete, so
+    the old generation keeps serving meanwhile."""
+    from asvp_backend.features import generation_info, matches
+
+    current = store.current()
+    if current is not None and matches(current.info, backbone):
+        return current, False
+    floor = -1 if current is None else current.info.generation
+    resumable = [g for g in store.generations() if g > floor and matches(store.generation(g).info, backbone)]
+    if resumable:
+        return store.generation(resumable[-1]), True
+    return store.create_generation(generation_info(backbone, store.next_generation())), True
+
+
+def extract_project(ctx: Any, retry_skipped: bool = False) -> dict[str, Any]:
+    """Bring the project's current feature generation up to date with its synced tasks."""
+    from asvp_backend.features import extract_to_store
+
+    runtime, pid = ctx.runtime, ctx.project_id
+    settings = runtime.settings
+    tasks = TaskSnapshot(settings.model_dir, pid).load()
+    store = feature_store(settings.model_dir, pid)
+    backbone = backbone_for(settings)
+
+    generation, new_generation = _target_generation(store, backbone)
+    dropped = generation.drop([tid for tid in generation.task_ids().tolist() if tid not in tasks])
+    if retry_skipped:
+        generation.clear_skips()
+    skipped_before = generation.skipped()
+    with_image = [tid for tid, task in tasks.items() if task.image]
+    missing = [tid for tid in generation.missing(with_image) if tid not in skipped_before]
+    items = [(tid, tasks[tid].image) for tid in missing]
+    ctx.progress(0, len(items), stage="extracting", force=True)
+    report = extract_to_store(
+        backbone,
+        items,
+        image_fetcher(settings, runtime.label_studio() if settings.label_studio_url else None),
+        generation,
+        batch_size=settings.extract_batch_size,
+        num_workers=settings.extract_workers,
+        progress=lambda done, total: ctx.progress(done, total, stage="extracting"),
+    )
+    if generation.shard_count() > COMPACT_ABOVE_SHARDS:
+        generation.compact()  # one shard reads back as a zero-copy memory map in every round
+    if new_generation:
+        store.activate(generation.info.generation)
+    ctx.progress(len(items), len(items), stage="done", force=True)
+    summary = {
+        "generation": generation.info.generation,
+        "backbone": backbone.name,
+        "extracted": report.extracted,
+        "skipped": len(report.skipped),
+        "skip_reasons": dict(list({str(k): v for k, v in report.skipped.items()}.items())[:20]),
+        "dropped": dropped,
+        "cached": len(generation),
+        "seconds": round(report.seconds, 3),
+        "images_per_second": round(report.images_per_second, 1),
+    }
+    log.info("project %s: extracted %s, skipped %s, cached %s", pid, report.extracted, len(report.skipped),
+             len(generation))
+    return summary
