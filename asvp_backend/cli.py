@@ -121,7 +121,90 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+class _ProgressBar:
+    """A tqdm bar fed by a job's progress(done, total, stage) reports."""
+
+    def __init__(self, description: str) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(desc=description, unit="img", dynamic_ncols=True)
+
+    def __call__(self, progress: dict) -> None:
+        self.bar.total = progress["total"]
+        self.bar.n = progress["done"]
+        self.bar.set_postfix_str(progress.get("stage", ""), refresh=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def cmd_extract(settings: Settings, args: argparse.Namespace) -> int:
+    if (args.project is None) == (args.images is None):
+        print("give exactly one of --project N or --images DIR", file=sys.stderr)
+        return 2
+    if args.images is not None:
+        return _extract_images(settings, args)
+
+    from asvp_backend.jobs.context import JobContext
+    from asvp_backend.jobs.extraction import extract_project
+    from asvp_backend.jobs.tasks import sync
+    from asvp_backend.runtime import build_runtime
+
+    if not settings.label_studio_url:
+        print("extract --project needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY", file=sys.stderr)
+        return 2
+    runtime = build_runtime(settings)
+    try:
+        if runtime.store.get(args.project) is None:
+            print(f"project {args.project} is not set up: connect the backend to it in Label Studio first",
+                  file=sys.stderr)
+            return 2
+        bar = _ProgressBar(f"project {args.project}")
+        ctx = JobContext("extract", args.project, "cli", {"force_round": False}, runtime)
+        ctx._reporter = bar
+        sync_summary = sync(ctx) if not args.no_sync else None
+        summary = extract_project(ctx, retry_skipped=args.retry_skipped)
+        bar.close()
+        print(json.dumps({"sync": sync_summary, "extract": summary}, indent=2, default=str))
+    finally:
+        runtime.close()
+    return 0
+
+
+def _extract_images(settings: Settings, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from asvp_backend.features import FeatureStore, extract_dir, generation_info
+    from asvp_backend.jobs.extraction import backbone_for
+
+    directory = Path(args.images)
+    if not directory.is_dir():
+        print(f"not a directory: {directory}", file=sys.stderr)
+        return 2
+    store = FeatureStore(Path(args.store) if args.store else settings.model_dir / "images" / directory.name)
+    backbone = backbone_for(settings)
+    generation = store.current() or store.create_generation(generation_info(backbone, 0))
+    from tqdm import tqdm
+
+    bar = tqdm(desc=str(directory), unit="img", dynamic_ncols=True)
+
+    def progress(done: int, total: int) -> None:
+        bar.total, bar.n = total, done
+        bar.refresh()
+
+    report, files = extract_dir(backbone, directory, generation, batch_size=settings.extract_batch_size,
+                                num_workers=settings.extract_workers, progress=progress)
+    bar.close()
+    if store.current_generation() is None:
+        store.activate(generation.info.generation)
+    print(json.dumps({"store": str(store.root), "files": len(files), "extracted": report.extracted,
+                      "skipped": {str(files[i]): why for i, why in report.skipped.items()},
+                      "images_per_second": round(report.images_per_second, 1)}, indent=2))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
+    "extract": cmd_extract,
     "serve": cmd_serve,
     "worker": cmd_worker,
     "status": cmd_status,
@@ -151,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run jobs in the worker process (keeps models loaded; use on GPU machines) instead of forking",
     )
+
+    extract = sub.add_parser("extract", help="cache features now, with a progress bar (instead of waiting for a job)")
+    extract.add_argument("--project", type=int, default=None, help="a Label Studio project this backend serves")
+    extract.add_argument("--images", default=None, help="a folder of image files (ids = sorted file order)")
+    extract.add_argument("--store", default=None, help="with --images: where to write (default MODEL_DIR/images/..)")
+    extract.add_argument("--no-sync", action="store_true", help="with --project: use the last synced task list")
+    extract.add_argument("--retry-skipped", action="store_true", help="try images that failed before again")
 
     status = sub.add_parser("status", help="print projects, versions and recent jobs as JSON")
     status.add_argument("--project", type=int, default=None, help="only this project")

@@ -216,7 +216,11 @@ def create_app(runtime: Runtime) -> FastAPI:
             except LabelConfigError as exc:
                 raise BadRequest(str(exc)) from None
             state = ProjectState.new(project_id, body.label_config, spec)
-        return {"results": predict_tasks(runtime, state, body.tasks)}
+        results = predict_tasks(runtime, state, body.tasks)
+        if settings.label_studio_url and store.exists(project_id) and any(r["score"] is None for r in results):
+            # tasks the current round did not rank: a (deduplicated) sync extracts them and re-ranks
+            queue.submit("sync", project_id, reason="predict asked for tasks without a ranking")
+        return {"results": results}
 
     @app.post("/webhook")
     def webhook(

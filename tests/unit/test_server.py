@@ -171,3 +171,21 @@ def test_no_secret_in_error_bodies_or_logs(tmp_path, caplog):
     combined = response.text + caplog.text
     for secret in ("s3cret-pass", "LS-TOKEN-XYZ", "hook"):
         assert secret not in combined
+
+
+def test_predict_serves_the_rounds_label_and_score(client, tmp_path):
+    import numpy as np
+
+    from asvp_backend.jobs.rounds import _write_artefacts
+    from asvp_backend.versioning import ModelVersion
+
+    setup_project(client)
+    _write_artefacts(tmp_path, 3, ModelVersion(0, 1), None, np.array([11, 12]), np.array([0.25, 0.05]),
+                     np.array([1, -1], dtype=np.int16))
+    FileStateStore(tmp_path).update(3, lambda s: (s.advance_round(), s)[1])
+    tasks = [{"id": 12, "data": {}}, {"id": 99, "data": {}}, {"id": 11, "data": {}}]
+    results = client.post("/predict", json={"tasks": tasks, "project": "3.1"}).json()["results"]
+    assert results[0] == {"result": [], "score": pytest.approx(0.05), "model_version": "asvp-g0-r1"}
+    assert results[1] == {"result": [], "score": None, "model_version": "asvp-g0-r1"}  # not ranked yet
+    assert results[2]["result"][0]["value"] == {"choices": ["dog"]}
+    assert results[2]["score"] == pytest.approx(0.25)

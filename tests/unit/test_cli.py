@@ -1,0 +1,52 @@
+"""The CLI as a user runs it: a subprocess, with --help, clear configuration errors and a progress bar."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.helpers import png_bytes
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "LABEL_STUDIO_URL"}}
+    environ.update({"PYTHONPATH": str(ROOT), **env})
+    return subprocess.run([sys.executable, "-m", "asvp_backend", *args], env=environ, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_help_names_every_command_and_variable():
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for word in ("serve", "worker", "status", "extract", "LABEL_STUDIO_URL", "REDIS_URL", "BACKBONE"):
+        assert word in out.stdout
+
+
+def test_a_bad_setting_is_a_clear_error_not_a_traceback():
+    out = run_cli("status", DEVICE="gpu")
+    assert out.returncode == 2
+    assert "DEVICE must be one of auto, cpu, cuda" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_worker_without_redis_explains_itself():
+    out = run_cli("worker")
+    assert out.returncode == 2 and "REDIS_URL" in out.stderr
+
+
+def test_extract_images_caches_real_features_and_skips_bad_files(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        (images / f"{i}.png").write_bytes(png_bytes(i))
+    (images / "broken.png").write_bytes(b"definitely not a png")
+    out = run_cli("extract", "--images", str(images), MODEL_DIR=str(tmp_path / "models"), EXTRACT_WORKERS="0")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["extracted"] == 3 and report["files"] == 4
+    assert list(report["skipped"]) == [str(images / "broken.png")]
+    assert "img" in out.stderr  # the progress bar
+    again = json.loads(run_cli("extract", "--images", str(images), MODEL_DIR=str(tmp_path / "models")).stdout)
+    assert again["extracted"] == 0  # resumes: nothing left to do
