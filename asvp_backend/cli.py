@@ -175,7 +175,7 @@ def _extract_images(settings: Settings, args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from asvp_backend.features import FeatureStore, extract_dir, generation_info
-    from asvp_backend.jobs.extraction import backbone_for
+    from asvp_backend.jobs.extraction import backbone_for, loader_workers
 
     directory = Path(args.images)
     if not directory.is_dir():
@@ -193,7 +193,7 @@ def _extract_images(settings: Settings, args: argparse.Namespace) -> int:
         bar.refresh()
 
     report, files = extract_dir(backbone, directory, generation, batch_size=settings.extract_batch_size,
-                                num_workers=settings.extract_workers, progress=progress)
+                                num_workers=loader_workers(settings, backbone), progress=progress)
     bar.close()
     if store.current_generation() is None:
         store.activate(generation.info.generation)

@@ -119,7 +119,7 @@ class Settings:
     image_size: int | None = _env("IMAGE_SIZE", _int_in(16, 1024), default=None)
     device: str = _env("DEVICE", _choice("auto", "cpu", "cuda"), default="auto")
     extract_batch_size: int = _env("EXTRACT_BATCH_SIZE", _int_in(1, 4096), default=64)
-    extract_workers: int = _env("EXTRACT_WORKERS", _int_in(0, 64), default=2)
+    extract_workers: int | None = _env("EXTRACT_WORKERS", _int_in(0, 64), default=None)  # None: by device
     allow_private_image_hosts: bool = _env("ALLOW_PRIVATE_IMAGE_HOSTS", _bool, default=False)
     predict_inline_max: int = _env("PREDICT_INLINE_MAX", _int_in(0, 1000), default=8)
     # Selection

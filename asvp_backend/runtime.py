@@ -7,13 +7,13 @@ it with `set_runtime`.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from asvp_backend.config import ConfigError, Settings
+from asvp_backend.fsutil import flocked
 from asvp_backend.jobs.queue import InProcessJobQueue, JobQueue, RqJobQueue
 from asvp_backend.state import StateStore, create_state_store, project_dir
 
@@ -46,14 +46,8 @@ class Runtime:
             with lock:
                 yield
             return
-        path = project_dir(self.settings.model_dir, project_id) / f".{name}.running"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        with flocked(project_dir(self.settings.model_dir, project_id) / f".{name}.running"):
+            yield
 
     def close(self) -> None:
         self.queue.close()

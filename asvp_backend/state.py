@@ -12,10 +12,7 @@ store on the shared volume (`TaskSnapshot`).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
-import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -23,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from asvp_backend.fsutil import atomic_write_bytes, flocked
 from asvp_backend.labelstudio.label_config import ClassificationSpec
 from asvp_backend.versioning import ModelVersion
 
@@ -138,22 +136,6 @@ class StateStore(ABC):
         return state
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over the target."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def project_dir(model_dir: Path, project_id: int) -> Path:
     return Path(model_dir) / "projects" / str(int(project_id))
 
@@ -182,19 +164,11 @@ class FileStateStore(StateStore):
             return []
         return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "state.json").exists())
 
-    @contextlib.contextmanager
-    def _lock(self, project_id: int) -> Iterator[None]:
-        lock_path = project_dir(self.model_dir, project_id) / "state.lock"
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock_path, "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+    def _lock(self, project_id: int) -> contextlib.AbstractContextManager[None]:
+        return flocked(project_dir(self.model_dir, project_id) / "state.lock")
 
     def _write(self, state: ProjectState) -> None:
-        atomic_write(self._path(state.project_id), state.to_json().encode())
+        atomic_write_bytes(self._path(state.project_id), state.to_json().encode())
 
 
 class RedisStateStore(StateStore):
@@ -254,7 +228,7 @@ class TaskSnapshot:
 
     def save(self, tasks: dict[int, SyncedTask]) -> None:
         payload = {str(k): [t.image, t.label] for k, t in tasks.items()}
-        atomic_write(self.path, json.dumps(payload, separators=(",", ":")).encode())
+        atomic_write_bytes(self.path, json.dumps(payload, separators=(",", ":")).encode())
 
 
 def create_state_store(model_dir: Path, redis: Any | None) -> StateStore:

@@ -15,7 +15,6 @@ its (immutable) shards intact. Unnamed files are crash leftovers and are removed
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from asvp_backend.fsutil import atomic_write_bytes, flocked, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -79,45 +80,11 @@ def _jsonable(obj: Any) -> Any:
 # ---------------------------------------------------------------------------------------------- file helpers
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` so that readers see either the old or the new file, never a torn one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
 def _save_npy(path: Path, arr: np.ndarray) -> None:
     with open(path, "wb") as f:
         np.save(f, arr, allow_pickle=False)
         f.flush()
         os.fsync(f.fileno())
-
-
-@contextlib.contextmanager
-def _flock(path: Path) -> Iterator[None]:
-    with open(path, "a+b") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------------------------------------- generation
@@ -164,7 +131,7 @@ class FeatureGeneration:
     @contextlib.contextmanager
     def _writing(self) -> Iterator[dict[str, Any]]:
         """Exclusive write section: lock, re-read the manifest, drop crash leftovers, yield it."""
-        with _flock(self.path / ".lock"):
+        with flocked(self.path / ".lock"):
             manifest = self._read_manifest()
             self._remove_unnamed_shards(manifest)
             yield manifest
@@ -309,7 +276,7 @@ class FeatureGeneration:
             name = f"s{seq:07d}"
             _save_npy(self._shard_dir / f"{name}.vec.npy", np.ascontiguousarray(vec16))
             _save_npy(self._shard_dir / f"{name}.ids.npy", ids)
-            _fsync_dir(self._shard_dir)
+            fsync_dir(self._shard_dir)
             manifest["shards"].append({"name": name, "count": int(len(ids))})
             manifest["next_shard"] = seq + 1
             self._forget(manifest, ids)
@@ -380,7 +347,7 @@ class FeatureGeneration:
             with open(vec_path, "rb+") as f:
                 os.fsync(f.fileno())
             _save_npy(self._shard_dir / f"{name}.ids.npy", idx.ids)
-            _fsync_dir(self._shard_dir)
+            fsync_dir(self._shard_dir)
             idx.shards.clear()
             manifest["shards"] = [{"name": name, "count": int(len(idx.ids))}]
             manifest["tombstones"] = []
@@ -433,7 +400,7 @@ class FeatureStore:
         """Create (or reopen, when ``info`` is identical: resume) a generation. It is not current until
         ``activate()``. A half-created directory from a crash is replaced."""
         path = self._gen_path(info.generation)
-        with _flock(self.root / ".lock"):
+        with flocked(self.root / ".lock"):
             if (path / MANIFEST).exists():
                 gen = FeatureGeneration(path)
                 if gen.info.to_dict() != info.to_dict():
@@ -456,14 +423,14 @@ class FeatureStore:
             }
             atomic_write_bytes(tmp / MANIFEST, json.dumps(manifest).encode())
             os.replace(tmp, path)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         return FeatureGeneration(path)
 
     def activate(self, g: int) -> None:
         """Atomically make generation ``g`` the one readers get from ``current()``."""
         if not (self._gen_path(g) / MANIFEST).exists():
             raise FeatureStoreError(f"cannot activate missing generation {g}")
-        with _flock(self.root / ".lock"):
+        with flocked(self.root / ".lock"):
             atomic_write_bytes(self.root / CURRENT, json.dumps({"generation": int(g)}).encode())
 
     def next_generation(self) -> int:
@@ -472,7 +439,7 @@ class FeatureStore:
 
     def remove_generation(self, g: int) -> None:
         """Delete a generation that is not current (old ones, or an abandoned alignment)."""
-        with _flock(self.root / ".lock"):
+        with flocked(self.root / ".lock"):
             if self.current_generation() == g:
                 raise FeatureStoreError(f"refusing to remove the current generation {g}")
             path = self._gen_path(g)

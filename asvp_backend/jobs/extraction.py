@@ -8,6 +8,7 @@ stopped. Deleted tasks are dropped from the index; images that cannot be read ar
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,14 @@ def backbone_for(settings: Settings):
                 settings.backbone, settings.backbone_weights, settings.device, settings.image_size
             )
         return _backbones[key]
+
+
+def loader_workers(settings: Settings, backbone: Any) -> int:
+    """Decoding processes: none on a CPU (they would fight torch's threads for the same cores, measured in
+    bench/results/extract_cpu.md), several when a GPU does the model's work."""
+    if settings.extract_workers is not None:
+        return settings.extract_workers
+    return 0 if backbone.device.type == "cpu" else min(8, os.cpu_count() or 1)
 
 
 def image_fetcher(settings: Settings, client: Any):
@@ -93,7 +102,7 @@ def extract_project(ctx: Any, retry_skipped: bool = False) -> dict[str, Any]:
         image_fetcher(settings, runtime.label_studio() if settings.label_studio_url else None),
         generation,
         batch_size=settings.extract_batch_size,
-        num_workers=settings.extract_workers,
+        num_workers=loader_workers(settings, backbone),
         progress=lambda done, total: ctx.progress(done, total, stage="extracting"),
     )
     if generation.shard_count() > COMPACT_ABOVE_SHARDS:
