@@ -89,11 +89,6 @@ def run_round(ctx: Any) -> dict[str, Any]:
             probs = proxy.predict_proba(x_pool)
             predicted = np.asarray(proxy.classes_)[probs.argmax(axis=1)]
         lap("score_pool")
-        if len(y_lab) <= CV_MAX_LABELS:
-            cv_accuracy = cross_val_accuracy(
-                lambda: create_proxy(settings.proxy, device=device, seed=settings.seed), x_lab, y_lab, folds=5
-            )
-        lap("cross_validate")
         strategy_name = settings.strategy
     else:  # nothing (or one class) labelled: a cold-start strategy ranks on features alone
         strategy_name = settings.cold_start_strategy
@@ -138,6 +133,12 @@ def run_round(ctx: Any) -> dict[str, Any]:
     view_id = client.ensure_ranking_view(pid)
     lap("push")
     ctx.progress(3, 4, stage="ranking pushed", force=True)
+
+    if proxy is not None and len(y_lab) <= CV_MAX_LABELS:  # after the push: not on the ranking's critical path
+        cv_accuracy = cross_val_accuracy(
+            lambda: create_proxy(settings.proxy, device=device, seed=settings.seed), x_lab, y_lab, folds=5
+        )
+        lap("cross_validate")
 
     record = {
         "round": version.round,
