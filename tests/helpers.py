@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+import requests
 from PIL import Image
 
 IMAGE_CONFIG = """<View>
@@ -44,3 +45,21 @@ def wait_for(condition: Callable[[], object], timeout: float = 30.0, interval: f
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+
+
+class LabelStudioAPI:
+    """A thin client for the tests' own calls to Label Studio (the backend has its own client)."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self.url = url
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Token {token}"
+
+    def call(self, method: str, path: str, **kwargs):
+        response = self.session.request(method, self.url + path, timeout=120, **kwargs)
+        assert response.status_code < 400, f"{method} {path}: {response.status_code} {response.text[:500]}"
+        return response.json() if response.content else None
+
+    def tasks(self, project: int) -> list[dict]:
+        body = self.call("GET", "/api/tasks", params={"project": project, "page_size": 100, "fields": "all"})
+        return body["tasks"]

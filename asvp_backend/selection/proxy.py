@@ -12,6 +12,7 @@ classes as a cold start. An empty labelled set raises ``ValueError``.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import tempfile
@@ -137,9 +138,14 @@ def _load_payload(path: str | os.PathLike[str], kind: str | None = None) -> dict
 
 
 class _FittedMixin:
-    """Shared prediction helpers; subclasses provide ``_logits_batches``."""
+    """Shared helpers: parameters, the fitted check, predict."""
 
     classes_: np.ndarray
+
+    def get_params(self) -> dict[str, Any]:
+        """The constructor's parameters, read from its signature (scikit-learn's convention)."""
+        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
+        return {name: getattr(self, name) for name in names}
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "classes_"):
@@ -193,18 +199,6 @@ class MLPProxy(_FittedMixin):
         self.device = device
         self.seed = seed
         self.predict_batch_size = predict_batch_size
-
-    def get_params(self) -> dict[str, Any]:
-        return {
-            "hidden": self.hidden,
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "lr": self.lr,
-            "min_steps": self.min_steps,
-            "device": self.device,
-            "seed": self.seed,
-            "predict_batch_size": self.predict_batch_size,
-        }
 
     def _build(self, d: int, n_classes: int, dev: torch.device) -> _MLP:
         with torch.random.fork_rng(devices=[]):  # deterministic init without touching the global RNG
@@ -344,15 +338,6 @@ class LogisticProxy(_FittedMixin):
         self.device = device
         self.seed = seed
         self.predict_batch_size = predict_batch_size
-
-    def get_params(self) -> dict[str, Any]:
-        return {
-            "C": self.C,
-            "max_iter": self.max_iter,
-            "device": self.device,
-            "seed": self.seed,
-            "predict_batch_size": self.predict_batch_size,
-        }
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> LogisticProxy:
         X, classes, y_idx = _check_xy(X, y)

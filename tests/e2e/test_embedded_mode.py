@@ -9,20 +9,14 @@ import pytest
 import requests
 
 from tests.conftest import start_backend
-from tests.helpers import IMAGE_CONFIG, free_port, png_bytes, wait_for
+from tests.helpers import IMAGE_CONFIG, LabelStudioAPI, free_port, png_bytes, wait_for
 
 pytestmark = pytest.mark.e2e
 
 
 def test_embedded_backend_ranks_a_project(label_studio, tmp_path):
     url, token = label_studio["url"], label_studio["token"]
-    session = requests.Session()
-    session.headers["Authorization"] = f"Token {token}"
-
-    def call(method, path, **kw):
-        response = session.request(method, url + path, timeout=60, **kw)
-        assert response.status_code < 400, response.text[:300]
-        return response.json() if response.content else None
+    call = LabelStudioAPI(url, token).call
 
     port = free_port()
     backend = start_backend(tmp_path, port, MODEL_DIR=str(tmp_path / "models"), LABEL_STUDIO_URL=url,

@@ -6,12 +6,11 @@ from __future__ import annotations
 import io
 
 import pytest
-import requests
 from PIL import Image
 
 from asvp_backend.labelstudio.client import LabelStudioClient
 from asvp_backend.labelstudio.images import ImageFetcher, ImageFetchError
-from tests.helpers import IMAGE_CONFIG, png_bytes
+from tests.helpers import IMAGE_CONFIG, LabelStudioAPI, png_bytes
 
 pytestmark = pytest.mark.e2e
 
@@ -19,13 +18,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def image_tasks(label_studio):
     url, token = label_studio["url"], label_studio["token"]
-    session = requests.Session()
-    session.headers["Authorization"] = f"Token {token}"
-
-    def call(method, path, **kw):
-        response = session.request(method, url + path, timeout=60, **kw)
-        assert response.status_code < 400, response.text[:300]
-        return response.json() if response.content else None
+    call = LabelStudioAPI(url, token).call
 
     project = call("POST", "/api/projects", json={"title": "images", "label_config": IMAGE_CONFIG})["id"]
     call("POST", f"/api/projects/{project}/import", files={"f": ("upload.png", png_bytes(1, size=40), "image/png")})

@@ -9,27 +9,9 @@ import pytest
 import requests
 
 from tests.conftest import start_backend, start_worker
-from tests.helpers import IMAGE_CONFIG, free_port, png_bytes, wait_for
+from tests.helpers import IMAGE_CONFIG, LabelStudioAPI, free_port, png_bytes, wait_for
 
 pytestmark = pytest.mark.e2e
-
-
-class LS:
-    """A thin client for the test's own calls to Label Studio (the backend uses its own client)."""
-
-    def __init__(self, url: str, token: str) -> None:
-        self.url = url
-        self.session = requests.Session()
-        self.session.headers["Authorization"] = f"Token {token}"
-
-    def call(self, method: str, path: str, **kwargs):
-        response = self.session.request(method, self.url + path, timeout=120, **kwargs)
-        assert response.status_code < 400, f"{method} {path}: {response.status_code} {response.text[:500]}"
-        return response.json() if response.content else None
-
-    def tasks(self, project: int) -> list[dict]:
-        body = self.call("GET", "/api/tasks", params={"project": project, "page_size": 100, "fields": "all"})
-        return body["tasks"]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +35,7 @@ def stack(label_studio, redis_url, tmp_path_factory):
     }
     backend = start_backend(tmp, port, **env)
     worker = start_worker(tmp, "worker", **env)
-    ls = LS(label_studio["url"], label_studio["token"])
+    ls = LabelStudioAPI(label_studio["url"], label_studio["token"])
     try:
         yield {
             "ls": ls,
@@ -69,7 +51,7 @@ def stack(label_studio, redis_url, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def project(stack):
-    ls: LS = stack["ls"]
+    ls: LabelStudioAPI = stack["ls"]
     created = ls.call("POST", "/api/projects", json={"title": "asvp e2e", "label_config": IMAGE_CONFIG})
     pid = created["id"]
     files = [(f"file{i}", (f"img_{i}.png", png_bytes(i), "image/png")) for i in range(6)]
@@ -88,7 +70,7 @@ def backend_jobs(stack, pid: int) -> list[dict]:
 
 
 def test_label_studio_connects_and_gets_a_prediction_for_every_task(stack, project):
-    ls: LS = stack["ls"]
+    ls: LabelStudioAPI = stack["ls"]
     ml = ls.call("GET", f"/api/ml/{project['ml']}")
     assert ml["state"] == "CO", ml
     assert ml["model_version"] == "asvp-g0-r0"
@@ -107,7 +89,7 @@ def test_label_studio_connects_and_gets_a_prediction_for_every_task(stack, proje
 
 
 def test_an_annotation_reaches_the_backend_and_becomes_a_sync_job(stack, project):
-    ls: LS = stack["ls"]
+    ls: LabelStudioAPI = stack["ls"]
     task = ls.tasks(project["id"])[0]
     result = [{"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": ["cat"]}}]
     ls.call("POST", f"/api/tasks/{task['id']}/annotations", json={"result": result})
@@ -125,13 +107,13 @@ def test_an_annotation_reaches_the_backend_and_becomes_a_sync_job(stack, project
 
 
 def test_versions_come_back_through_label_studio(stack, project):
-    ls: LS = stack["ls"]
+    ls: LabelStudioAPI = stack["ls"]
     body = ls.call("GET", f"/api/ml/{project['ml']}/versions")
     assert "asvp-g0-r0" in body["versions"], body
 
 
 def test_start_training_queues_a_job(stack, project):
-    ls: LS = stack["ls"]
+    ls: LabelStudioAPI = stack["ls"]
     before = {j["id"] for j in backend_jobs(stack, project["id"])}
     ls.call("POST", f"/api/ml/{project['ml']}/train", json={})
     new = wait_for(
@@ -155,7 +137,7 @@ def backend_state(stack, pid: int) -> dict:
     return requests.get(f"{stack['backend']}/projects/{pid}", timeout=5).json()
 
 
-def annotate(ls: LS, task_id: int, label: str) -> None:
+def annotate(ls: LabelStudioAPI, task_id: int, label: str) -> None:
     result = [{"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [label]}}]
     ls.call("POST", f"/api/tasks/{task_id}/annotations", json={"result": result})
 
@@ -171,13 +153,13 @@ def wait_for_round(stack, pid: int, labelled: int, timeout: float = 240) -> dict
     return wait_for(done, timeout=timeout, interval=1, what=f"a round with {labelled} labels")
 
 
-def unlabelled_ranking(ls: LS, pid: int, view_id: int) -> list[int]:
+def unlabelled_ranking(ls: LabelStudioAPI, pid: int, view_id: int) -> list[int]:
     body = ls.call("GET", "/api/tasks", params={"project": pid, "view": view_id, "page_size": 100})
     return [t["id"] for t in body["tasks"]]
 
 
 def test_annotations_make_the_queue_rerank_itself(stack, project):
-    ls: LS = stack["ls"]
+    ls: LabelStudioAPI = stack["ls"]
     pid = project["id"]
     tasks = sorted(ls.tasks(pid), key=lambda t: t["id"])
     unlabelled = [t for t in tasks if not t["annotations"]]
@@ -215,7 +197,7 @@ def test_annotations_make_the_queue_rerank_itself(stack, project):
 
 
 def test_a_second_round_replaces_the_first_ranking(stack, project):
-    ls: LS = stack["ls"]
+    ls: LabelStudioAPI = stack["ls"]
     pid = project["id"]
     first = backend_state(stack, pid)["rounds"][-1]
     open_tasks = [t for t in ls.tasks(pid) if not t["annotations"]]
