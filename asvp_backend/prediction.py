@@ -23,7 +23,7 @@ from asvp_backend.state import ProjectState, project_dir
 @dataclass(frozen=True)
 class RoundArtefacts:
     score_of: dict[int, float]
-    label_of: dict[int, int]  # index into the label list, -1 = no label (cold start)
+    label_of: dict[int, str]  # "" = no label (cold start)
 
 
 _cache: OrderedDict[tuple[str, int, str], RoundArtefacts | None] = OrderedDict()
@@ -45,7 +45,7 @@ def load_round(model_dir: Path, project_id: int, version: str) -> RoundArtefacts
             ids = data["task_ids"].tolist()
             artefacts = RoundArtefacts(
                 score_of=dict(zip(ids, data["scores"].astype(float).tolist(), strict=True)),
-                label_of=dict(zip(ids, data["labels"].astype(int).tolist(), strict=True)),
+                label_of=dict(zip(ids, data["labels"].astype(str).tolist(), strict=True)),
             )
     with _cache_lock:
         _cache[key] = artefacts
@@ -70,7 +70,8 @@ def predict_tasks(runtime: Runtime, state: ProjectState, tasks: list[dict[str, A
         label = artefacts.label_of[tid]
         results.append(
             {
-                "result": [state.spec.result(state.spec.labels[label])] if label >= 0 else [],
+                # a label the current config no longer has (edited since the round) is not offered
+                "result": [state.spec.result(label)] if label in state.spec.labels else [],
                 "score": artefacts.score_of[tid],
                 "model_version": version,
             }

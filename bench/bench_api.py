@@ -146,7 +146,7 @@ def _fake_round(model_dir: Path, redis_url: str | None, pool: int) -> None:
 
     rng = np.random.default_rng(0)
     _write_artefacts(model_dir, 1, ModelVersion(0, 1), None, np.arange(pool), rng.random(pool),
-                     rng.integers(0, 2, pool).astype(np.int16))
+                     np.array(["cat", "dog"])[rng.integers(0, 2, pool)])
     store = create_state_store(model_dir, connect_redis(redis_url) if redis_url else None)
     store.update(1, lambda s: (s.advance_round(), s)[1])
 

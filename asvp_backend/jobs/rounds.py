@@ -104,20 +104,18 @@ def run_round(ctx: Any) -> dict[str, Any]:
         scores = np.zeros(0)
     lap("select")
 
-    label_index = {label: i for i, label in enumerate(state.spec.labels)}
-    predicted_idx = (
-        np.array([label_index.get(str(p), -1) for p in predicted], dtype=np.int16)
-        if predicted is not None
-        else np.full(len(pool_ids), -1, dtype=np.int16)
+    # label names, not indices: a label config edited later must not turn "cat" into another class
+    predicted_labels = (
+        np.array([str(p) for p in predicted], dtype=str) if predicted is not None else np.full(len(pool_ids), "")
     )
-    _write_artefacts(settings.model_dir, pid, version, proxy, pool_ids, scores, predicted_idx)
+    _write_artefacts(settings.model_dir, pid, version, proxy, pool_ids, scores, predicted_labels)
     lap("save")
 
     push_rows = np.argsort(scores, kind="stable")[: settings.push_top_k]
     predictions = [
         {
             "task": int(pool_ids[row]),
-            "result": [state.spec.result(state.spec.labels[predicted_idx[row]])] if predicted_idx[row] >= 0 else [],
+            "result": [state.spec.result(str(predicted_labels[row]))] if predicted_labels[row] else [],
             "score": float(scores[row]),
             "model_version": str(version),
         }
@@ -179,13 +177,13 @@ def run_round(ctx: Any) -> dict[str, Any]:
 
 
 def _write_artefacts(model_dir: Path, pid: int, version: ModelVersion, proxy: Any, pool_ids: np.ndarray,
-                     scores: np.ndarray, predicted_idx: np.ndarray) -> None:
+                     scores: np.ndarray, predicted_labels: np.ndarray) -> None:
     """Everything /predict needs, complete before it becomes visible (written aside, then renamed)."""
     target = round_dir(model_dir, pid, version)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent))
     try:
-        np.savez(tmp / "ranking.npz", task_ids=pool_ids, scores=scores.astype(np.float32), labels=predicted_idx)
+        np.savez(tmp / "ranking.npz", task_ids=pool_ids, scores=scores.astype(np.float32), labels=predicted_labels)
         if proxy is not None:
             proxy.save(tmp / "proxy.pt")
         (tmp / "round.json").write_text(json.dumps({"version": str(version), "pool": int(len(pool_ids))}))

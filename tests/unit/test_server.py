@@ -181,7 +181,7 @@ def test_predict_serves_the_rounds_label_and_score(client, tmp_path):
 
     setup_project(client)
     _write_artefacts(tmp_path, 3, ModelVersion(0, 1), None, np.array([11, 12]), np.array([0.25, 0.05]),
-                     np.array([1, -1], dtype=np.int16))
+                     np.array(["dog", ""]))
     FileStateStore(tmp_path).update(3, lambda s: (s.advance_round(), s)[1])
     tasks = [{"id": 12, "data": {}}, {"id": 99, "data": {}}, {"id": 11, "data": {}}]
     results = client.post("/predict", json={"tasks": tasks, "project": "3.1"}).json()["results"]
@@ -189,3 +189,18 @@ def test_predict_serves_the_rounds_label_and_score(client, tmp_path):
     assert results[1] == {"result": [], "score": None, "model_version": "asvp-g0-r1"}  # not ranked yet
     assert results[2]["result"][0]["value"] == {"choices": ["dog"]}
     assert results[2]["score"] == pytest.approx(0.25)
+
+
+def test_a_label_removed_from_the_config_is_not_offered(client, tmp_path):
+    import numpy as np
+
+    from asvp_backend.jobs.rounds import _write_artefacts
+    from asvp_backend.versioning import ModelVersion
+
+    setup_project(client)
+    _write_artefacts(tmp_path, 3, ModelVersion(0, 1), None, np.array([11]), np.array([0.2]), np.array(["dog"]))
+    FileStateStore(tmp_path).update(3, lambda s: (s.advance_round(), s)[1])
+    edited = IMAGE_CONFIG.replace('<Choice value="dog"/>', '<Choice value="bird"/>')
+    assert client.post("/setup", json={"project": "3.1", "schema": edited}).json()["model_version"] == "asvp-g0-r1"
+    result = client.post("/predict", json={"tasks": [{"id": 11, "data": {}}], "project": "3.1"}).json()
+    assert result["results"][0]["result"] == [] and result["results"][0]["score"] == pytest.approx(0.2)
