@@ -59,10 +59,18 @@ def connect_redis(url: str):
     return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
 
 
+def connect_redis_async(url: str):
+    import redis.asyncio
+
+    return redis.asyncio.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30)
+
+
 def build_runtime(settings: Settings) -> Runtime:
     if settings.redis_url:
         connection = connect_redis(settings.redis_url)
-        queue: JobQueue = RqJobQueue(connection, job_timeout=settings.job_timeout)
+        queue: JobQueue = RqJobQueue(
+            connection, job_timeout=settings.job_timeout, async_redis=connect_redis_async(settings.redis_url)
+        )
     else:
         connection = None
         queue = InProcessJobQueue()

@@ -7,6 +7,7 @@ missed). The pending marker is cleared by the job itself when it starts.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue as stdlib_queue
 import threading
@@ -23,6 +24,7 @@ from asvp_backend.jobs.registry import JOB_KINDS, job_kind
 log = logging.getLogger(__name__)
 
 ACTIVE_STATES = {"queued", "started", "deferred", "scheduled", "created"}
+WAITING_STATES = {"queued", "deferred", "scheduled"}
 
 
 @dataclass
@@ -65,6 +67,13 @@ class JobQueue(ABC):
     @abstractmethod
     def jobs(self, project_id: int | None = None, limit: int = 50) -> list[JobInfo]: ...
 
+    async def waiting_job(self, kind: str, project_id: int) -> str | None:
+        """The id of a job of this kind that still waits for a worker, if any: the webhook's fast path."""
+        return None
+
+    async def warm_up(self) -> None:  # noqa: B027  (only the rq queue has connections to open)
+        """Open connections before the first webhook burst instead of during it."""
+
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for info in self.jobs(limit=500):
@@ -104,12 +113,13 @@ class RqJobQueue(JobQueue):
     PENDING_TTL = 24 * 3600
     ENQUEUE_GRACE = 30.0  # seconds a marker may point at a job that is still being enqueued
 
-    def __init__(self, redis: Any, job_timeout: int = 6 * 3600) -> None:
+    def __init__(self, redis: Any, job_timeout: int = 6 * 3600, async_redis: Any = None) -> None:
         from rq import Queue
 
         self.redis = redis
         self.job_timeout = job_timeout
         self._queues = {name: Queue(name, connection=redis) for name in ("cpu", "gpu")}
+        self._async_redis = async_redis  # redis.asyncio client for the API's event loop, if given
 
     def submit(self, kind: str, project_id: int, reason: str = "", **params: Any) -> Submitted:
 
@@ -140,6 +150,30 @@ class RqJobQueue(JobQueue):
         pipe.execute()
         return Submitted(job_id, deduplicated=False)
 
+    async def waiting_job(self, kind: str, project_id: int) -> str | None:
+        from rq.job import Job
+
+        if self._async_redis is None:  # no asyncio client given: same check, in a thread
+            return await asyncio.to_thread(self._waiting_sync, kind, project_id)
+        marker = await self._async_redis.get(pending_key(kind, project_id))
+        if marker is None:
+            return None
+        job_id, _, stamp = _text(marker).partition("|")
+        status = await self._async_redis.hget(Job.key_for(job_id), "status")
+        if status is None:
+            fresh = time.time() - float(stamp or 0) < self.ENQUEUE_GRACE
+            return job_id if fresh else None
+        return job_id if _text(status) in WAITING_STATES else None
+
+    async def warm_up(self) -> None:
+        await asyncio.to_thread(self.redis.ping)
+        if self._async_redis is not None:
+            await asyncio.gather(*(self._async_redis.ping() for _ in range(8)))
+
+    def _waiting_sync(self, kind: str, project_id: int) -> str | None:
+        marker = self.redis.get(pending_key(kind, project_id))
+        return _text(marker).split("|")[0] if self._still_pending(marker) else None
+
     def _still_pending(self, marker: bytes | str | None) -> bool:
         """True while the marked job waits in a queue, or is being enqueued by another API thread."""
         from rq.job import Job
@@ -150,7 +184,7 @@ class RqJobQueue(JobQueue):
         status = self.redis.hget(Job.key_for(job_id), "status")  # one round trip, no unpickling
         if status is None:  # not enqueued yet (a concurrent submit), unless the marker is old
             return time.time() - float(stamp or 0) < self.ENQUEUE_GRACE
-        return _text(status) in {"queued", "deferred", "scheduled"}
+        return _text(status) in WAITING_STATES
 
     def clear_pending(self, kind: str, project_id: int, job_id: str) -> None:
         self.redis.eval(_CLEAR_IF_MINE, 1, pending_key(kind, project_id), job_id)
@@ -232,6 +266,11 @@ class InProcessJobQueue(JobQueue):
             self._pending[(kind, project_id)] = job_id
         self._inboxes[spec.queue].put(job_id)
         return Submitted(job_id, deduplicated=False)
+
+    async def waiting_job(self, kind: str, project_id: int) -> str | None:
+        with self._lock:
+            existing = self._pending.get((kind, project_id))
+            return existing if existing and self._records[existing].info.status == "queued" else None
 
     def clear_pending(self, kind: str, project_id: int, job_id: str) -> None:
         with self._lock:

@@ -9,19 +9,23 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hmac
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from asvp_backend import __version__
+from asvp_backend.jobs.queue import Submitted
 from asvp_backend.labelstudio.label_config import LabelConfigError, parse_label_config
 from asvp_backend.prediction import predict_tasks
 from asvp_backend.runtime import Runtime
@@ -133,8 +137,17 @@ KNOWN_ROUTES = {"/health", "/setup", "/predict", "/webhook", "/versions", "/metr
 
 def create_app(runtime: Runtime) -> FastAPI:
     settings = runtime.settings
-    app = FastAPI(title="asvp-backend", version=__version__, docs_url="/docs", redoc_url=None)
     store, queue = runtime.store, runtime.queue
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            await queue.warm_up()
+        except Exception as exc:  # Redis down at start: serve anyway, /health stays UP, jobs will say why
+            log.warning("could not warm up the job queue: %s", exc)
+        yield
+
+    app = FastAPI(title="asvp-backend", version=__version__, docs_url="/docs", redoc_url=None, lifespan=lifespan)
 
     def rounds_by_project() -> dict[int, int]:
         out = {}
@@ -174,6 +187,8 @@ def create_app(runtime: Runtime) -> FastAPI:
             "queue": "rq" if settings.redis_url else "in-process",
         }
 
+    known_projects: set[int] = set()  # projects seen by /setup or found in the store: the webhook's fast path
+
     @app.post("/setup")
     def setup(body: SetupRequest) -> JSONResponse:
         project_id = parse_project_id(body.project)
@@ -192,6 +207,7 @@ def create_app(runtime: Runtime) -> FastAPI:
 
         state = store.update(project_id, remember)
         assert state is not None
+        known_projects.add(project_id)
         return JSONResponse({"model_version": str(state.version), "status": "ok"})
 
     @app.post("/predict")
@@ -223,25 +239,34 @@ def create_app(runtime: Runtime) -> FastAPI:
         return {"results": results}
 
     @app.post("/webhook")
-    def webhook(
+    async def webhook(
         body: WebhookRequest, request: Request, secret: str | None = Query(default=None)
     ) -> JSONResponse:
+        # async on purpose: a burst of webhooks is answered on the event loop; only the rare call that
+        # really enqueues a job goes to the thread pool (bench/results/api_cpu.md)
+        action = body.action
+        label = action if action in EVENT_TRIGGERS or action in IGNORED_EVENTS else "other"
         if settings.webhook_secret:
             given = secret or request.headers.get("x-webhook-secret") or ""
             if not hmac.compare_digest(given.encode(), settings.webhook_secret.encode()):
-                metrics.webhooks.labels(body.action[:40], "forbidden").inc()
+                metrics.webhooks.labels(label, "forbidden").inc()
                 return JSONResponse({"detail": "bad or missing webhook secret"}, status_code=403)
-        action = body.action
         trigger = EVENT_TRIGGERS.get(action)
         if trigger is None:
             outcome = "ignored" if action in IGNORED_EVENTS else "unknown"
-            metrics.webhooks.labels(action[:40] if outcome == "ignored" else "other", outcome).inc()
+            metrics.webhooks.labels(label, outcome).inc()
             return JSONResponse({"status": "ignored", "reason": f"{outcome} event {action[:60]!r}"})
         project_id = parse_project_id(body.project)
-        if not store.exists(project_id):
-            metrics.webhooks.labels(action, "unknown_project").inc()
-            return JSONResponse({"status": "ignored", "reason": f"project {project_id} is not set up"})
-        submitted = queue.submit(trigger.job, project_id, reason=trigger.reason)
+        if project_id not in known_projects:
+            if not await run_in_threadpool(store.exists, project_id):
+                metrics.webhooks.labels(action, "unknown_project").inc()
+                return JSONResponse({"status": "ignored", "reason": f"project {project_id} is not set up"})
+            known_projects.add(project_id)
+        waiting = await queue.waiting_job(trigger.job, project_id)
+        if waiting is not None:
+            submitted = Submitted(waiting, deduplicated=True)
+        else:
+            submitted = await run_in_threadpool(queue.submit, trigger.job, project_id, trigger.reason)
         metrics.webhooks.labels(action, "deduplicated" if submitted.deduplicated else "queued").inc()
         return JSONResponse(
             {"status": "ok", "job": submitted.job_id, "deduplicated": submitted.deduplicated},
