@@ -64,3 +64,20 @@ def test_redis_state_store_serialises_writers(clean_redis):
         t.join()
     assert store.require(9).round == 60
     assert store.project_ids() == [9]
+
+
+def test_webhook_burst_through_the_api_on_redis_makes_one_job(clean_redis, redis_url, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from asvp_backend.config import Settings
+    from asvp_backend.runtime import build_runtime
+    from asvp_backend.server.app import create_app
+
+    settings = Settings.from_env({"REDIS_URL": redis_url, "MODEL_DIR": str(tmp_path)})
+    runtime = build_runtime(settings)
+    with TestClient(create_app(runtime)) as client:  # runs the start-up warm-up too
+        client.post("/setup", json={"project": "8.1", "schema": IMAGE_CONFIG})
+        event = {"action": "ANNOTATION_UPDATED", "project": {"id": 8}}
+        replies = [client.post("/webhook", json=event).json() for _ in range(50)]
+    assert len({r["job"] for r in replies}) == 1 and [r["deduplicated"] for r in replies].count(False) == 1
+    assert [j.kind for j in RqJobQueue(clean_redis).jobs(8)] == ["sync"]
