@@ -15,13 +15,14 @@ import logging
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from asvp_backend.jobs.extraction import feature_store
-from asvp_backend.state import ProjectState, TaskSnapshot, project_dir
+from asvp_backend.state import ProjectState, SyncedTask, TaskSnapshot, project_dir
 from asvp_backend.versioning import ModelVersion
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,91 @@ def proxy_device(setting: str) -> str:
     return setting
 
 
+@dataclass
+class RoundInputs:
+    """The current generation's features, split into the labelled set and the unlabelled pool."""
+
+    x_lab: np.ndarray  # (m, d) float32
+    y_lab: np.ndarray  # (m,) label names
+    pool_ids: np.ndarray  # (n,) task ids
+    x_pool: np.ndarray  # (n, d) float16, the store's type (2.5 GB at 1M x 1,280); the proxy converts per batch
+    labelled_total: int  # every labelled task, with features or not (what round_due compares against)
+
+
+@dataclass
+class RoundRanking:
+    strategy: str
+    proxy: Any  # None at cold start
+    scores: np.ndarray  # (n,) lower = label first
+    labels: np.ndarray  # (n,) the proxy's label per pool task, "" at cold start
+
+
+def load_inputs(generation: Any, tasks: dict[int, SyncedTask]) -> RoundInputs:
+    ids, vectors = generation.matrix()
+    row_of = {int(tid): row for row, tid in enumerate(ids.tolist())}
+    labelled = [(tid, t.label) for tid, t in tasks.items() if t.label is not None and tid in row_of]
+    pool_ids = np.array([tid for tid, t in tasks.items() if t.label is None and tid in row_of], dtype=np.int64)
+    dim = vectors.shape[1]
+    lab_rows = np.array([row_of[tid] for tid, _ in labelled], dtype=np.int64)
+    pool_rows = np.array([row_of[tid] for tid in pool_ids.tolist()], dtype=np.int64)
+    return RoundInputs(
+        x_lab=np.asarray(vectors[lab_rows], dtype=np.float32).reshape(-1, dim),
+        y_lab=np.array([label for _, label in labelled], dtype=object),
+        pool_ids=pool_ids,
+        x_pool=vectors[pool_rows].reshape(-1, dim),
+        labelled_total=sum(1 for t in tasks.values() if t.label is not None),
+    )
+
+
+def rank_pool(inputs: RoundInputs, settings: Any, round_no: int, device: str) -> RoundRanking:
+    """Train the proxy (from two labelled classes on) and let the strategy score every pool task."""
+    from asvp_backend.selection import SelectionInput, create_proxy, create_strategy
+
+    n = len(inputs.pool_ids)
+    proxy, probs, labels = None, None, np.full(n, "")
+    if len(set(inputs.y_lab.tolist())) >= 2:
+        proxy = create_proxy(settings.proxy, device=device, seed=settings.seed).fit(inputs.x_lab, inputs.y_lab)
+        if n:
+            probs = proxy.predict_proba(inputs.x_pool)
+            # label names, not indices: a label config edited later must not turn "cat" into another class
+            labels = np.asarray(proxy.classes_).astype(str)[probs.argmax(axis=1)]
+        strategy_name = settings.strategy
+    else:  # nothing (or one class) labelled: a cold-start strategy ranks on features alone
+        strategy_name = settings.cold_start_strategy
+    strategy = create_strategy(strategy_name, seed=settings.seed + round_no, epsilon=settings.epsilon)
+    scores = np.zeros(0)
+    if n:
+        ranking = strategy.rank(SelectionInput(inputs.x_pool, probs, inputs.x_lab, proxy), min(n, settings.push_top_k))
+        scores = np.asarray(ranking.scores, dtype=np.float64)
+    return RoundRanking(strategy_name, proxy, scores, labels)
+
+
+def push_ranking(client: Any, pid: int, spec: Any, version: ModelVersion, pool_ids: np.ndarray,
+                 ranking: RoundRanking, settings: Any) -> tuple[np.ndarray, int]:
+    """Predictions of the new version for the top of the ranking, then the project follows that version.
+
+    Returns the pushed pool rows (best first) and the Data Manager view's id."""
+    rows = np.argsort(ranking.scores, kind="stable")[: settings.push_top_k]
+    predictions = [
+        {
+            "task": int(pool_ids[row]),
+            "result": [spec.result(str(ranking.labels[row]))] if ranking.labels[row] else [],
+            "score": float(ranking.scores[row]),
+            "model_version": str(version),
+        }
+        for row in rows
+    ]
+    client.delete_model_version(pid, str(version))  # a re-run after a crash must not average two sets
+    client.import_predictions(pid, predictions)
+    fields: dict[str, Any] = {"model_version": str(version)}
+    if settings.ls_sampling == "uncertainty":
+        fields["sampling"] = UNCERTAINTY_SAMPLING
+    client.update_project(pid, **fields)
+    return rows, client.ensure_ranking_view(pid)
+
+
 def run_round(ctx: Any) -> dict[str, Any]:
-    from asvp_backend.selection import SelectionInput, create_proxy, create_strategy, cross_val_accuracy
+    from asvp_backend.selection import create_proxy, cross_val_accuracy
 
     runtime, pid = ctx.runtime, ctx.project_id
     settings = runtime.settings
@@ -57,99 +141,49 @@ def run_round(ctx: Any) -> dict[str, Any]:
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
-    def lap(name: str) -> None:
+    def lap(name: str, step: int) -> None:
         nonlocal clock
         now = time.perf_counter()
         timings[name] = round(now - clock, 4)
         clock = now
+        ctx.progress(step, 6, stage=name, force=True)
 
     generation = feature_store(settings.model_dir, pid).current()
     if generation is None:
         return {"status": "skipped", "reason": "no cached features yet"}
-    tasks = TaskSnapshot(settings.model_dir, pid).load()
-    ids, vectors = generation.matrix()
-    row_of = {int(tid): row for row, tid in enumerate(ids.tolist())}
-    labelled = [(tid, t.label) for tid, t in tasks.items() if t.label is not None and tid in row_of]
-    pool_ids = np.array([tid for tid, t in tasks.items() if t.label is None and tid in row_of], dtype=np.int64)
-    x_lab = np.asarray(vectors[[row_of[tid] for tid, _ in labelled]], dtype=np.float32).reshape(-1, vectors.shape[1])
-    y_lab = np.array([label for _, label in labelled], dtype=object)
-    # the pool stays float16 (the store's type; 2.5 GB for 1M x 1,280): the proxy converts batch by batch
-    x_pool = vectors[np.array([row_of[tid] for tid in pool_ids.tolist()], dtype=np.int64)].reshape(-1, vectors.shape[1])
-    lap("load_features")
-    ctx.progress(1, 4, stage="features loaded", force=True)
+    inputs = load_inputs(generation, TaskSnapshot(settings.model_dir, pid).load())
+    lap("load_features", 1)
 
     device = proxy_device(settings.device)
-    classes = sorted(set(y_lab.tolist()))
-    proxy, probs, predicted, cv_accuracy = None, None, None, None
-    if len(classes) >= 2:
-        proxy = create_proxy(settings.proxy, device=device, seed=settings.seed).fit(x_lab, y_lab)
-        lap("train_proxy")
-        if len(pool_ids):
-            probs = proxy.predict_proba(x_pool)
-            predicted = np.asarray(proxy.classes_)[probs.argmax(axis=1)]
-        lap("score_pool")
-        strategy_name = settings.strategy
-    else:  # nothing (or one class) labelled: a cold-start strategy ranks on features alone
-        strategy_name = settings.cold_start_strategy
-    ctx.progress(2, 4, stage="proxy trained", force=True)
-
     version = ModelVersion(generation.info.generation, state.round + 1)
-    strategy = create_strategy(strategy_name, seed=settings.seed + version.round, epsilon=settings.epsilon)
-    budget = min(len(pool_ids), settings.push_top_k)
-    if len(pool_ids):
-        ranking = strategy.rank(SelectionInput(x_pool, probs, x_lab, proxy), budget)
-        scores = np.asarray(ranking.scores, dtype=np.float64)
-    else:
-        scores = np.zeros(0)
-    lap("select")
-
-    # label names, not indices: a label config edited later must not turn "cat" into another class
-    predicted_labels = (
-        np.array([str(p) for p in predicted], dtype=str) if predicted is not None else np.full(len(pool_ids), "")
-    )
-    _write_artefacts(settings.model_dir, pid, version, proxy, pool_ids, scores, predicted_labels)
-    lap("save")
-
-    push_rows = np.argsort(scores, kind="stable")[: settings.push_top_k]
-    predictions = [
-        {
-            "task": int(pool_ids[row]),
-            "result": [state.spec.result(str(predicted_labels[row]))] if predicted_labels[row] else [],
-            "score": float(scores[row]),
-            "model_version": str(version),
-        }
-        for row in push_rows
-    ]
+    ranking = rank_pool(inputs, settings, version.round, device)
+    lap("train_and_rank", 2)
+    _write_artefacts(settings.model_dir, pid, version, ranking.proxy, inputs.pool_ids, ranking.scores, ranking.labels)
+    lap("save", 3)
     client = runtime.label_studio()
-    client.delete_model_version(pid, str(version))
-    client.import_predictions(pid, predictions)
-    project_fields: dict[str, Any] = {"model_version": str(version)}
-    if settings.ls_sampling == "uncertainty":
-        project_fields["sampling"] = UNCERTAINTY_SAMPLING
-    client.update_project(pid, **project_fields)
-    view_id = client.ensure_ranking_view(pid)
-    lap("push")
-    ctx.progress(3, 4, stage="ranking pushed", force=True)
+    pushed, view_id = push_ranking(client, pid, state.spec, version, inputs.pool_ids, ranking, settings)
+    lap("push", 4)
 
-    if proxy is not None and len(y_lab) <= CV_MAX_LABELS:  # after the push: not on the ranking's critical path
+    cv_accuracy = None
+    if ranking.proxy is not None and len(inputs.y_lab) <= CV_MAX_LABELS:  # after the push: off the critical path
         cv_accuracy = cross_val_accuracy(
-            lambda: create_proxy(settings.proxy, device=device, seed=settings.seed), x_lab, y_lab, folds=5
+            lambda: create_proxy(settings.proxy, device=device, seed=settings.seed), inputs.x_lab, inputs.y_lab
         )
-        lap("cross_validate")
+        lap("cross_validate", 5)
 
     record = {
         "round": version.round,
         "version": str(version),
         "generation": version.generation,
         "at": time.time(),
-        "labelled": len(labelled),
-        "classes": len(classes),
-        "pool": int(len(pool_ids)),
-        "pushed": len(predictions),
-        "strategy": strategy_name,
-        "proxy": settings.proxy if proxy is not None else None,
+        "labelled": len(inputs.y_lab),
+        "classes": len(set(inputs.y_lab.tolist())),
+        "pool": int(len(inputs.pool_ids)),
+        "pushed": int(len(pushed)),
+        "strategy": ranking.strategy,
+        "proxy": settings.proxy if ranking.proxy is not None else None,
         "cv_accuracy": cv_accuracy,
-        "top_tasks": [int(pool_ids[r]) for r in push_rows[:10]],
+        "top_tasks": [int(inputs.pool_ids[r]) for r in pushed[:10]],
         "view_id": view_id,
         "timings": timings,
     }
@@ -158,20 +192,17 @@ def run_round(ctx: Any) -> dict[str, Any]:
         if current is None:
             return None
         current.advance_to(version)
-        current.labels_at_last_round = len(labelled)
+        current.labels_at_last_round = inputs.labelled_total
         current.record_round(record)
         current.record_job(ctx.job_id)
         return current
 
     runtime.store.update(pid, commit)
-    deleted = _delete_old_versions(client, pid, previous=state.version, current=version)
+    record["deleted_versions"] = _delete_old_versions(client, pid, previous=state.version, current=version)
     _prune_round_dirs(settings.model_dir, pid, keep={str(version), str(state.version)})
-    lap("cleanup")
-    record["deleted_versions"] = deleted
-    record["timings"] = timings
-    ctx.progress(4, 4, stage="done", force=True)
-    log.info("project %s: round %s (%s) ranked %s tasks, pushed %s", pid, version, strategy_name,
-             len(pool_ids), len(predictions))
+    lap("cleanup", 6)
+    log.info("project %s: round %s (%s) ranked %s tasks, pushed %s", pid, version, ranking.strategy,
+             len(inputs.pool_ids), len(pushed))
     return record
 
 
