@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from asvp_backend import __version__
 from asvp_backend.config import ConfigError, Settings, env_names
@@ -111,7 +112,10 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
                     "rounds": len(state.rounds),
                 }
             )
-        jobs = [j.to_dict() for j in runtime.queue.jobs(args.project, limit=args.jobs)]
+        if settings.redis_url:
+            jobs: Any = [j.to_dict() for j in runtime.queue.jobs(args.project, limit=args.jobs)]
+        else:
+            jobs = "embedded mode: jobs live in the serving process; see its GET /jobs"
         if args.project is not None:
             projects = [p for p in projects if p["project"] == args.project]
         report = {"settings": settings.redacted(), "projects": projects, "jobs": jobs}
@@ -147,7 +151,7 @@ def cmd_extract(settings: Settings, args: argparse.Namespace) -> int:
 
     from asvp_backend.jobs.context import JobContext
     from asvp_backend.jobs.extraction import extract_project
-    from asvp_backend.jobs.tasks import sync
+    from asvp_backend.jobs.tasks import sync_tasks
     from asvp_backend.runtime import build_runtime
 
     if not settings.label_studio_url:
@@ -160,11 +164,17 @@ def cmd_extract(settings: Settings, args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         bar = _ProgressBar(f"project {args.project}")
-        ctx = JobContext("extract", args.project, "cli", {"force_round": False}, runtime)
+        ctx = JobContext("extract", args.project, "cli", {}, runtime)
         ctx._reporter = bar
-        sync_summary = sync(ctx) if not args.no_sync else None
-        summary = extract_project(ctx, retry_skipped=args.retry_skipped)
+        sync_summary = None
+        if not args.no_sync:
+            with runtime.exclusive(args.project, "sync"):
+                sync_summary = sync_tasks(ctx)[0]
+        with runtime.exclusive(args.project, "extract"):  # never beside a worker's extraction of this project
+            summary = extract_project(ctx, retry_skipped=args.retry_skipped)
         bar.close()
+        if settings.redis_url:  # workers rank with the new features; embedded: the serving process will
+            summary["next"] = runtime.queue.submit("round", args.project, reason="extract from the CLI").job_id
         print(json.dumps({"sync": sync_summary, "extract": summary}, indent=2, default=str))
     finally:
         runtime.close()

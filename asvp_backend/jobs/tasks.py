@@ -20,7 +20,14 @@ log = logging.getLogger(__name__)
 
 @register_job("sync", queue="cpu")
 def sync(ctx: JobContext) -> dict[str, Any]:
-    """Read the project's tasks and labels from Label Studio and record them."""
+    """Read the project's tasks and labels from Label Studio, record them, queue what follows."""
+    summary, tasks, state = sync_tasks(ctx)
+    summary["next"] = _follow_up(ctx, state, tasks, summary["labelled"])
+    return summary
+
+
+def sync_tasks(ctx: JobContext) -> tuple[dict[str, Any], dict[int, SyncedTask], ProjectState | None]:
+    """The sync itself: every task and label, from Label Studio into the snapshot and the state."""
     runtime, pid = ctx.runtime, ctx.project_id
     state = runtime.store.require(pid)
     client = runtime.label_studio()
@@ -66,8 +73,7 @@ def sync(ctx: JobContext) -> dict[str, Any]:
     state = runtime.store.update(pid, record)
     ctx.progress(len(tasks), len(tasks), stage="done", force=True)
     log.info("project %s synced: %s tasks, %s labelled", pid, len(tasks), labelled)
-    summary["next"] = _follow_up(ctx, state, tasks, labelled)
-    return summary
+    return summary, tasks, state
 
 
 def _follow_up(ctx: JobContext, state: ProjectState | None, tasks: dict[int, SyncedTask], labelled: int) -> str:

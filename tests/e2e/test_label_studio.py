@@ -42,6 +42,7 @@ def stack(label_studio, redis_url, tmp_path_factory):
             "backend": f"http://127.0.0.1:{port}",
             "backend_proc": backend,
             "worker": worker,
+            "env": env,
             **label_studio,
         }
     finally:
@@ -215,3 +216,19 @@ def test_a_second_round_replaces_the_first_ranking(stack, project):
     assert ls.call("GET", f"/api/projects/{pid}")["model_version"] == third["version"]
     for task in [t for t in ls.tasks(pid) if not t["annotations"]]:
         assert third["version"] in [p["model_version"] for p in task["predictions"]]
+
+
+def test_extract_from_the_cli_with_a_progress_bar(stack, project):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, backend_env
+
+    out = subprocess.run([sys.executable, "-m", "asvp_backend", "extract", "--project", str(project["id"])],
+                         env=backend_env(**stack["env"]), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout)
+    assert report["sync"]["tasks"] == 10
+    assert report["extract"]["cached"] == 10 and report["extract"]["extracted"] == 0  # the worker did it already
+    assert report["extract"]["next"].startswith("round-p")
+    assert "project" in out.stderr  # the tqdm bar
