@@ -19,11 +19,10 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from asvp_backend.jobs.registry import JOB_KINDS, job_kind
+from asvp_backend.jobs.registry import job_kind
 
 log = logging.getLogger(__name__)
 
-ACTIVE_STATES = {"queued", "started", "deferred", "scheduled", "created"}
 WAITING_STATES = {"queued", "deferred", "scheduled"}
 
 
@@ -122,15 +121,14 @@ class RqJobQueue(JobQueue):
         self._async_redis = async_redis  # redis.asyncio client for the API's event loop, if given
 
     def submit(self, kind: str, project_id: int, reason: str = "", **params: Any) -> Submitted:
-
         spec = job_kind(kind)
         key = pending_key(kind, project_id)
         job_id = new_job_id(kind, project_id)
         marker = f"{job_id}|{time.time():.3f}"
         if not self.redis.set(key, marker, nx=True, ex=self.PENDING_TTL):
-            existing = self.redis.get(key)
-            if self._still_pending(existing):
-                return Submitted(_text(existing).split("|")[0], deduplicated=True)
+            waiting = self._waiting_sync(kind, project_id)
+            if waiting is not None:
+                return Submitted(waiting, deduplicated=True)
             # the marker outlived its job (a worker died, or rq expired the job): take it over
             self.redis.set(key, marker, ex=self.PENDING_TTL)
         self._queues[spec.queue].enqueue_call(
@@ -158,12 +156,8 @@ class RqJobQueue(JobQueue):
         marker = await self._async_redis.get(pending_key(kind, project_id))
         if marker is None:
             return None
-        job_id, _, stamp = _text(marker).partition("|")
-        status = await self._async_redis.hget(Job.key_for(job_id), "status")
-        if status is None:
-            fresh = time.time() - float(stamp or 0) < self.ENQUEUE_GRACE
-            return job_id if fresh else None
-        return job_id if _text(status) in WAITING_STATES else None
+        status = await self._async_redis.hget(Job.key_for(_text(marker).partition("|")[0]), "status")
+        return self._waiting(marker, status)
 
     async def warm_up(self) -> None:
         await asyncio.to_thread(self.redis.ping)
@@ -171,20 +165,20 @@ class RqJobQueue(JobQueue):
             await asyncio.gather(*(self._async_redis.ping() for _ in range(8)))
 
     def _waiting_sync(self, kind: str, project_id: int) -> str | None:
-        marker = self.redis.get(pending_key(kind, project_id))
-        return _text(marker).split("|")[0] if self._still_pending(marker) else None
-
-    def _still_pending(self, marker: bytes | str | None) -> bool:
-        """True while the marked job waits in a queue, or is being enqueued by another API thread."""
         from rq.job import Job
 
+        marker = self.redis.get(pending_key(kind, project_id))
         if marker is None:
-            return False
+            return None
+        return self._waiting(marker, self.redis.hget(Job.key_for(_text(marker).partition("|")[0]), "status"))
+
+    def _waiting(self, marker: bytes | str, status: bytes | str | None) -> str | None:
+        """The one rule: the marked job waits while rq says so, or while it is still being enqueued by
+        another API thread (no job hash yet, and the marker is younger than ENQUEUE_GRACE)."""
         job_id, _, stamp = _text(marker).partition("|")
-        status = self.redis.hget(Job.key_for(job_id), "status")  # one round trip, no unpickling
-        if status is None:  # not enqueued yet (a concurrent submit), unless the marker is old
-            return time.time() - float(stamp or 0) < self.ENQUEUE_GRACE
-        return _text(status) in WAITING_STATES
+        if status is None:
+            return job_id if time.time() - float(stamp or 0) < self.ENQUEUE_GRACE else None
+        return job_id if _text(status) in WAITING_STATES else None
 
     def clear_pending(self, kind: str, project_id: int, job_id: str) -> None:
         self.redis.eval(_CLEAR_IF_MINE, 1, pending_key(kind, project_id), job_id)
@@ -202,8 +196,9 @@ class RqJobQueue(JobQueue):
             status = job.get_status(refresh=False).value
             error = None
             if status == "failed":
-                exc = job.latest_result().exc_string if job.latest_result() else None
-                error = (exc or "").strip().splitlines()[-1] if exc else "failed"
+                latest = job.latest_result()
+                exc = latest.exc_string if latest else None
+                error = exc.strip().splitlines()[-1] if exc and exc.strip() else "failed"
             out.append(
                 JobInfo(
                     id=job_id,
@@ -254,8 +249,8 @@ class InProcessJobQueue(JobQueue):
     def submit(self, kind: str, project_id: int, reason: str = "", **params: Any) -> Submitted:
         spec = job_kind(kind)
         with self._lock:
-            existing = self._pending.get((kind, project_id))
-            if existing and self._records[existing].info.status == "queued":
+            existing = self._waiting_locked(kind, project_id)
+            if existing is not None:
                 return Submitted(existing, deduplicated=True)
             job_id = new_job_id(kind, project_id)
             info = JobInfo(job_id, kind, int(project_id), spec.queue, "queued", reason)
@@ -269,8 +264,13 @@ class InProcessJobQueue(JobQueue):
 
     async def waiting_job(self, kind: str, project_id: int) -> str | None:
         with self._lock:
-            existing = self._pending.get((kind, project_id))
-            return existing if existing and self._records[existing].info.status == "queued" else None
+            return self._waiting_locked(kind, project_id)
+
+    def _waiting_locked(self, kind: str, project_id: int) -> str | None:
+        """The marked job, if it still waits for the worker thread (call with the lock held)."""
+        job_id = self._pending.get((kind, project_id))
+        record = self._records.get(job_id) if job_id else None
+        return job_id if record is not None and record.info.status == "queued" else None
 
     def clear_pending(self, kind: str, project_id: int, job_id: str) -> None:
         with self._lock:
@@ -312,20 +312,8 @@ class InProcessJobQueue(JobQueue):
             infos = [i for i in infos if i.project == project_id]
         return infos[:limit]
 
-    def wait_idle(self, timeout: float = 60.0) -> bool:
-        """For tests and the CLI: wait until no job is queued or running."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            with self._lock:
-                busy = any(r.info.status in ACTIVE_STATES for r in self._records.values())
-            if not busy:
-                return True
-            time.sleep(0.05)
-        return False
-
     def close(self) -> None:
         for inbox in self._inboxes.values():
             inbox.put(None)
 
 
-__all__ = ["JOB_KINDS", "InProcessJobQueue", "JobInfo", "JobQueue", "RqJobQueue", "Submitted"]
