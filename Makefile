@@ -42,8 +42,9 @@ $(LS_VENV)/.complete:
 redis:  ## make sure a Redis server answers on 127.0.0.1:6379
 	scripts/ensure-redis.sh
 
-lint: venv  ## ruff
+lint: venv  ## ruff and mypy
 	$(BIN)/ruff check asvp_backend tests bench
+	$(BIN)/mypy
 
 test: venv ls-venv redis lint  ## every test: unit, integration (Redis, rq), e2e (Label Studio)
 	LS_VENV=$(LS_VENV) $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS) tests

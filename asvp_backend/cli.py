@@ -11,62 +11,35 @@ from typing import Any
 
 from asvp_backend import __version__
 from asvp_backend.config import ConfigError, Settings, env_names
+from asvp_backend.logs import configure_logging
 
 log = logging.getLogger("asvp_backend")
-
-
-class _SecretFilter(logging.Filter):
-    """Last line of defence: mask configured secrets if one ever reaches a log message."""
-
-    def __init__(self, secrets: list[str]) -> None:
-        super().__init__()
-        self.secrets = [s for s in secrets if s and len(s) >= 4]
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.secrets:
-            message = record.getMessage()
-            masked = message
-            for secret in self.secrets:
-                masked = masked.replace(secret, "***")
-            if masked != message:
-                record.msg, record.args = masked, ()
-        return True
-
-
-def configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    secret_filter = _SecretFilter(
-        [settings.label_studio_api_key or "", settings.basic_auth_pass or "", settings.webhook_secret or ""]
-    )
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(secret_filter)
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
-    from asvp_backend.runtime import build_runtime, set_runtime
+    from asvp_backend.runtime import build_runtime
     from asvp_backend.server.app import create_app
 
     runtime = build_runtime(settings)
-    set_runtime(runtime)
     log.info(
         "serving on %s:%s (%s)",
         args.host or settings.host,
         args.port or settings.port,
         "rq on Redis" if settings.redis_url else "embedded: in-process worker, state in MODEL_DIR",
     )
-    uvicorn.run(
-        create_app(runtime),
-        host=args.host or settings.host,
-        port=args.port or settings.port,
-        log_level=settings.log_level,
-        access_log=args.access_log,
-    )
+    try:
+        uvicorn.run(
+            create_app(runtime),
+            host=args.host or settings.host,
+            port=args.port or settings.port,
+            log_level=settings.log_level,
+            access_log=args.access_log,
+            log_config=None,  # keep our handlers (and their secret filter) on uvicorn's loggers
+        )
+    finally:
+        runtime.close()
     return 0
 
 
@@ -76,42 +49,39 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
             "asvp-backend worker needs REDIS_URL (without it, `serve` runs jobs in-process)", file=sys.stderr
         )
         return 2
-    from rq import SimpleWorker, Worker
-
     import asvp_backend.jobs.tasks  # noqa: F401  (import job code once, before forking work-horses)
-    from asvp_backend.runtime import connect_redis
+    from asvp_backend.jobs.registry import QUEUES
+    from asvp_backend.jobs.worker import run_worker
+    from asvp_backend.runtime import build_runtime
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
-    unknown = set(queues) - {"cpu", "gpu"}
+    unknown = set(queues) - set(QUEUES)
     if unknown:
         print(f"unknown queue(s): {', '.join(sorted(unknown))}; use cpu and/or gpu", file=sys.stderr)
         return 2
-    worker_class = SimpleWorker if args.in_process else Worker
-    worker = worker_class(queues, connection=connect_redis(settings.redis_url), name=args.name)
-    log.info("worker %s listening on %s", worker.name, ",".join(queues))
-    worker.work(burst=args.burst, with_scheduler=False)
+    run_worker(build_runtime(settings), queues, name=args.name, burst=args.burst, in_process=args.in_process)
     return 0
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    from asvp_backend.health import project_problems
     from asvp_backend.runtime import build_runtime
 
-    runtime = build_runtime(settings)
+    runtime = build_runtime(settings, start_jobs=False)
     try:
-        projects = []
-        for pid in runtime.store.project_ids():
-            state = runtime.store.get(pid)
-            if state is None:
-                continue
-            projects.append(
-                {
-                    "project": pid,
-                    "model_version": str(state.version),
-                    "labels": list(state.spec.labels),
-                    "last_sync": state.last_sync,
-                    "rounds": len(state.rounds),
-                }
-            )
+        states, corrupt = runtime.store.readable()
+        projects: list[dict[str, Any]] = [
+            {
+                "project": state.project_id,
+                "model_version": str(state.version),
+                "labels": list(state.spec.labels),
+                "last_sync": state.last_sync,
+                "rounds": len(state.rounds),
+                "problems": project_problems(runtime.layout(state.project_id), state),
+            }
+            for state in states
+        ]
+        projects += [{"project": pid, "problems": [problem]} for pid, problem in sorted(corrupt.items())]
         if settings.redis_url:
             jobs: Any = [j.to_dict() for j in runtime.queue.jobs(args.project, limit=args.jobs)]
         else:
@@ -157,20 +127,19 @@ def cmd_extract(settings: Settings, args: argparse.Namespace) -> int:
     if not settings.label_studio_url:
         print("extract --project needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY", file=sys.stderr)
         return 2
-    runtime = build_runtime(settings)
+    runtime = build_runtime(settings, start_jobs=False)
     try:
         if runtime.store.get(args.project) is None:
             print(f"project {args.project} is not set up: connect the backend to it in Label Studio first",
                   file=sys.stderr)
             return 2
         bar = _ProgressBar(f"project {args.project}")
-        ctx = JobContext("extract", args.project, "cli", {}, runtime)
-        ctx._reporter = bar
+        ctx = JobContext("extract", args.project, "cli", {"no_time_slice": True}, runtime, reporter=bar)
         sync_summary = None
         if not args.no_sync:
-            with runtime.exclusive(args.project, "sync"):
+            with _wait_for_lease(runtime, args.project, "sync"):
                 sync_summary = sync_tasks(ctx)[0]
-        with runtime.exclusive(args.project, "extract"):  # never beside a worker's extraction of this project
+        with _wait_for_lease(runtime, args.project, "extract"):  # never beside a worker's extraction
             summary = extract_project(ctx, retry_skipped=args.retry_skipped)
         bar.close()
         if settings.redis_url:  # workers rank with the new features; embedded: the serving process will
@@ -179,6 +148,20 @@ def cmd_extract(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         runtime.close()
     return 0
+
+
+def _wait_for_lease(runtime: Any, project_id: int, kind: str) -> Any:
+    """The job lease of (project, kind), waiting (with a message) while a worker's job holds it."""
+    import time
+
+    lease = runtime.lease(project_id, kind, f"cli-{kind}")
+    told = False
+    while not lease.acquire():
+        if not told:
+            print(f"waiting for the running {kind} job of project {project_id}...", file=sys.stderr)
+            told = True
+        time.sleep(1.0)
+    return lease
 
 
 def _extract_images(settings: Settings, args: argparse.Namespace) -> int:

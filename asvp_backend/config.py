@@ -89,8 +89,9 @@ def _path(name: str, raw: str) -> Path:
     return Path(raw).expanduser()
 
 
-def _env(env_name: str, parse: Callable[[str, str], Any], secret: bool = False, **kw: Any) -> Any:
-    return field(metadata={"env": env_name, "parse": parse, "secret": secret}, **kw)
+def _env(env_name: str, parse: Callable[[str, str], Any], secret: bool = False, aliases: tuple[str, ...] = (),
+         **kw: Any) -> Any:
+    return field(metadata={"env": env_name, "parse": parse, "secret": secret, "aliases": aliases}, **kw)
 
 
 @dataclass(frozen=True)
@@ -98,8 +99,11 @@ class Settings:
     """All configuration of the API and the workers. Build it with `Settings.from_env()`."""
 
     # Label Studio connection (Label Studio's names)
-    label_studio_url: str | None = _env("LABEL_STUDIO_URL", _http_url, default=None)
-    label_studio_api_key: str | None = _env("LABEL_STUDIO_API_KEY", _text, secret=True, default=None)
+    # LABEL_STUDIO_HOST / LABEL_STUDIO_ACCESS_TOKEN: the names label-studio-sdk's own examples use
+    label_studio_url: str | None = _env("LABEL_STUDIO_URL", _http_url, aliases=("LABEL_STUDIO_HOST",), default=None)
+    label_studio_api_key: str | None = _env(
+        "LABEL_STUDIO_API_KEY", _text, secret=True, aliases=("LABEL_STUDIO_ACCESS_TOKEN",), default=None
+    )
     local_files_document_root: Path | None = _env("LOCAL_FILES_DOCUMENT_ROOT", _path, default=None)
     # Server
     model_dir: Path = _env("MODEL_DIR", _path, default=Path("data/models"))
@@ -121,13 +125,16 @@ class Settings:
     extract_batch_size: int = _env("EXTRACT_BATCH_SIZE", _int_in(1, 4096), default=64)
     extract_workers: int | None = _env("EXTRACT_WORKERS", _int_in(0, 64), default=None)  # None: by device
     allow_private_image_hosts: bool = _env("ALLOW_PRIVATE_IMAGE_HOSTS", _bool, default=False)
-    predict_inline_max: int = _env("PREDICT_INLINE_MAX", _int_in(0, 1000), default=8)
+    extract_slice_seconds: int = _env("EXTRACT_SLICE_SECONDS", _int_in(10), default=600)
+    fetch_concurrency: int = _env("FETCH_CONCURRENCY", _int_in(1, 64), default=8)
+    image_timeout: float = _env("IMAGE_TIMEOUT", _float_in(1.0, 600.0), default=30.0)
     # Selection
     strategy: str = _env("STRATEGY", _text, default="margin")
     cold_start_strategy: str = _env("COLD_START_STRATEGY", _text, default="typiclust")
     proxy: str = _env("PROXY", _text, default="mlp")
     epsilon: float = _env("EPSILON", _float_in(0.0, 1.0), default=0.0)
     retrain_every: int = _env("RETRAIN_EVERY", _int_in(1), default=10)
+    batch_size: int | None = _env("BATCH_SIZE", _int_in(1), default=None)  # None: RETRAIN_EVERY
     push_top_k: int = _env("PUSH_TOP_K", _int_in(1), default=2000)
     ls_sampling: str = _env("LS_SAMPLING", _choice("uncertainty", "keep"), default="uncertainty")
     seed: int = _env("SEED", _int_in(0), default=0)
@@ -138,19 +145,34 @@ class Settings:
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for f in fields(cls):
-            raw = environ.get(f.metadata["env"])
-            if raw is None or raw.strip() == "":
-                continue
-            values[f.name] = f.metadata["parse"](f.metadata["env"], raw)
+            for name in (f.metadata["env"], *f.metadata["aliases"]):  # Label Studio's name wins over an alias
+                raw = environ.get(name)
+                if raw is not None and raw.strip() != "":
+                    values[f.name] = f.metadata["parse"](name, raw)
+                    break
         settings = cls(**values)
         settings.validate()
         return settings
 
     def validate(self) -> None:
+        from asvp_backend.selection.names import cold_start_strategy_names, proxy_names, strategy_names
+
+        for env_name, value, known in (
+            ("STRATEGY", self.strategy, strategy_names()),
+            ("COLD_START_STRATEGY", self.cold_start_strategy, cold_start_strategy_names()),
+            ("PROXY", self.proxy, proxy_names()),
+        ):
+            if value not in known:
+                raise ConfigError(f"{env_name} must be one of {', '.join(known)}; got {value!r}")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise ConfigError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
         if self.label_studio_url and not self.label_studio_api_key:
             raise ConfigError("LABEL_STUDIO_API_KEY is required when LABEL_STUDIO_URL is set")
+
+    @property
+    def selection_batch(self) -> int:
+        """What set-based strategies pick per round: the batch labelled before the next one."""
+        return self.batch_size if self.batch_size is not None else self.retrain_every
 
     @property
     def embedded(self) -> bool:

@@ -1,21 +1,25 @@
-"""The process-wide wiring: settings, Redis (if any), the state store and the job queue.
+"""The wiring of one process: settings, Redis (if any), the state store, the job queue and job leases.
 
-The API process and each worker build one Runtime from the environment. Tests build their own and install
-it with `set_runtime`.
+Each process builds one Runtime and hands it down: the API gives it to `create_app`, the rq worker to
+every job (jobs/worker.py), the in-process queue runs jobs through a callback bound to it. There is no
+process-global runtime.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Iterator
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
 from asvp_backend.config import ConfigError, Settings
-from asvp_backend.fsutil import flocked
-from asvp_backend.jobs.queue import InProcessJobQueue, JobQueue, RqJobQueue
-from asvp_backend.state import StateStore, create_state_store, project_dir
+from asvp_backend.jobs.inprocess import InProcessJobQueue
+from asvp_backend.jobs.leases import FileLease, Lease, RedisLease
+from asvp_backend.jobs.queue import JobQueue
+from asvp_backend.layout import ProjectLayout, queue_journal
+from asvp_backend.state import StateStore, create_state_store
+
+REDIS_CONNECT_TIMEOUT = 2.0  # seconds: with Redis down, routes answer 503 quickly instead of hanging
+REDIS_READ_TIMEOUT = 5.0
 
 
 @dataclass
@@ -26,7 +30,7 @@ class Runtime:
     redis: Any = None
     _label_studio: Any = field(default=None, repr=False)
 
-    def label_studio(self):
+    def label_studio(self) -> Any:
         """The Label Studio client; jobs need it, the API's hot paths do not."""
         from asvp_backend.labelstudio.client import LabelStudioClient
 
@@ -38,59 +42,50 @@ class Runtime:
             )
         return self._label_studio
 
-    @contextlib.contextmanager
-    def exclusive(self, project_id: int, name: str) -> Iterator[None]:
-        """Serialise jobs of one kind on one project across workers (Redis lock) or threads (flock)."""
+    def layout(self, project_id: int) -> ProjectLayout:
+        return ProjectLayout(self.settings.model_dir, project_id)
+
+    def lease(self, project_id: int, kind: str, holder: str) -> Lease:
+        """The right to run `kind` on the project (jobs/leases.py): Redis across workers, flock in-process."""
         if self.redis is not None:
-            lock = self.redis.lock(f"asvp:running:{int(project_id)}:{name}", timeout=self.settings.job_timeout)
-            with lock:
-                yield
-            return
-        with flocked(project_dir(self.settings.model_dir, project_id) / f".{name}.running"):
-            yield
+            return RedisLease(self.redis, project_id, kind, holder)
+        return FileLease(self.layout(project_id).lease_file(kind))
 
     def close(self) -> None:
         self.queue.close()
 
 
-def connect_redis(url: str):
+def connect_redis(url: str) -> Any:
     import redis
 
-    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
+    return redis.Redis.from_url(
+        url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT, socket_timeout=REDIS_READ_TIMEOUT, health_check_interval=30
+    )
 
 
-def connect_redis_async(url: str):
+def connect_redis_async(url: str) -> Any:
     import redis.asyncio
 
-    return redis.asyncio.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30)
+    return redis.asyncio.Redis.from_url(url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT,
+                                        socket_timeout=REDIS_READ_TIMEOUT)
 
 
-def build_runtime(settings: Settings) -> Runtime:
+def build_runtime(settings: Settings, start_jobs: bool = True) -> Runtime:
+    """The runtime of a process. In the embedded mode `start_jobs` starts the in-process worker threads
+    (and resumes the journal's jobs); commands that only read state pass False."""
+    from asvp_backend.jobs.rq_queue import RqJobQueue
+    from asvp_backend.jobs.runner import run_job
+
     if settings.redis_url:
         connection = connect_redis(settings.redis_url)
         queue: JobQueue = RqJobQueue(
             connection, job_timeout=settings.job_timeout, async_redis=connect_redis_async(settings.redis_url)
         )
-    else:
-        connection = None
-        queue = InProcessJobQueue()
-    store = create_state_store(settings.model_dir, connection)
-    return Runtime(settings=settings, store=store, queue=queue, redis=connection)
-
-
-_runtime: Runtime | None = None
-_lock = threading.Lock()
-
-
-def get_runtime() -> Runtime:
-    global _runtime
-    with _lock:
-        if _runtime is None:
-            _runtime = build_runtime(Settings.from_env())
-        return _runtime
-
-
-def set_runtime(runtime: Runtime | None) -> None:
-    global _runtime
-    with _lock:
-        _runtime = runtime
+        return Runtime(settings=settings, store=create_state_store(settings.model_dir, connection), queue=queue,
+                       redis=connection)
+    # only the process that runs the jobs owns the journal (a CLI command must not overwrite the server's)
+    in_process = InProcessJobQueue(journal=queue_journal(settings.model_dir) if start_jobs else None)
+    runtime = Runtime(settings=settings, store=create_state_store(settings.model_dir, None), queue=in_process)
+    if start_jobs:
+        in_process.start(functools.partial(run_job, runtime))
+    return runtime

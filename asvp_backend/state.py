@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -22,7 +23,10 @@ from typing import Any
 
 from asvp_backend.fsutil import atomic_write_bytes, flocked
 from asvp_backend.labelstudio.label_config import ClassificationSpec
+from asvp_backend.layout import ProjectLayout, projects_root
 from asvp_backend.versioning import ModelVersion
+
+log = logging.getLogger(__name__)
 
 MAX_VERSIONS = 50
 MAX_ROUNDS = 200
@@ -80,11 +84,15 @@ class ProjectState:
         return json.dumps(data)
 
     @classmethod
-    def from_json(cls, text: str) -> ProjectState:
-        data = json.loads(text)
-        spec = data.pop("spec")
-        spec["labels"] = tuple(spec["labels"])
-        return cls(spec=ClassificationSpec(**spec), **data)
+    def from_json(cls, text: str | bytes, where: str = "state") -> ProjectState:
+        """Parse a stored state; anything unreadable is a StateCorrupt that names `where` and the problem."""
+        try:
+            data = json.loads(text)
+            spec = data.pop("spec")
+            spec["labels"] = tuple(spec["labels"])
+            return cls(spec=ClassificationSpec(**spec), **data)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise StateCorrupt(where, f"{type(exc).__name__}: {str(exc)[:200]}") from None
 
     @classmethod
     def new(cls, project_id: int, label_config: str, spec: ClassificationSpec) -> ProjectState:
@@ -92,9 +100,37 @@ class ProjectState:
         state._record_version(state.version)
         return state
 
+    @classmethod
+    def recovered(cls, project_id: int, label_config: str, spec: ClassificationSpec,
+                  versions_on_disk: list[str]) -> ProjectState:
+        """A fresh state for a project whose stored state was lost or corrupt. It resumes from the newest
+        round folder on disk, so the version never moves backwards behind what Label Studio follows."""
+        state = cls.new(project_id, label_config, spec)
+        parsed = []
+        for text in versions_on_disk:
+            try:
+                parsed.append(ModelVersion.parse(text))
+            except ValueError:
+                continue
+        if parsed:
+            newest = max(parsed)
+            if newest.round > 0:
+                state.advance_to(newest)
+        return state
+
 
 class ProjectNotFound(KeyError):
     """No state for this project: it was never set up through /setup."""
+
+
+class StateCorrupt(ValueError):
+    """A stored state (or task snapshot) cannot be read. It names the file and what is wrong; the project
+    is repaired by `/setup` or by the next sync (both rebuild it from Label Studio), and no other project is
+    affected."""
+
+    def __init__(self, where: str, problem: str) -> None:
+        super().__init__(f"{where} is corrupt: {problem}")
+        self.where, self.problem = where, problem
 
 
 class StateStore(ABC):
@@ -135,9 +171,23 @@ class StateStore(ABC):
             raise ProjectNotFound(project_id)
         return state
 
+    def readable(self) -> tuple[list[ProjectState], dict[int, str]]:
+        """Every project's state, and the problem of each one that cannot be read: one corrupt project
+        must never make a listing fail for the others."""
+        states, problems = [], {}
+        for pid in self.project_ids():
+            try:
+                state = self.get(pid)
+            except StateCorrupt as exc:
+                problems[pid] = str(exc)
+                continue
+            if state is not None:
+                states.append(state)
+        return states, problems
 
-def project_dir(model_dir: Path, project_id: int) -> Path:
-    return Path(model_dir) / "projects" / str(int(project_id))
+    @abstractmethod
+    def quarantine(self, project_id: int) -> str | None:
+        """Move a corrupt state aside (kept for a person to inspect); returns where it went."""
 
 
 class FileStateStore(StateStore):
@@ -147,25 +197,36 @@ class FileStateStore(StateStore):
         self.model_dir = Path(model_dir)
 
     def _path(self, project_id: int) -> Path:
-        return project_dir(self.model_dir, project_id) / "state.json"
+        return ProjectLayout(self.model_dir, project_id).state_file
 
     def get(self, project_id: int) -> ProjectState | None:
+        path = self._path(project_id)
         try:
-            return ProjectState.from_json(self._path(project_id).read_text())
+            raw = path.read_bytes()
         except FileNotFoundError:
             return None
+        return ProjectState.from_json(raw, where=str(path))
+
+    def quarantine(self, project_id: int) -> str | None:
+        path = self._path(project_id)
+        if not path.exists():
+            return None
+        target = path.with_name(f"state.json.corrupt-{int(time.time())}")
+        path.rename(target)
+        log.warning("project %s: moved the corrupt %s aside to %s", project_id, path, target.name)
+        return str(target)
 
     def exists(self, project_id: int) -> bool:
         return self._path(project_id).exists()
 
     def project_ids(self) -> list[int]:
-        root = self.model_dir / "projects"
+        root = projects_root(self.model_dir)
         if not root.is_dir():
             return []
         return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "state.json").exists())
 
     def _lock(self, project_id: int) -> contextlib.AbstractContextManager[None]:
-        return flocked(project_dir(self.model_dir, project_id) / "state.lock")
+        return flocked(ProjectLayout(self.model_dir, project_id).state_lock)
 
     def _write(self, state: ProjectState) -> None:
         atomic_write_bytes(self._path(state.project_id), state.to_json().encode())
@@ -180,8 +241,18 @@ class RedisStateStore(StateStore):
         self.redis = redis
 
     def get(self, project_id: int) -> ProjectState | None:
-        raw = self.redis.get(f"{self.PREFIX}{int(project_id)}")
-        return None if raw is None else ProjectState.from_json(raw)
+        key = f"{self.PREFIX}{int(project_id)}"
+        raw = self.redis.get(key)
+        return None if raw is None else ProjectState.from_json(raw, where=f"Redis key {key}")
+
+    def quarantine(self, project_id: int) -> str | None:
+        key = f"{self.PREFIX}{int(project_id)}"
+        target = f"asvp:corrupt:{int(project_id)}:{int(time.time())}"
+        if not self.redis.exists(key):
+            return None
+        self.redis.rename(key, target)
+        log.warning("project %s: moved the corrupt state %s aside to %s", project_id, key, target)
+        return target
 
     def exists(self, project_id: int) -> bool:
         return bool(self.redis.exists(f"{self.PREFIX}{int(project_id)}"))
@@ -208,26 +279,31 @@ class RedisStateStore(StateStore):
 class SyncedTask:
     image: str | None
     label: str | None
+    problem: str | None = None  # why the task's image value cannot be used (the extract job records it)
 
 
 class TaskSnapshot:
     """The project's tasks as Label Studio last reported them: id -> image URL and label (or None).
 
-    Stored as one JSON file on the shared volume and replaced atomically by each sync.
+    Stored as one JSON file on the shared volume and replaced atomically by each sync. An unreadable
+    snapshot raises StateCorrupt rather than reading as "no tasks" (which would make the extract job drop
+    every cached vector); the sync rebuilds it from Label Studio.
     """
 
     def __init__(self, model_dir: Path, project_id: int) -> None:
-        self.path = project_dir(model_dir, project_id) / "tasks.json"
+        self.path = ProjectLayout(model_dir, project_id).tasks_file
 
     def load(self) -> dict[int, SyncedTask]:
         try:
-            raw = json.loads(self.path.read_text())
+            raw = json.loads(self.path.read_bytes())
+            return {int(k): SyncedTask(*v) for k, v in raw.items()}
         except FileNotFoundError:
             return {}
-        return {int(k): SyncedTask(image=v[0], label=v[1]) for k, v in raw.items()}
+        except (ValueError, TypeError, IndexError, AttributeError) as exc:
+            raise StateCorrupt(str(self.path), f"{type(exc).__name__}: {str(exc)[:200]}") from None
 
     def save(self, tasks: dict[int, SyncedTask]) -> None:
-        payload = {str(k): [t.image, t.label] for k, t in tasks.items()}
+        payload = {str(k): [t.image, t.label] + ([t.problem] if t.problem else []) for k, t in tasks.items()}
         atomic_write_bytes(self.path, json.dumps(payload, separators=(",", ":")).encode())
 
 

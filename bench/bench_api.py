@@ -1,21 +1,25 @@
-"""HTTP latency of the API as Label Studio sees it: a webhook burst, /predict, /setup, /health.
+"""HTTP latency of the API as Label Studio sees it: a webhook burst, /predict (alone and under concurrent
+clients), /setup, /health (alone and while a large /predict is being handled).
 
 Starts `asvp-backend serve` as a real process (rq mode on a Redis server, or the embedded mode) and
 measures with a real HTTP client over loopback. Figures go to stdout as a Markdown table.
 
     python bench/bench_api.py --mode redis --redis-url redis://127.0.0.1:6379/12
     python bench/bench_api.py --mode embedded
+    python bench/bench_api.py --mode redis --concurrency 16 --predict-clients 20 --big-mb 60   # the full set
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,8 +39,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def timed(session: requests.Session, method: str, url: str, **kwargs) -> float:
+    kwargs.setdefault("timeout", 30)
     started = time.perf_counter()
-    response = session.request(method, url, timeout=30, **kwargs)
+    response = session.request(method, url, **kwargs)
     elapsed = time.perf_counter() - started
     response.raise_for_status()
     return elapsed * 1000
@@ -58,6 +63,10 @@ def main() -> int:
     parser.add_argument("--burst", type=int, default=500, help="webhook requests in the burst")
     parser.add_argument("--concurrency", type=int, default=16, help="concurrent connections during the burst")
     parser.add_argument("--repeat", type=int, default=50, help="samples for /predict, /setup, /health")
+    parser.add_argument("--predict-clients", type=int, default=20, help="concurrent clients sending /predict")
+    parser.add_argument("--predict-per-client", type=int, default=25, help="/predict calls of each client")
+    parser.add_argument("--big-mb", type=int, default=60, help="size of the large /predict (0: skip)")
+    parser.add_argument("--big-repeat", type=int, default=3, help="large /predict requests, one after another")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="asvp-bench-"))
@@ -90,6 +99,8 @@ def main() -> int:
         predict_ms_empty = _predict_samples(session, base, args.repeat)
         _fake_round(tmp, args.redis_url if args.mode == "redis" else None, pool=100_000)
         predict_ms = _predict_samples(session, base, args.repeat)
+        predict_concurrent_ms = _concurrent_predict(base, args.predict_clients, args.predict_per_client)
+        big = _health_beside_big_predict(base, args.big_mb, args.big_repeat) if args.big_mb else None
 
         event = {
             "action": "ANNOTATION_CREATED",
@@ -119,13 +130,26 @@ def main() -> int:
         print(row(f"POST /webhook (second burst, {args.concurrency} concurrent)", webhook_warm_ms))
         print(row("POST /predict (100 tasks, before any round)", predict_ms_empty))
         print(row("POST /predict (100 tasks, ranked by a 100k-task round)", predict_ms))
+        print(row(f"POST /predict (100 tasks, ranked, {args.predict_clients} concurrent clients)",
+                  predict_concurrent_ms))
         print(row("POST /setup", setup_ms))
         print(row("GET /health", health_ms))
+        if big is not None:
+            health_busy_ms, big_s, big_bytes = big
+            print(row(f"GET /health while a {big_bytes / 1e6:.0f} MB /predict is handled", health_busy_ms))
+        peak_kb = _peak_rss_kb(server.pid)
         print(
             f"\nThe first burst of {args.burst} webhooks took {burst_s:.2f} s ({args.burst / burst_s:.0f} req/s) "
             f"and made {len(jobs)} job(s). Its slowest requests are the first ones, which open the client's "
             f"connections while the first job is enqueued."
         )
+        if big is not None:
+            print(
+                f"Each {big_bytes / 1e6:.0f} MB /predict ({len(big_s)} in a row) took "
+                f"{', '.join(f'{s:.1f}' for s in big_s)} s; /health was polled every 10 ms meanwhile."
+            )
+        if peak_kb:
+            print(f"Peak RSS of the server process over the whole run: {peak_kb / 1024:.0f} MiB.")
     finally:
         server.terminate()
         server.wait(timeout=10)
@@ -133,24 +157,75 @@ def main() -> int:
 
 
 def _predict_samples(session: requests.Session, base: str, repeat: int) -> list[float]:
-    tasks = [{"id": i * 997 % 100_000, "data": {"image": f"/data/upload/1/{i}.png"}, "annotations": [],
+    tasks = [{"id": i * 997 % 100_000 + 1, "data": {"image": f"/data/upload/1/{i}.png"}, "annotations": [],
               "predictions": []} for i in range(100)]
     body = {"tasks": tasks, "project": "1.1700000000", "label_config": IMAGE_CONFIG, "params": {}}
     return [timed(session, "POST", f"{base}/predict", json=body) for _ in range(repeat)]
+
+
+def _concurrent_predict(base: str, clients: int, per_client: int) -> list[float]:
+    """/predict for 100 tasks from `clients` threads at once, each on its own connection."""
+    tasks = [{"id": i * 997 % 100_000 + 1, "data": {"image": f"/data/upload/1/{i}.png"}, "annotations": [],
+              "predictions": []} for i in range(100)]
+    raw = json.dumps({"tasks": tasks, "project": "1.1700000000", "label_config": IMAGE_CONFIG, "params": {}})
+    sessions = [requests.Session() for _ in range(clients)]
+    headers = {"content-type": "application/json"}
+
+    def client(i: int) -> list[float]:
+        return [timed(sessions[i], "POST", f"{base}/predict", data=raw, headers=headers) for _ in range(per_client)]
+
+    with ThreadPoolExecutor(clients) as pool:
+        return [ms for samples in pool.map(client, range(clients)) for ms in samples]
+
+
+def _health_beside_big_predict(base: str, megabytes: int, repeat: int) -> tuple[list[float], list[float], int]:
+    """Poll /health every 10 ms while /predict requests of about `megabytes` MB are sent and handled, one
+    after another. The body is shaped like Label Studio's (10,000 tasks with their annotations), the
+    expensive kind to parse."""
+    region = {"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": ["cat"]}}
+    annotation = {"id": 1, "result": [region], "completed_by": 1, "was_cancelled": False}
+    per_task = max(1, round(megabytes * 1e6 / 10_000 / (len(json.dumps(annotation)) + 2)))
+    tasks = [{"id": i, "data": {"image": f"/data/upload/1/{i}.png"}, "annotations": [annotation] * per_task,
+              "predictions": []} for i in range(1, 10_001)]
+    raw = json.dumps({"tasks": tasks, "project": "1.1700000000", "params": {}}).encode()
+    health_ms: list[float] = []
+    durations: list[float] = []
+    with requests.Session() as poller, requests.Session() as big_client:
+        for _ in range(repeat):
+            sender = threading.Thread(
+                target=lambda: durations.append(timed(big_client, "POST", f"{base}/predict", data=raw, timeout=300,
+                                                      headers={"content-type": "application/json"}) / 1000)
+            )
+            sender.start()
+            while sender.is_alive():
+                health_ms.append(timed(poller, "GET", f"{base}/health"))
+                time.sleep(0.01)
+    if len(durations) != repeat:
+        raise RuntimeError("a large /predict failed; see the server's output")
+    return health_ms, durations, len(raw)
+
+
+def _peak_rss_kb(pid: int) -> int | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    return int(status.split("VmHWM:")[1].split()[0]) if "VmHWM:" in status else None
 
 
 def _fake_round(model_dir: Path, redis_url: str | None, pool: int) -> None:
     """Round artefacts as the round job writes them, so /predict serves labels and scores."""
     import numpy as np
 
-    from asvp_backend.jobs.rounds import _write_artefacts
+    from asvp_backend.artefacts import RankingArtefact, write_round
+    from asvp_backend.layout import ProjectLayout
     from asvp_backend.runtime import connect_redis
     from asvp_backend.state import create_state_store
     from asvp_backend.versioning import ModelVersion
 
     rng = np.random.default_rng(0)
-    _write_artefacts(model_dir, 1, ModelVersion(0, 1), None, np.arange(pool), rng.random(pool),
-                     np.array(["cat", "dog"])[rng.integers(0, 2, pool)])
+    ranking = RankingArtefact(np.arange(pool), rng.random(pool), np.array(["cat", "dog"])[rng.integers(0, 2, pool)])
+    write_round(ProjectLayout(model_dir, 1), ModelVersion(0, 1), ranking, None)
     store = create_state_store(model_dir, connect_redis(redis_url) if redis_url else None)
     store.update(1, lambda s: (s.advance_round(), s)[1])
 

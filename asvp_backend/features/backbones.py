@@ -62,7 +62,7 @@ class Backbone:
 
     @property
     def dim(self) -> int:
-        return int(getattr(self.model, "head_hidden_size", None) or self.model.num_features)
+        return int(getattr(self.model, "head_hidden_size", None) or getattr(self.model, "num_features"))  # noqa: B009
 
     @property
     def num_classes(self) -> int:
@@ -70,10 +70,11 @@ class Backbone:
 
     @property
     def input_size(self) -> tuple[int, int, int]:
-        return tuple(self.preprocessing["input_size"])  # type: ignore[return-value]
+        c, h, w = self.preprocessing["input_size"]
+        return int(c), int(h), int(w)
 
     @property
-    def transform(self):
+    def transform(self) -> Any:
         """timm eval transform (resize, centre crop, normalise); picklable for DataLoader workers."""
         return self._transform
 
@@ -81,7 +82,8 @@ class Backbone:
         """float32 (n, dim): forward_features + forward_head(pre_logits=True)."""
         x = prepare_input(batch, self.device)
         with inference_context(self.device):
-            feats = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+            model: Any = self.model  # timm models: forward_features / forward_head are not on nn.Module
+            feats = model.forward_head(model.forward_features(x), pre_logits=True)
         return feats.float().cpu().numpy()
 
     def classify(self, batch: torch.Tensor) -> torch.Tensor:
@@ -97,7 +99,7 @@ class Backbone:
 
 
 def _create(name: str, num_classes: int | None) -> torch.nn.Module:
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_RANDOM_SEED)
         return timm.create_model(name, pretrained=False, **kwargs)
@@ -116,7 +118,7 @@ def _num_classes_for(name: str, state: dict[str, torch.Tensor]) -> int:
         return int(state[key].shape[0])
     n = sum(1 for k in state if not k.endswith("num_batches_tracked"))
     with_head = sum(1 for k in probe.state_dict() if not k.endswith("num_batches_tracked"))
-    return int(probe.num_classes) if n == with_head else 0
+    return int(getattr(probe, "num_classes")) if n == with_head else 0  # noqa: B009
 
 
 def _from_state(name: str, state: dict[str, torch.Tensor], num_classes: int) -> torch.nn.Module:
@@ -151,7 +153,8 @@ def _load_auto(name: str, allow_download: bool) -> tuple[torch.nn.Module, str]:
         try:
             with torch.random.fork_rng(devices=[]):
                 model = timm.create_model(name, pretrained=True)
-            return model, f"timm:{model.pretrained_cfg.get('hf_hub_id') or model.pretrained_cfg.get('url')}"
+            cfg: dict[str, Any] = dict(getattr(model, "pretrained_cfg", None) or {})
+            return model, f"timm:{cfg.get('hf_hub_id') or cfg.get('url')}"
         except Exception as e:  # network errors come in many types
             tried.append(f"timm download: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
     raise WeightsUnavailableError(

@@ -4,17 +4,43 @@ Layout under ``root`` (``MODEL_DIR/projects/<id>/features``)::
 
     CURRENT                  {"generation": g}; written tmp + fsync + os.replace
     g<N>/manifest.json       the only truth: info, shard list, tombstones, skip reasons
+    g<N>/info.json           copy of the generation's info, written once: lets a lost manifest be rebuilt
     g<N>/shards/<name>.ids.npy, <name>.vec.npy   immutable once named in the manifest
+    g<N>/corrupt/            shard files that repair() took out of the manifest (kept for inspection)
     g<N>/.lock               fcntl.flock for writers of that generation
+    .corrupt-g<N>-<time>/    a generation repair() could not rebuild, moved aside
 
 Why this shape: a reader only ever follows the manifest, and the manifest is replaced atomically after
 every shard it names is fully on disk, so a writer killed at any point leaves the previous manifest and
 its (immutable) shards intact. Unnamed files are crash leftovers and are removed by the next writer.
+
+Readers keep every shard's ids in memory but open a shard's vectors only while copying from them: one
+memory map per shard would hold one file descriptor each, and a generation of a few hundred small shards
+would exhaust the usual limit of 1024. A writer may delete shards a reader's index still names
+(compaction, repair), so a read that finds a file missing or damaged retries with the newest manifest and
+reports corruption only when that manifest still names the file.
+
+Corruption (disk errors, partial copies, hand edits) is detected, named and repaired, never hidden:
+
+* Reads raise ``FeatureStoreCorrupt(path, problem)`` instead of bare NumPy/JSON errors when a file is
+  bad: a shard that is missing, truncated or not a .npy file, holds the wrong dtype or dimension, or
+  whose ids file disagrees with it or with the manifest; a manifest that is not valid JSON or not a
+  manifest; a ``CURRENT`` that is garbage or names a missing generation.
+* ``verify()`` (a generation, or the whole store) lists such problems by reading headers and sizes only.
+* ``repair()`` fixes what can be fixed without guessing: bad shards leave the manifest (their tasks count
+  as missing, so the next extraction recomputes them); a lost manifest is rebuilt from ``info.json`` and
+  the shard files (tombstones and skip reasons are lost: the extract job drops deleted tasks again and
+  retries skipped images); a generation without ``info.json`` is moved aside; a bad ``CURRENT`` points at
+  the newest generation that verifies clean (or is removed when none is left). Each step logs a warning.
+* ``FeatureStore.current()`` raises ``FeatureStoreCorrupt`` on a bad pointer or manifest: a status
+  command must see the problem, not a silently repaired store. Jobs call ``current(repair=True)``, which
+  verifies the current generation and repairs the store when anything is wrong.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -22,10 +48,11 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -34,14 +61,92 @@ from asvp_backend.fsutil import atomic_write_bytes, flocked, fsync_dir
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+INFO = "info.json"
 CURRENT = "CURRENT"
+CORRUPT_DIR = "corrupt"
 FORMAT_VERSION = 1
+VECTOR_DTYPE = np.dtype(np.float16)
+ID_DTYPE = np.dtype(np.int64)
 _GEN_RE = re.compile(r"^g(\d+)$")
+_SHARD_LIST_RE = re.compile(r"s[0-9]+(?: s[0-9]+)*")  # shard names joined by spaces
+_SHARD_FILE_RE = re.compile(r"^(s[0-9]+)\.(ids|vec)\.npy$")
 _SHARD_RETRIES = 5
+
+T = TypeVar("T")
 
 
 class FeatureStoreError(RuntimeError):
     """Raised for an unusable store state (missing generation, mismatched vectors, ...)."""
+
+
+class FeatureStoreCorrupt(FeatureStoreError):
+    """A file of the store is damaged; ``path`` names it and ``problem`` says what is wrong with it."""
+
+    def __init__(self, path: Path | str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = Path(path)
+        self.problem = problem
+
+    def __reduce__(self) -> tuple[type[FeatureStoreCorrupt], tuple[Path, str]]:
+        # The default would call cls(message) and fail: keep it picklable for worker processes.
+        return type(self), (self.path, self.problem)
+
+    def as_problem(self) -> Problem:
+        return Problem(self.path, self.problem)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One damaged file, as ``verify()`` reports it."""
+
+    path: Path
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}"
+
+    def to_dict(self) -> dict[str, str]:
+        return {"path": str(self.path), "problem": self.problem}
+
+
+@dataclass
+class RepairReport:
+    """What ``repair()`` found and did, for the job's log and summary."""
+
+    problems: list[Problem] = field(default_factory=list)
+    dropped_shards: list[Path] = field(default_factory=list)  # g<N>/shards/<name>, now out of the manifest
+    lost_vectors: int = 0  # vectors the dropped shards held according to the manifest; now missing
+    rebuilt: list[Path] = field(default_factory=list)  # manifests rebuilt from info.json and the shards
+    quarantined: list[Path] = field(default_factory=list)  # where unrebuildable generations were moved
+    actions: list[str] = field(default_factory=list)  # one line per change, as logged
+
+    @property
+    def clean(self) -> bool:
+        """Nothing was wrong (so nothing was changed)."""
+        return not self.problems
+
+    def merge(self, other: RepairReport) -> None:
+        self.problems += other.problems
+        self.dropped_shards += other.dropped_shards
+        self.lost_vectors += other.lost_vectors
+        self.rebuilt += other.rebuilt
+        self.quarantined += other.quarantined
+        self.actions += other.actions
+
+    def act(self, line: str) -> None:
+        """Record and log one repair step: repairs change data, so each one is a warning."""
+        log.warning("feature store repair: %s", line)
+        self.actions.append(line)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "problems": [p.to_dict() for p in self.problems],
+            "dropped_shards": [str(p) for p in self.dropped_shards],
+            "lost_vectors": self.lost_vectors,
+            "rebuilt": [str(p) for p in self.rebuilt],
+            "quarantined": [str(p) for p in self.quarantined],
+            "actions": list(self.actions),
+        }
 
 
 @dataclass(frozen=True)
@@ -87,18 +192,278 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
         os.fsync(f.fileno())
 
 
+def _file_key(path: Path) -> tuple[int, int, int]:
+    """Identity of one version of an atomically replaced file (each replace makes a new inode)."""
+    st = os.stat(path)
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class _NpyHeader:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran_order: bool
+    data_offset: int
+
+
+def _read_npy_header(path: Path) -> _NpyHeader:
+    """The header of a .npy file whose size matches it; FeatureStoreCorrupt names the file otherwise."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"unsupported .npy version {version}")
+            offset = f.tell()
+            size = os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        raise FeatureStoreCorrupt(path, "is missing") from None
+    except ValueError as e:  # bad magic, a torn or garbled header
+        raise FeatureStoreCorrupt(path, f"is not a valid .npy file ({e})") from e
+    expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if size < expected:
+        raise FeatureStoreCorrupt(path, f"is truncated: {size} bytes, its header {shape} {dtype} needs {expected}")
+    if size > expected:
+        raise FeatureStoreCorrupt(path, f"is {size} bytes, its header {shape} {dtype} describes {expected}")
+    return _NpyHeader(tuple(int(n) for n in shape), np.dtype(dtype), bool(fortran_order), offset)
+
+
+def _shard_paths(shard_dir: Path, name: str) -> tuple[Path, Path]:
+    return shard_dir / f"{name}.ids.npy", shard_dir / f"{name}.vec.npy"
+
+
+def _inspect_shard(shard_dir: Path, name: str, dim: int, count: int | None) -> tuple[_NpyHeader, _NpyHeader]:
+    """Headers of a shard's ids and vectors after checking them against each other, the generation's
+    dimension and (when known) the manifest's count. Cheap: reads headers and sizes, not the data."""
+    ids_path, vec_path = _shard_paths(shard_dir, name)
+    ids = _read_npy_header(ids_path)
+    if ids.dtype != ID_DTYPE or len(ids.shape) != 1:
+        raise FeatureStoreCorrupt(ids_path, f"holds {ids.dtype} of shape {ids.shape}, expected int64 task ids")
+    vec = _read_npy_header(vec_path)
+    if vec.dtype != VECTOR_DTYPE:
+        raise FeatureStoreCorrupt(vec_path, f"holds {vec.dtype} vectors, the store keeps {VECTOR_DTYPE}")
+    if len(vec.shape) != 2 or vec.shape[1] != dim or vec.fortran_order:
+        raise FeatureStoreCorrupt(vec_path, f"holds an array of shape {vec.shape}, the generation's dimension is {dim}")
+    if count is not None and vec.shape[0] != count:
+        raise FeatureStoreCorrupt(vec_path, f"holds {vec.shape[0]} vectors, the manifest says {count}")
+    if ids.shape[0] != vec.shape[0]:
+        raise FeatureStoreCorrupt(ids_path, f"holds {ids.shape[0]} ids for the {vec.shape[0]} vectors of {name}")
+    return ids, vec
+
+
+def _manifest_problem(manifest: Any, dir_name: str) -> str | None:
+    """What makes parsed JSON unusable as this generation's manifest (None when it is usable)."""
+    if not isinstance(manifest, dict):
+        return "is not a JSON object"
+    try:
+        info = GenerationInfo.from_dict(manifest["info"])
+    except (KeyError, TypeError, ValueError) as e:
+        return f"has no valid generation info ({e!r})"
+    if info.dim < 0:
+        return f"has a negative dimension {info.dim}"
+    numbered = _GEN_RE.match(dir_name)
+    if numbered and int(numbered.group(1)) != info.generation:
+        return f"describes generation {info.generation} but lies in {dir_name}"
+    shards, next_shard = manifest.get("shards"), manifest.get("next_shard", 0)
+    if not isinstance(shards, list) or not _is_int(next_shard):
+        return "has no valid shard list"
+    try:  # in bulk, not entry by entry: every read and every append parses the manifest
+        names = [entry["name"] for entry in shards]
+        counts = [entry["count"] for entry in shards]
+        valid_names = not names or _SHARD_LIST_RE.fullmatch(" ".join(names)) is not None
+    except (TypeError, KeyError):
+        return "has an invalid shard entry"
+    if not valid_names or len(set(names)) != len(names):
+        return "has an invalid or repeated shard name"
+    if not all(type(count) is int and count >= 0 for count in counts):
+        return "has an invalid shard count"
+    if names and max(int(name[1:]) for name in names) >= next_shard:  # the next append would overwrite one
+        return f"names shards at or after next_shard {next_shard}"
+    tombstones, skips = manifest.get("tombstones", []), manifest.get("skips", {})
+    if not isinstance(tombstones, list) or not all(type(t) is int for t in tombstones):
+        return "has invalid tombstones"
+    if not isinstance(skips, dict) or not all(k.lstrip("-").isdigit() and isinstance(v, str) for k, v in skips.items()):
+        return "has invalid skip reasons"
+    return None
+
+
+def _load_manifest(path: Path) -> tuple[dict[str, Any], tuple[int, int, int]]:
+    """(manifest, file key) of the generation at ``path``; FileNotFoundError when it has none,
+    FeatureStoreCorrupt when it is unreadable."""
+    manifest_path = path / MANIFEST
+    with open(manifest_path, "rb") as f:
+        st = os.fstat(f.fileno())
+        raw = f.read()
+    try:
+        manifest = json.loads(raw)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise FeatureStoreCorrupt(manifest_path, f"is not valid JSON ({e})") from e
+    problem = _manifest_problem(manifest, path.name)
+    if problem is not None:
+        raise FeatureStoreCorrupt(manifest_path, problem)
+    return manifest, (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _shard_problems(path: Path, manifest: dict[str, Any]) -> dict[str, FeatureStoreCorrupt]:
+    """Shard name -> what is wrong with it, for every bad shard the manifest names."""
+    dim = int(manifest["info"]["dim"])
+    bad = {}
+    for entry in manifest["shards"]:
+        try:
+            _inspect_shard(path / "shards", entry["name"], dim, entry["count"])
+        except FeatureStoreCorrupt as e:
+            bad[entry["name"]] = e
+    return bad
+
+
+def _verify_generation(path: Path) -> list[Problem]:
+    """Problems of one generation, without its lock: a writer that replaces the manifest meanwhile (and
+    deletes shards) makes us look again rather than report a file it legitimately removed."""
+    problems: list[Problem] = []
+    for _attempt in range(_SHARD_RETRIES):
+        try:
+            manifest, key = _load_manifest(path)
+        except FileNotFoundError:
+            return [Problem(path / MANIFEST, "is missing")]
+        except FeatureStoreCorrupt as e:
+            return [e.as_problem()]
+        problems = [e.as_problem() for e in _shard_problems(path, manifest).values()]
+        with contextlib.suppress(FileNotFoundError):
+            if not problems or _file_key(path / MANIFEST) == key:
+                return problems
+    return problems
+
+
+def _holds_shard_files(path: Path) -> bool:
+    shard_dir = path / "shards"
+    return shard_dir.is_dir() and any(_SHARD_FILE_RE.match(p.name) for p in shard_dir.iterdir())
+
+
+def _set_aside(path: Path, names: Iterable[str]) -> None:
+    """Move the files of shards that left the manifest into ``corrupt/``: out of the writers' way (they
+    delete unnamed shard files) but kept for whoever investigates."""
+    aside = path / CORRUPT_DIR
+    aside.mkdir(exist_ok=True)
+    for name in names:
+        for file in _shard_paths(path / "shards", name):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(file, aside / file.name)
+    fsync_dir(aside)
+    fsync_dir(path / "shards")
+
+
+def _rebuild_manifest(path: Path, problem: str, report: RepairReport) -> None:
+    """Write a new manifest from ``info.json`` and every shard that checks out, in write order (so the
+    newest vector of an id still wins). Raises FeatureStoreCorrupt when the generation cannot say which
+    backbone made its vectors. Caller holds the generation's lock."""
+    manifest_path = path / MANIFEST
+    try:
+        info = GenerationInfo.from_dict(json.loads((path / INFO).read_bytes()))
+    except FileNotFoundError:
+        raise FeatureStoreCorrupt(manifest_path, f"{problem}, and there is no {INFO} to rebuild it from") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise FeatureStoreCorrupt(manifest_path, f"{problem}, and {INFO} is unreadable too ({e!r})") from e
+    shard_dir = path / "shards"
+    shard_dir.mkdir(exist_ok=True)
+    names = set()
+    for p in shard_dir.iterdir():
+        match = _SHARD_FILE_RE.match(p.name)
+        if match:
+            names.add(match.group(1))
+    entries, bad = [], {}
+    for name in sorted(names, key=lambda n: int(n[1:])):
+        try:
+            _, vec = _inspect_shard(shard_dir, name, info.dim, None)
+        except FeatureStoreCorrupt as e:
+            bad[name] = e
+        else:
+            entries.append({"name": name, "count": vec.shape[0]})
+    manifest = {
+        "format": FORMAT_VERSION,
+        "version": 1,
+        "info": info.to_dict(),
+        "shards": entries,
+        "next_shard": max((int(n[1:]) + 1 for n in names), default=0),
+        "tombstones": [],
+        "skips": {},
+    }
+    atomic_write_bytes(manifest_path, json.dumps(manifest, separators=(",", ":")).encode())
+    report.rebuilt.append(manifest_path)
+    report.act(f"rebuilt {manifest_path} from {len(entries)} shards ({problem}); tombstones and skips are reset")
+    _drop_shards(path, bad, {}, report)
+
+
+def _drop_shards(path: Path, bad: dict[str, FeatureStoreCorrupt], counts: dict[str, int], report: RepairReport) -> None:
+    """Record and set aside shards that already left the manifest."""
+    for name, error in bad.items():
+        report.problems.append(error.as_problem())
+        report.dropped_shards.append(path / "shards" / name)
+        report.lost_vectors += counts.get(name, 0)
+        report.act(
+            f"dropped shard {name} ({counts.get(name, 'unknown number of')} vectors) of {path}: "
+            f"{error.path.name} {error.problem}; its tasks will be extracted again"
+        )
+    if bad:
+        _set_aside(path, bad)
+
+
+def _repair_generation(path: Path) -> RepairReport:
+    """Drop bad shards from the manifest, or rebuild a lost manifest. Raises FeatureStoreCorrupt when the
+    manifest is lost and cannot be rebuilt (the store then moves the generation aside)."""
+    report = RepairReport()
+    with flocked(path / ".lock"):
+        try:
+            manifest, _ = _load_manifest(path)
+        except FileNotFoundError:
+            _rebuild_manifest(path, f"{MANIFEST} is missing", report)
+            report.problems.insert(0, Problem(path / MANIFEST, "is missing"))
+            return report
+        except FeatureStoreCorrupt as e:
+            _rebuild_manifest(path, e.problem, report)
+            report.problems.insert(0, e.as_problem())
+            return report
+        if not (path / INFO).exists():  # make an older generation rebuildable from now on
+            atomic_write_bytes(path / INFO, json.dumps(manifest["info"]).encode())
+        bad = _shard_problems(path, manifest)
+        if bad:
+            counts = {s["name"]: int(s["count"]) for s in manifest["shards"]}
+            manifest["shards"] = [s for s in manifest["shards"] if s["name"] not in bad]
+            manifest["version"] = int(manifest.get("version", 0)) + 1
+            atomic_write_bytes(path / MANIFEST, json.dumps(manifest, separators=(",", ":")).encode())
+            _drop_shards(path, bad, counts, report)
+    return report
+
+
 # ---------------------------------------------------------------------------------------------- generation
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """What a reader keeps of one shard: its ids in memory, and where its vectors start on disk."""
+
+    name: str
+    ids: np.ndarray  # int64 (rows,)
+    vec_path: Path
+    vec_offset: int
+    rows: int
 
 
 @dataclass
 class _Index:
     """Resolved view of one manifest version: live ids (sorted) and where each vector lives."""
 
-    version: int
+    key: tuple[int, int, int] | None  # the manifest file version it was built from
     ids: np.ndarray  # int64 (n,), sorted
     shard: np.ndarray  # int32 (n,), index into shards
     row: np.ndarray  # int64 (n,)
-    shards: list[tuple[np.ndarray, np.ndarray]]  # (ids, vectors) memory maps, manifest order
+    shards: list[_Shard]  # manifest order
 
 
 class FeatureGeneration:
@@ -108,7 +473,8 @@ class FeatureGeneration:
         self.path = Path(path)
         self._shard_dir = self.path / "shards"
         self._cache: _Index | None = None
-        self._cache_key: tuple[int, int] | None = None
+        self._shards: dict[str, _Shard] = {}  # by name: shards are immutable, so reusable across manifests
+        self._shards_dir_ino: int | None = None
         manifest = self._read_manifest()
         self.info = GenerationInfo.from_dict(manifest["info"])
 
@@ -117,10 +483,18 @@ class FeatureGeneration:
 
     # -- manifest ------------------------------------------------------------------------------------------
 
-    def _read_manifest(self) -> dict[str, Any]:
+    def _read_manifest_keyed(self) -> tuple[dict[str, Any], tuple[int, int, int]]:
         try:
-            with open(self.path / MANIFEST, "rb") as f:
-                return json.loads(f.read())
+            return _load_manifest(self.path)
+        except FileNotFoundError as e:
+            raise FeatureStoreError(f"no feature generation at {self.path}") from e
+
+    def _read_manifest(self) -> dict[str, Any]:
+        return self._read_manifest_keyed()[0]
+
+    def _manifest_key(self) -> tuple[int, int, int]:
+        try:
+            return _file_key(self.path / MANIFEST)
         except FileNotFoundError as e:
             raise FeatureStoreError(f"no feature generation at {self.path}") from e
 
@@ -132,54 +506,95 @@ class FeatureGeneration:
     def _writing(self) -> Iterator[dict[str, Any]]:
         """Exclusive write section: lock, re-read the manifest, drop crash leftovers, yield it."""
         with flocked(self.path / ".lock"):
-            manifest = self._read_manifest()
+            manifest = self._read_manifest()  # a corrupt manifest stops here, before anything is deleted
+            if not (self.path / INFO).exists():  # generations made before info.json existed
+                atomic_write_bytes(self.path / INFO, json.dumps(manifest["info"]).encode())
             self._remove_unnamed_shards(manifest)
             yield manifest
 
     def _remove_unnamed_shards(self, manifest: dict[str, Any]) -> None:
         named = {s["name"] for s in manifest["shards"]}
-        for p in self._shard_dir.iterdir():
-            stem = p.name.split(".", 1)[0]
-            if stem not in named:
-                log.info("removing leftover shard file %s", p)
+        for file_name in os.listdir(self._shard_dir):  # plain strings: this runs on every append
+            if file_name.split(".", 1)[0] not in named:
+                log.info("removing leftover shard file %s", self._shard_dir / file_name)
                 with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
+                    (self._shard_dir / file_name).unlink()
+
+    # -- verify and repair ---------------------------------------------------------------------------------
+
+    def verify(self) -> list[Problem]:
+        """Damaged files of this generation (manifest, shards), from headers and sizes only."""
+        return _verify_generation(self.path)
+
+    def repair(self) -> RepairReport:
+        """Take bad shards out of the manifest (their tasks become missing), or rebuild a lost manifest
+        from ``info.json`` and the shards. Raises FeatureStoreCorrupt when the manifest is lost and cannot
+        be rebuilt; ``FeatureStore.repair()`` then moves the generation aside."""
+        report = _repair_generation(self.path)
+        self._cache = None
+        return report
 
     # -- index ---------------------------------------------------------------------------------------------
 
     def _index(self) -> _Index:
-        """Load (or reuse) the index of the newest manifest; retries if a shard vanished under us."""
+        """Load (or reuse) the index of the newest manifest; retries if a writer replaced it under us."""
         for attempt in range(_SHARD_RETRIES):
-            try:
-                st = os.stat(self.path / MANIFEST)
-            except FileNotFoundError as e:
-                raise FeatureStoreError(f"no feature generation at {self.path}") from e
-            key = (st.st_ino, st.st_mtime_ns)
-            if self._cache is not None and self._cache_key == key:
+            if self._cache is not None and self._cache.key == self._manifest_key():
                 return self._cache
-            manifest = self._read_manifest()
+            manifest, key = self._read_manifest_keyed()
             try:
-                index = self._build_index(manifest)
-            except FileNotFoundError:
-                # A compaction replaced the manifest between our read and the shard open; read again.
-                time.sleep(0.01 * (attempt + 1))
+                index = self._build_index(manifest, key)
+            except FeatureStoreCorrupt:
+                if self._manifest_key() == key:
+                    raise  # the newest manifest still names the bad file
+                time.sleep(0.01 * (attempt + 1))  # a compaction or repair replaced it: read again
                 continue
-            self._cache, self._cache_key = index, key
+            self._cache = index
             return index
-        raise FeatureStoreError(f"manifest of {self.path} keeps naming missing shards")
+        raise FeatureStoreError(f"the manifest of {self.path} kept changing while it was read")
 
-    def _build_index(self, manifest: dict[str, Any]) -> _Index:
-        shards = []
-        for s in manifest["shards"]:
-            ids = np.load(self._shard_dir / f"{s['name']}.ids.npy", mmap_mode="r")
-            vec = np.load(self._shard_dir / f"{s['name']}.vec.npy", mmap_mode="r")
-            shards.append((ids, vec))
+    def _read(self, read: Callable[[_Index], T]) -> T:
+        """Run ``read`` on the newest index. Shard files are opened during the read, so a writer may have
+        deleted one since the index was built: then read again with the manifest that replaced it."""
+        for attempt in range(_SHARD_RETRIES):
+            idx = self._index()
+            try:
+                return read(idx)
+            except FeatureStoreCorrupt:
+                if self._manifest_key() == idx.key:
+                    raise
+                time.sleep(0.01 * (attempt + 1))
+        raise FeatureStoreError(f"the manifest of {self.path} kept changing while it was read")
+
+    def _shard(self, name: str, count: int) -> _Shard:
+        """A shard's ids and vector location, checked once and then reused (shard files never change)."""
+        cached = self._shards.get(name)
+        if cached is not None and cached.rows == count:
+            return cached
+        ids_header, vec_header = _inspect_shard(self._shard_dir, name, self.info.dim, count)
+        ids_path, vec_path = _shard_paths(self._shard_dir, name)
+        try:
+            ids = np.fromfile(ids_path, dtype=ID_DTYPE, count=count, offset=ids_header.data_offset)
+        except FileNotFoundError:
+            raise FeatureStoreCorrupt(ids_path, "is missing") from None
+        if len(ids) != count:
+            raise FeatureStoreCorrupt(ids_path, f"is truncated: holds {len(ids)} of {count} ids")
+        shard = _Shard(name, ids, vec_path, vec_header.data_offset, count)
+        self._shards[name] = shard
+        return shard
+
+    def _build_index(self, manifest: dict[str, Any], key: tuple[int, int, int] | None = None) -> _Index:
+        dir_ino = os.stat(self.path).st_ino
+        if dir_ino != self._shards_dir_ino:  # a new generation in the same place: names mean other files
+            self._shards, self._shards_dir_ino = {}, dir_ino
+        shards = [self._shard(s["name"], int(s["count"])) for s in manifest["shards"]]
+        self._shards = {s.name: s for s in shards}  # forget compacted-away shards
         if not shards:
             empty = np.zeros(0, np.int64)
-            return _Index(int(manifest.get("version", 0)), empty, np.zeros(0, np.int32), empty, [])
-        all_ids = np.concatenate([np.asarray(ids, dtype=np.int64) for ids, _ in shards])
-        shard_of = np.concatenate([np.full(len(ids), i, np.int32) for i, (ids, _) in enumerate(shards)])
-        row_of = np.concatenate([np.arange(len(ids), dtype=np.int64) for ids, _ in shards])
+            return _Index(key, empty, np.zeros(0, np.int32), empty, [])
+        all_ids = np.concatenate([s.ids for s in shards])
+        shard_of = np.concatenate([np.full(s.rows, i, np.int32) for i, s in enumerate(shards)])
+        row_of = np.concatenate([np.arange(s.rows, dtype=np.int64) for s in shards])
         # Newest wins: keep the last occurrence of every id (unique on the reversed order).
         rev = all_ids[::-1]
         uniq, first_in_rev = np.unique(rev, return_index=True)
@@ -189,9 +604,20 @@ class FeatureGeneration:
         if len(tomb):
             keep &= ~np.isin(uniq, tomb)
         last = last[keep]
-        return _Index(int(manifest.get("version", 0)), uniq[keep], shard_of[last], row_of[last], shards)
+        return _Index(key, uniq[keep], shard_of[last], row_of[last], shards)
 
     # -- reads ---------------------------------------------------------------------------------------------
+
+    def _vectors(self, shard: _Shard) -> np.ndarray:
+        """Memory map of one shard's vectors, open only as long as the caller holds it."""
+        try:
+            return np.memmap(
+                shard.vec_path, dtype=VECTOR_DTYPE, mode="r", offset=shard.vec_offset, shape=(shard.rows, self.info.dim)
+            )
+        except FileNotFoundError:
+            raise FeatureStoreCorrupt(shard.vec_path, "is missing") from None
+        except ValueError as e:  # the file shrank after the index checked it
+            raise FeatureStoreCorrupt(shard.vec_path, f"is truncated ({e})") from e
 
     def __len__(self) -> int:
         return len(self._index().ids)
@@ -202,23 +628,25 @@ class FeatureGeneration:
 
     def lookup(self, task_ids: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
         """(found mask (k,), float16 vectors (found_count, dim)) in input order."""
-        idx = self._index()
         q = np.asarray(list(task_ids) if not isinstance(task_ids, np.ndarray) else task_ids, dtype=np.int64)
-        pos = np.searchsorted(idx.ids, q)
-        pos_c = np.minimum(pos, max(len(idx.ids) - 1, 0))
-        found = (pos < len(idx.ids)) & (idx.ids[pos_c] == q) if len(idx.ids) else np.zeros(len(q), bool)
-        return found, self._gather(idx, pos_c[found])
+
+        def read(idx: _Index) -> tuple[np.ndarray, np.ndarray]:
+            pos = np.searchsorted(idx.ids, q)
+            pos_c = np.minimum(pos, max(len(idx.ids) - 1, 0))
+            found = (pos < len(idx.ids)) & (idx.ids[pos_c] == q) if len(idx.ids) else np.zeros(len(q), bool)
+            return found, self._gather(idx, pos_c[found])
+
+        return self._read(read)
 
     def _gather(self, idx: _Index, positions: np.ndarray) -> np.ndarray:
-        out = np.empty((len(positions), self.info.dim), np.float16)
+        out = np.empty((len(positions), self.info.dim), VECTOR_DTYPE)
         if not len(positions):
             return out
         shard, row = idx.shard[positions], idx.row[positions]
-        for s in np.unique(shard):
-            sel = np.nonzero(shard == s)[0]
-            rows = row[sel]
-            order = np.argsort(rows, kind="stable")  # sequential mmap reads
-            out[sel[order]] = idx.shards[s][1][rows[order]]
+        order = np.lexsort((row, shard))  # by shard, then row: one open per shard, sequential reads
+        starts = np.flatnonzero(np.diff(shard[order])) + 1
+        for group in np.split(order, starts):
+            out[group] = self._vectors(idx.shards[shard[group[0]]])[row[group]]
         return out
 
     def matrix(self) -> tuple[np.ndarray, np.ndarray]:
@@ -227,19 +655,30 @@ class FeatureGeneration:
         Zero-copy memory map when the generation is compact (one shard, no dead rows, ids sorted), which
         ``compact()`` produces; otherwise one float16 copy (n x dim x 2 bytes, 2.5 GB for 1M x 1280).
         """
-        idx = self._index()
-        if len(idx.shards) == 1:
-            ids, vec = idx.shards[0]
-            if len(ids) == len(idx.ids) and np.array_equal(idx.row, np.arange(len(ids))):
-                return idx.ids.copy(), vec
-        return idx.ids.copy(), self._gather(idx, np.arange(len(idx.ids)))
+
+        def read(idx: _Index) -> tuple[np.ndarray, np.ndarray]:
+            whole = len(idx.shards) == 1 and idx.shards[0].rows == len(idx.ids)
+            if whole and np.array_equal(idx.row, np.arange(len(idx.ids))):
+                return idx.ids.copy(), self._vectors(idx.shards[0])
+            return idx.ids.copy(), self._gather(idx, np.arange(len(idx.ids)))
+
+        return self._read(read)
 
     def iter_batches(self, batch_size: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Stream (ids, vectors) in ascending id order with memory bounded by ``batch_size`` rows."""
-        idx = self._index()
-        for start in range(0, len(idx.ids), batch_size):
-            pos = np.arange(start, min(start + batch_size, len(idx.ids)))
-            yield idx.ids[pos].copy(), self._gather(idx, pos)
+        """Stream (ids, vectors) in ascending id order with memory bounded by ``batch_size`` rows. Each
+        batch follows the newest manifest, continuing after the last id yielded."""
+        after: int | None = None
+        while True:
+            ids, vectors = self._read(functools.partial(self._batch_after, after=after, batch_size=batch_size))
+            if not len(ids):
+                return
+            yield ids, vectors
+            after = int(ids[-1])
+
+    def _batch_after(self, idx: _Index, after: int | None, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        start = 0 if after is None else int(np.searchsorted(idx.ids, after, side="right"))
+        pos = np.arange(start, min(start + batch_size, len(idx.ids)))
+        return idx.ids[pos].copy(), self._gather(idx, pos)
 
     def missing(self, task_ids: Iterable[int]) -> list[int]:
         """Ids without a live vector (skipped ids count as missing; filter with ``skipped()``)."""
@@ -332,23 +771,24 @@ class FeatureGeneration:
         zero-copy memory map; old shards are removed after the new manifest is in place."""
         with self._writing() as manifest:
             idx = self._build_index(manifest)
-            compact_already = not idx.shards or np.array_equal(idx.row, np.arange(len(idx.shards[0][0])))
+            compact_already = not idx.shards or np.array_equal(idx.row, np.arange(idx.shards[0].rows))
             if len(idx.shards) <= 1 and not manifest.get("tombstones") and compact_already:
                 return
             seq = int(manifest.get("next_shard", 0))
             name = f"s{seq:07d}"
             vec_path = self._shard_dir / f"{name}.vec.npy"
-            out = np.lib.format.open_memmap(vec_path, mode="w+", dtype=np.float16, shape=(len(idx.ids), self.info.dim))
+            out = np.lib.format.open_memmap(
+                vec_path, mode="w+", dtype=VECTOR_DTYPE, shape=(len(idx.ids), self.info.dim)
+            )
             for start in range(0, len(idx.ids), rows_per_chunk):
-                pos = np.arange(start, min(start + rows_per_chunk, len(idx.ids)))
-                out[pos] = self._gather(idx, pos)
+                stop = min(start + rows_per_chunk, len(idx.ids))
+                out[start:stop] = self._gather(idx, np.arange(start, stop))
             out.flush()
             del out
             with open(vec_path, "rb+") as f:
                 os.fsync(f.fileno())
             _save_npy(self._shard_dir / f"{name}.ids.npy", idx.ids)
             fsync_dir(self._shard_dir)
-            idx.shards.clear()
             manifest["shards"] = [{"name": name, "count": int(len(idx.ids))}]
             manifest["tombstones"] = []
             manifest["next_shard"] = seq + 1
@@ -373,6 +813,11 @@ class FeatureStore:
     def _gen_path(self, g: int) -> Path:
         return self.root / f"g{int(g)}"
 
+    def _generation_dirs(self) -> list[Path]:
+        """Every ``g<N>`` directory, complete or not, by generation number."""
+        found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := _GEN_RE.match(p.name)) and p.is_dir()]
+        return [p for _, p in sorted(found)]
+
     def generations(self) -> list[int]:
         """Complete generations (those with a manifest), ascending."""
         out = []
@@ -383,18 +828,120 @@ class FeatureStore:
         return sorted(out)
 
     def generation(self, g: int) -> FeatureGeneration:
+        """Open generation ``g``: FeatureStoreError when it does not exist, FeatureStoreCorrupt when its
+        manifest is unreadable."""
         return FeatureGeneration(self._gen_path(g))
 
     def current_generation(self) -> int | None:
+        """The number ``CURRENT`` holds (None before the first ``activate()``); FeatureStoreCorrupt when
+        it holds anything else."""
+        path = self.root / CURRENT
         try:
-            data = json.loads((self.root / CURRENT).read_bytes())
+            raw = path.read_bytes()
         except FileNotFoundError:
             return None
-        return int(data["generation"])
+        try:
+            data = json.loads(raw)
+        except ValueError as e:
+            raise FeatureStoreCorrupt(path, f"is not valid JSON ({e})") from e
+        g = data.get("generation") if isinstance(data, dict) else None
+        if isinstance(g, bool) or not isinstance(g, int) or g < 0:
+            raise FeatureStoreCorrupt(path, f'holds {raw[:60]!r}, not {{"generation": <number>}}')
+        return int(g)
 
-    def current(self) -> FeatureGeneration | None:
+    def current(self, repair: bool = False) -> FeatureGeneration | None:
+        """The active generation, or None before the first ``activate()``.
+
+        Without ``repair`` a bad ``CURRENT`` or manifest raises FeatureStoreCorrupt (and a bad shard
+        raises on the read that needs it). With ``repair=True`` the generation is verified first and the
+        store repaired when anything is wrong: the result then reads cleanly (or is None)."""
+        if not repair:
+            return self._open_current()
+        try:
+            generation = self._open_current()
+            problems = [] if generation is None else generation.verify()
+            if not problems:
+                return generation
+            log.warning("feature store %s: %s", self.root, "; ".join(map(str, problems)))
+        except FeatureStoreCorrupt as e:
+            log.warning("feature store %s: %s", self.root, e)
+        self.repair()
+        return self._open_current()
+
+    def _open_current(self) -> FeatureGeneration | None:
         g = self.current_generation()
-        return None if g is None else self.generation(g)
+        if g is None:
+            return None
+        if not (self._gen_path(g) / MANIFEST).exists():
+            raise FeatureStoreCorrupt(self.root / CURRENT, f"names generation {g}, which does not exist")
+        return self.generation(g)
+
+    def _pointer_problem(self) -> Problem | None:
+        try:
+            self._open_current()
+        except FeatureStoreCorrupt as e:
+            if e.path == self.root / CURRENT:
+                return e.as_problem()
+        return None  # a bad manifest is the generation's problem, reported with it
+
+    # -- verify and repair ---------------------------------------------------------------------------------
+
+    def verify(self) -> list[Problem]:
+        """Every damaged file in the store (pointer, manifests, shards), from headers and sizes only."""
+        problems = []
+        pointer = self._pointer_problem()
+        if pointer is not None:
+            problems.append(pointer)
+        for path in self._generation_dirs():
+            if (path / MANIFEST).exists():
+                problems += _verify_generation(path)
+            elif _holds_shard_files(path):
+                problems.append(Problem(path / MANIFEST, "is missing, but shards/ holds shard files"))
+        return problems
+
+    def repair(self) -> RepairReport:
+        """Repair every generation (bad shards leave the manifest, a lost manifest is rebuilt or its
+        generation moved aside), then point a bad ``CURRENT`` at the newest clean generation."""
+        report = RepairReport()
+        with flocked(self.root / ".lock"):
+            for path in self._generation_dirs():
+                if not (path / MANIFEST).exists() and not _holds_shard_files(path):
+                    continue  # an empty leftover; create_generation() replaces it
+                try:
+                    report.merge(_repair_generation(path))
+                except FeatureStoreCorrupt as e:
+                    report.problems.append(e.as_problem())
+                    self._quarantine(path, str(e), report)
+            pointer = self._pointer_problem()
+            if pointer is not None:
+                report.problems.append(pointer)
+                self._repoint(pointer, report)
+        return report
+
+    def _repoint(self, pointer: Problem, report: RepairReport) -> None:
+        """Point CURRENT at the newest generation that verifies clean; remove it when there is none."""
+        clean = [g for g in self.generations() if not _verify_generation(self._gen_path(g))]
+        if clean:
+            atomic_write_bytes(self.root / CURRENT, json.dumps({"generation": clean[-1]}).encode())
+            report.act(f"{pointer}; pointed it at generation {clean[-1]}")
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                (self.root / CURRENT).unlink()
+            fsync_dir(self.root)
+            report.act(f"{pointer}; removed it, no generation is left")
+
+    def _quarantine(self, path: Path, reason: str, report: RepairReport) -> None:
+        """Move an unrebuildable generation aside (never delete it) so extraction starts a fresh one.
+        Caller holds the store's lock."""
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        target = self.root / f".corrupt-{path.name}-{stamp}"
+        with flocked(path / ".lock"):  # no writer is half-way through an append
+            os.replace(path, target)
+        fsync_dir(self.root)
+        report.quarantined.append(target)
+        report.act(f"moved {path} to {target}: {reason}")
+
+    # -- generations ---------------------------------------------------------------------------------------
 
     def create_generation(self, info: GenerationInfo) -> FeatureGeneration:
         """Create (or reopen, when ``info`` is identical: resume) a generation. It is not current until
@@ -408,7 +955,9 @@ class FeatureStore:
                         f"generation {info.generation} already exists with different info: {gen.info}"
                     )
                 return gen
-            if path.exists():
+            if _holds_shard_files(path):  # vectors without a manifest: keep them for repair or inspection
+                self._quarantine(path, f"{path / MANIFEST} is missing", RepairReport())
+            elif path.exists():
                 shutil.rmtree(path)
             tmp = Path(tempfile.mkdtemp(prefix=f".g{info.generation}.", dir=self.root))
             (tmp / "shards").mkdir()
@@ -421,6 +970,7 @@ class FeatureStore:
                 "tombstones": [],
                 "skips": {},
             }
+            atomic_write_bytes(tmp / INFO, json.dumps(info.to_dict()).encode())
             atomic_write_bytes(tmp / MANIFEST, json.dumps(manifest).encode())
             os.replace(tmp, path)
             fsync_dir(self.root)

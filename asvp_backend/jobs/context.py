@@ -1,13 +1,22 @@
-"""What a job function gets: its project, the runtime, and a way to report progress."""
+"""What a job function gets: its project, the runtime, a deadline and a way to report progress."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from asvp_backend.runtime import Runtime
+
+Reporter = Callable[[dict[str, Any]], None]
+
+
+class JobTimeout(Exception):
+    """The job ran past its kind's time limit. Raised at the job's own checkpoints (`ctx.check_deadline`),
+    which is how the embedded mode, whose worker threads cannot be killed, enforces time limits; rq also
+    kills its work-horse at the same limit."""
 
 
 @dataclass
@@ -17,14 +26,24 @@ class JobContext:
     job_id: str
     params: dict[str, Any]
     runtime: Runtime
-    _reporter: Any = None
+    reporter: Reporter | None = None
+    deadline: float | None = None  # time.monotonic() value; None = no limit
     _last_report: float = field(default=0.0)
 
     def progress(self, done: int, total: int, stage: str = "", force: bool = False) -> None:
-        """Record progress; throttled to two writes a second so a fast loop does not hammer Redis."""
+        """Record progress; throttled to two writes a second so a fast loop does not hammer Redis.
+        Every report is also a deadline checkpoint."""
+        self.check_deadline()
         now = time.monotonic()
         if not force and done < total and now - self._last_report < 0.5:
             return
         self._last_report = now
-        if self._reporter is not None:
-            self._reporter({"done": int(done), "total": int(total), "stage": stage, "at": time.time()})
+        if self.reporter is not None:
+            self.reporter({"done": int(done), "total": int(total), "stage": stage, "at": time.time()})
+
+    def time_left(self) -> float:
+        return float("inf") if self.deadline is None else self.deadline - time.monotonic()
+
+    def check_deadline(self) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise JobTimeout(f"{self.kind} job for project {self.project_id} ran past its time limit")

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from asvp_backend.config import Settings
-from asvp_backend.state import TaskSnapshot, project_dir
+from asvp_backend.layout import ProjectLayout
+from asvp_backend.state import TaskSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -23,13 +24,13 @@ _backbones: dict[tuple, Any] = {}
 _backbones_lock = threading.Lock()
 
 
-def feature_store(model_dir: Path, project_id: int):
+def feature_store(model_dir: Path, project_id: int) -> Any:
     from asvp_backend.features import FeatureStore
 
-    return FeatureStore(project_dir(model_dir, project_id) / "features")
+    return FeatureStore(ProjectLayout(model_dir, project_id).features_dir)
 
 
-def backbone_for(settings: Settings):
+def backbone_for(settings: Settings) -> Any:
     """One backbone per process and configuration: loading weights costs seconds, a job should not pay it twice."""
     from asvp_backend.features import create_backbone
 
@@ -50,7 +51,7 @@ def loader_workers(settings: Settings, backbone: Any) -> int:
     return 0 if backbone.device.type == "cpu" else min(8, os.cpu_count() or 1)
 
 
-def image_fetcher(settings: Settings, client: Any):
+def image_fetcher(settings: Settings, client: Any) -> Any:
     from asvp_backend.labelstudio.images import ImageFetcher
 
     return ImageFetcher(
@@ -58,6 +59,8 @@ def image_fetcher(settings: Settings, client: Any):
         auth_headers=client.auth_headers if client is not None else None,
         document_root=str(settings.local_files_document_root) if settings.local_files_document_root else None,
         allow_private_hosts=settings.allow_private_image_hosts,
+        timeout=min(10.0, settings.image_timeout),
+        total_timeout=settings.image_timeout,
     )
 
 
@@ -78,24 +81,34 @@ def _target_generation(store: Any, backbone: Any) -> tuple[Any, bool]:
 
 
 def extract_project(ctx: Any, retry_skipped: bool = False) -> dict[str, Any]:
-    """Bring the project's current feature generation up to date with its synced tasks."""
+    """Bring the project's current feature generation up to date with its synced tasks, for at most
+    EXTRACT_SLICE_SECONDS (the summary's `remaining` says how many tasks are left for the next slice)."""
+    import time
+
     from asvp_backend.features import extract_to_store
 
     runtime, pid = ctx.runtime, ctx.project_id
     settings = runtime.settings
-    tasks = TaskSnapshot(settings.model_dir, pid).load()
+    tasks = TaskSnapshot(settings.model_dir, pid).load()  # StateCorrupt if unreadable: never "no tasks"
     store = feature_store(settings.model_dir, pid)
+    repaired = store.repair()  # a corrupt CURRENT, manifest or shard: drop what is lost, re-extract it below
+    store.current(repair=True)
     backbone = backbone_for(settings)
 
     generation, new_generation = _target_generation(store, backbone)
     dropped = generation.drop([tid for tid in generation.task_ids().tolist() if tid not in tasks])
     if retry_skipped:
         generation.clear_skips()
+    unusable = {tid: task.problem for tid, task in tasks.items() if task.problem and tid not in generation.skipped()}
+    if unusable:
+        generation.record_skips(unusable)  # a task whose image value is no URL is skipped with its reason
     skipped_before = generation.skipped()
     with_image = [tid for tid, task in tasks.items() if task.image]
     missing = [tid for tid in generation.missing(with_image) if tid not in skipped_before]
-    items = [(tid, tasks[tid].image) for tid in missing]
+    items = [(tid, str(tasks[tid].image)) for tid in missing]
     ctx.progress(0, len(items), stage="extracting", force=True)
+    slice_end = time.monotonic() + settings.extract_slice_seconds
+    endless = bool(ctx.params.get("no_time_slice"))
     report = extract_to_store(
         backbone,
         items,
@@ -104,23 +117,27 @@ def extract_project(ctx: Any, retry_skipped: bool = False) -> dict[str, Any]:
         batch_size=settings.extract_batch_size,
         num_workers=loader_workers(settings, backbone),
         progress=lambda done, total: ctx.progress(done, total, stage="extracting"),
+        fetch_concurrency=settings.fetch_concurrency,
+        should_stop=lambda: not endless and (time.monotonic() > slice_end or ctx.time_left() < 60),
     )
     if generation.shard_count() > COMPACT_ABOVE_SHARDS:
         generation.compact()  # one shard reads back as a zero-copy memory map in every round
-    if new_generation:
-        store.activate(generation.info.generation)
+    if new_generation and not report.remaining:
+        store.activate(generation.info.generation)  # a new generation serves only once it is complete
     ctx.progress(len(items), len(items), stage="done", force=True)
     summary = {
         "generation": generation.info.generation,
         "backbone": backbone.name,
         "extracted": report.extracted,
-        "skipped": len(report.skipped),
-        "skip_reasons": {str(tid): why for tid, why in list(report.skipped.items())[:20]},  # a sample
+        "remaining": report.remaining,
+        "skipped": len(report.skipped) + len(unusable),
+        "skip_reasons": {str(tid): why for tid, why in list({**unusable, **report.skipped}.items())[:20]},
         "dropped": dropped,
+        "repaired": [str(p) for p in getattr(repaired, "problems", [])],
         "cached": len(generation),
         "seconds": round(report.seconds, 3),
         "images_per_second": round(report.images_per_second, 1),
     }
-    log.info("project %s: extracted %s, skipped %s, cached %s", pid, report.extracted, len(report.skipped),
-             len(generation))
+    log.info("project %s: extracted %s, skipped %s, cached %s, %s left for the next slice", pid, report.extracted,
+             summary["skipped"], len(generation), report.remaining)
     return summary

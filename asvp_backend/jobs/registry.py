@@ -1,4 +1,4 @@
-"""The job kinds: a registry (name -> function and queue) instead of if/elif chains."""
+"""The job kinds: a registry (name -> function, queue and time limit) instead of if/elif chains."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from asvp_backend.jobs.context import JobContext
 
 JobFunction = Callable[["JobContext"], Any]
+QUEUES = ("cpu", "gpu")
 
 
 @dataclass(frozen=True)
@@ -18,17 +19,22 @@ class JobKind:
     queue: str  # "cpu" or "gpu"
     function: JobFunction
     doc: str
+    time_limit: int | None  # seconds; None = JOB_TIMEOUT (the long GPU jobs)
+
+    def limit(self, job_timeout: int) -> int:
+        return min(self.time_limit, job_timeout) if self.time_limit is not None else job_timeout
 
 
 JOB_KINDS: dict[str, JobKind] = {}
 
 
-def register_job(name: str, queue: str) -> Callable[[JobFunction], JobFunction]:
-    if queue not in {"cpu", "gpu"}:
+def register_job(name: str, queue: str, time_limit: int | None = None) -> Callable[[JobFunction], JobFunction]:
+    if queue not in QUEUES:
         raise ValueError(f"unknown queue {queue!r}")
 
     def decorator(function: JobFunction) -> JobFunction:
-        JOB_KINDS[name] = JobKind(name, queue, function, (function.__doc__ or "").strip().splitlines()[0])
+        doc = (function.__doc__ or "").strip().splitlines()[0]
+        JOB_KINDS[name] = JobKind(name, queue, function, doc, time_limit)
         return function
 
     return decorator
@@ -39,8 +45,6 @@ class UnknownJobKind(KeyError):
 
 
 def job_kind(name: str) -> JobKind:
-    import asvp_backend.jobs.tasks  # noqa: F401  (registers the job functions)
-
     try:
         return JOB_KINDS[name]
     except KeyError:

@@ -1,38 +1,40 @@
 """The `round` job: retrain the proxy on the labelled tasks' cached features, rank the unlabelled pool and
-push the ranking into Label Studio (SVPp inside Label Studio).
+push the ranking into Label Studio (SVPp inside Label Studio); and the `rescore` job, which scores tasks
+added since the round with the round's own proxy.
 
-Order of writes, so that a crash at any point leaves a consistent picture: the round's artefacts are
-written to a temporary folder and renamed into place; predictions of the new version are first deleted
-(a re-run after a crash does not average two sets) and then imported; the project's model_version is
-switched; only then does the backend's state advance. Predictions older than the previous version are
-deleted last.
+Order of writes, so that a crash at any point leaves a consistent picture and a re-run converges:
+1. the round's artefacts are written completely, then renamed into place (artefacts.py);
+2. predictions of the new version are deleted (a re-run after a crash never averages two sets), then
+   imported;
+3. the project's model_version is switched (Label Studio now serves the new ranking);
+4. the backend's state advances to the new version at once, so /versions and /setup list what Label
+   Studio already follows;
+5. only then the slow bookkeeping: our older versions are deleted in Label Studio, old round folders are
+   pruned, and the cross-validated accuracy (bounded) is added to the round's record.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from asvp_backend.artefacts import RankingArtefact, extend_ranking, proxy_path, prune_rounds, read_ranking, write_round
+from asvp_backend.jobs.context import JobContext
 from asvp_backend.jobs.extraction import feature_store
-from asvp_backend.state import ProjectState, SyncedTask, TaskSnapshot, project_dir
+from asvp_backend.labelstudio.label_config import ClassificationSpec
+from asvp_backend.layout import ProjectLayout
+from asvp_backend.state import ProjectState, SyncedTask, TaskSnapshot
 from asvp_backend.versioning import ModelVersion
 
 log = logging.getLogger(__name__)
 
 UNCERTAINTY_SAMPLING = "Uncertainty sampling"
-CV_MAX_LABELS = 5000  # above this the cross-validated accuracy costs more than the round itself
-
-
-def round_dir(model_dir: Path, project_id: int, version: ModelVersion | str) -> Path:
-    return project_dir(model_dir, project_id) / "rounds" / str(version)
+CV_MAX_LABELS = 1000  # the cross-validation subsamples to this many labels: a bounded cost per round
+CV_FOLDS = 3
 
 
 def round_due(labelled: int, labels_at_last_round: int, rounds_done: int, retrain_every: int, force: bool) -> bool:
@@ -86,7 +88,10 @@ def load_inputs(generation: Any, tasks: dict[int, SyncedTask]) -> RoundInputs:
 
 
 def rank_pool(inputs: RoundInputs, settings: Any, round_no: int, device: str) -> RoundRanking:
-    """Train the proxy (from two labelled classes on) and let the strategy score every pool task."""
+    """Train the proxy (from two labelled classes on) and let the strategy score every pool task.
+
+    Set-based strategies pick the batch labelled before the next round (BATCH_SIZE), not the whole pushed
+    top: TypiClust then makes one cluster per pick, and the rest is ranked by the proxy's uncertainty."""
     from asvp_backend.selection import SelectionInput, create_proxy, create_strategy
 
     n = len(inputs.pool_ids)
@@ -100,43 +105,47 @@ def rank_pool(inputs: RoundInputs, settings: Any, round_no: int, device: str) ->
         strategy_name = settings.strategy
     else:  # nothing (or one class) labelled: a cold-start strategy ranks on features alone
         strategy_name = settings.cold_start_strategy
-    strategy = create_strategy(strategy_name, seed=settings.seed + round_no, epsilon=settings.epsilon)
-    scores = np.zeros(0)
+    strategy = create_strategy(strategy_name, seed=settings.seed + round_no, epsilon=settings.epsilon, device=device)
+    scores: np.ndarray = np.zeros(0)
     if n:
-        ranking = strategy.rank(SelectionInput(inputs.x_pool, probs, inputs.x_lab, proxy), min(n, settings.push_top_k))
-        scores = np.asarray(ranking.scores, dtype=np.float64)
+        pool = SelectionInput(inputs.x_pool, probs, inputs.x_lab, proxy)
+        scores = np.asarray(strategy.rank(pool, min(n, settings.selection_batch)).scores, dtype=np.float64)
     return RoundRanking(strategy_name, proxy, scores, labels)
 
 
-def push_ranking(client: Any, pid: int, spec: Any, version: ModelVersion, pool_ids: np.ndarray,
-                 ranking: RoundRanking, settings: Any) -> tuple[np.ndarray, int]:
-    """Predictions of the new version for the top of the ranking, then the project follows that version.
-
-    Returns the pushed pool rows (best first) and the Data Manager view's id."""
-    rows = np.argsort(ranking.scores, kind="stable")[: settings.push_top_k]
-    predictions = [
+def predictions_for(spec: ClassificationSpec, version: ModelVersion, task_ids: np.ndarray, scores: np.ndarray,
+                    labels: np.ndarray) -> list[dict[str, Any]]:
+    """Label Studio predictions; `spec.prediction_result` is the one rule for which labels may be written."""
+    return [
         {
-            "task": int(pool_ids[row]),
-            "result": [spec.result(str(ranking.labels[row]))] if ranking.labels[row] else [],
-            "score": float(ranking.scores[row]),
+            "task": int(tid),
+            "result": spec.prediction_result(str(label)) if label else [],
+            "score": float(score),
             "model_version": str(version),
         }
-        for row in rows
+        for tid, score, label in zip(task_ids.tolist(), scores.tolist(), labels.tolist(), strict=True)
     ]
+
+
+def push_ranking(client: Any, pid: int, spec: ClassificationSpec, version: ModelVersion, pool_ids: np.ndarray,
+                 ranking: RoundRanking, settings: Any) -> np.ndarray:
+    """Steps 2 and 3: predictions of the new version for the top of the ranking, then the project follows
+    that version. Returns the pushed pool rows, best first."""
+    rows = np.argsort(ranking.scores, kind="stable")[: settings.push_top_k]
+    predictions = predictions_for(spec, version, pool_ids[rows], ranking.scores[rows], ranking.labels[rows])
     client.delete_model_version(pid, str(version))  # a re-run after a crash must not average two sets
     client.import_predictions(pid, predictions)
     fields: dict[str, Any] = {"model_version": str(version)}
     if settings.ls_sampling == "uncertainty":
         fields["sampling"] = UNCERTAINTY_SAMPLING
     client.update_project(pid, **fields)
-    return rows, client.ensure_ranking_view(pid)
+    return rows
 
 
-def run_round(ctx: Any) -> dict[str, Any]:
-    from asvp_backend.selection import create_proxy, cross_val_accuracy
-
+def run_round(ctx: JobContext) -> dict[str, Any]:
     runtime, pid = ctx.runtime, ctx.project_id
     settings = runtime.settings
+    layout = runtime.layout(pid)
     state = runtime.store.require(pid)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -148,30 +157,29 @@ def run_round(ctx: Any) -> dict[str, Any]:
         clock = now
         ctx.progress(step, 6, stage=name, force=True)
 
-    generation = feature_store(settings.model_dir, pid).current()
+    generation = feature_store(settings.model_dir, pid).current(repair=True)
     if generation is None:
         return {"status": "skipped", "reason": "no cached features yet"}
-    inputs = load_inputs(generation, TaskSnapshot(settings.model_dir, pid).load())
+    tasks = TaskSnapshot(settings.model_dir, pid).load()
+    labelled_now = sum(1 for t in tasks.values() if t.label is not None)
+    force = bool(ctx.params.get("force_round"))
+    if not round_due(labelled_now, state.labels_at_last_round, len(state.rounds), settings.retrain_every, force):
+        # checked again here, under the round's lease: two syncs in a row must not make two rounds
+        return {"status": "skipped", "reason": "no round due (labels unchanged since the last round)"}
+    inputs = load_inputs(generation, tasks)
     lap("load_features", 1)
 
     device = proxy_device(settings.device)
     version = ModelVersion(generation.info.generation, state.round + 1)
     ranking = rank_pool(inputs, settings, version.round, device)
     lap("train_and_rank", 2)
-    _write_artefacts(settings.model_dir, pid, version, ranking.proxy, inputs.pool_ids, ranking.scores, ranking.labels)
+    write_round(layout, version, RankingArtefact(inputs.pool_ids, ranking.scores, ranking.labels), ranking.proxy)
     lap("save", 3)
     client = runtime.label_studio()
-    pushed, view_id = push_ranking(client, pid, state.spec, version, inputs.pool_ids, ranking, settings)
+    pushed = push_ranking(client, pid, state.spec, version, inputs.pool_ids, ranking, settings)
     lap("push", 4)
 
-    cv_accuracy = None
-    if ranking.proxy is not None and len(inputs.y_lab) <= CV_MAX_LABELS:  # after the push: off the critical path
-        cv_accuracy = cross_val_accuracy(
-            lambda: create_proxy(settings.proxy, device=device, seed=settings.seed), inputs.x_lab, inputs.y_lab
-        )
-        lap("cross_validate", 5)
-
-    record = {
+    record: dict[str, Any] = {
         "round": version.round,
         "version": str(version),
         "generation": version.generation,
@@ -182,9 +190,8 @@ def run_round(ctx: Any) -> dict[str, Any]:
         "pushed": int(len(pushed)),
         "strategy": ranking.strategy,
         "proxy": settings.proxy if ranking.proxy is not None else None,
-        "cv_accuracy": cv_accuracy,
+        "cv_accuracy": None,
         "top_tasks": [int(inputs.pool_ids[r]) for r in pushed[:10]],
-        "view_id": view_id,
         "timings": timings,
     }
 
@@ -197,32 +204,48 @@ def run_round(ctx: Any) -> dict[str, Any]:
         current.record_job(ctx.job_id)
         return current
 
-    runtime.store.update(pid, commit)
+    runtime.store.update(pid, commit)  # step 4: right after the switch
+    record["view_id"] = client.ensure_ranking_view(pid)
     record["deleted_versions"] = _delete_old_versions(client, pid, previous=state.version, current=version)
-    _prune_round_dirs(settings.model_dir, pid, keep={str(version), str(state.version)})
-    lap("cleanup", 6)
+    prune_rounds(layout, keep={str(version), str(state.version)})
+    lap("cleanup", 5)
+    record["cv_accuracy"] = _cross_validate(ranking, inputs, settings, device)
+    lap("cross_validate", 6)
+    _amend_round(runtime, pid, version, record)
     log.info("project %s: round %s (%s) ranked %s tasks, pushed %s", pid, version, ranking.strategy,
              len(inputs.pool_ids), len(pushed))
     return record
 
 
-def _write_artefacts(model_dir: Path, pid: int, version: ModelVersion, proxy: Any, pool_ids: np.ndarray,
-                     scores: np.ndarray, predicted_labels: np.ndarray) -> None:
-    """Everything /predict needs, complete before it becomes visible (written aside, then renamed)."""
-    target = round_dir(model_dir, pid, version)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent))
-    try:
-        np.savez(tmp / "ranking.npz", task_ids=pool_ids, scores=scores.astype(np.float32), labels=predicted_labels)
-        if proxy is not None:
-            proxy.save(tmp / "proxy.pt")
-        (tmp / "round.json").write_text(json.dumps({"version": str(version), "pool": int(len(pool_ids))}))
-        if target.exists():  # a re-run of a round that crashed after saving
-            shutil.rmtree(target)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _cross_validate(ranking: RoundRanking, inputs: RoundInputs, settings: Any, device: str) -> float | None:
+    """Cross-validated proxy accuracy on at most CV_MAX_LABELS labels (a stratified sample): a figure for
+    people, not a decision input, so its cost is bounded (CV_FOLDS fits of a small proxy)."""
+    from asvp_backend.selection import create_proxy, cross_val_accuracy
+
+    if ranking.proxy is None:
+        return None
+    x, y = inputs.x_lab, inputs.y_lab
+    if len(y) > CV_MAX_LABELS:
+        rng = np.random.default_rng(settings.seed)
+        keep = rng.choice(len(y), CV_MAX_LABELS, replace=False)
+        x, y = x[keep], y[keep]
+    return cross_val_accuracy(lambda: create_proxy(settings.proxy, device=device, seed=settings.seed), x, y,
+                              folds=CV_FOLDS, seed=settings.seed)
+
+
+def _amend_round(runtime: Any, pid: int, version: ModelVersion, record: dict[str, Any]) -> None:
+    """Add what was measured after the commit (accuracy, cleanup) to the round's stored record."""
+
+    def amend(current: ProjectState | None) -> ProjectState | None:
+        if current is None:
+            return None
+        for stored in reversed(current.rounds):
+            if stored.get("version") == str(version):
+                stored.update(record)
+                return current
+        return None  # the record was trimmed meanwhile: nothing to amend
+
+    runtime.store.update(pid, amend)
 
 
 def _delete_old_versions(client: Any, pid: int, previous: ModelVersion, current: ModelVersion) -> list[str]:
@@ -239,8 +262,57 @@ def _delete_old_versions(client: Any, pid: int, previous: ModelVersion, current:
     return deleted
 
 
-def _prune_round_dirs(model_dir: Path, pid: int, keep: set[str]) -> None:
-    root = project_dir(model_dir, pid) / "rounds"
-    for path in root.iterdir() if root.exists() else []:
-        if path.is_dir() and not path.name.startswith(".") and path.name not in keep:
-            shutil.rmtree(path, ignore_errors=True)
+# --------------------------------------------------------------------------------------------- rescore
+def unranked_pool(layout: ProjectLayout, state: ProjectState, generation: Any,
+                  tasks: dict[int, SyncedTask]) -> list[int]:
+    """Unlabelled tasks with features that the current round's ranking does not hold (added since)."""
+    if not state.round:
+        return []
+    ranking = read_ranking(layout, state.version)
+    if ranking is None:
+        return []
+    ranked = set(ranking.task_ids.tolist())
+    unlabelled = np.array([tid for tid, t in tasks.items() if t.label is None and tid not in ranked], dtype=np.int64)
+    found, _ = generation.lookup(unlabelled)
+    return [int(t) for t in unlabelled[found].tolist()]
+
+
+def rescore_new_tasks(ctx: JobContext) -> dict[str, Any]:
+    """Score tasks added since the round with the round's own proxy and strategy (no retrain), add them
+    to the round's ranking and push their predictions under the current version."""
+    from asvp_backend.selection import SelectionInput, create_strategy, load_proxy
+
+    runtime, pid = ctx.runtime, ctx.project_id
+    settings = runtime.settings
+    layout = runtime.layout(pid)
+    state = runtime.store.require(pid)
+    generation = feature_store(settings.model_dir, pid).current(repair=True)
+    if generation is None or not state.round or generation.info.generation != state.generation:
+        return {"status": "skipped", "reason": "no current round on the current features"}
+    tasks = TaskSnapshot(settings.model_dir, pid).load()
+    new_ids = unranked_pool(layout, state, generation, tasks)
+    if not new_ids:
+        return {"status": "skipped", "reason": "every unlabelled task with features is ranked"}
+    found, vectors = generation.lookup(new_ids)
+    ids = np.asarray(new_ids, dtype=np.int64)[found]
+    device = proxy_device(settings.device)
+    saved = proxy_path(layout, state.version)
+    probs, labels = None, np.full(len(ids), "")
+    if saved is not None:
+        proxy = load_proxy(saved, device=device)
+        probs = proxy.predict_proba(np.asarray(vectors))
+        labels = np.asarray(proxy.classes_).astype(str)[probs.argmax(axis=1)]
+        strategy_name = state.rounds[-1].get("strategy", settings.strategy) if state.rounds else settings.strategy
+    else:
+        proxy, strategy_name = None, "random"  # cold start: typicality needs the whole pool; keep it cheap
+    strategy = create_strategy(strategy_name, seed=settings.seed + state.round, epsilon=0.0, device=device)
+    # budget 0: no new picks, only the strategy's per-task score (set-based ones: the proxy's margin)
+    pool = np.asarray(vectors)
+    no_labels = np.zeros((0, pool.shape[1]), dtype=np.float32)
+    scores = np.asarray(strategy.rank(SelectionInput(pool, probs, no_labels, proxy), 0).scores)
+    ctx.check_deadline()
+    extend_ranking(layout, state.version, RankingArtefact(ids, scores.astype(np.float32), labels))
+    predictions = predictions_for(state.spec, state.version, ids, scores, labels)
+    runtime.label_studio().import_predictions(pid, predictions)
+    log.info("project %s: scored %s new task(s) under %s", pid, len(ids), state.version)
+    return {"status": "scored", "tasks": len(ids), "version": str(state.version), "strategy": strategy_name}

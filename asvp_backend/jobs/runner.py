@@ -1,36 +1,55 @@
-"""The entry point every queued job runs through (rq or in-process)."""
+"""The entry point every queued job runs through, on rq or in-process: lease, deadline, then the job.
+
+A job first takes its (project, kind) lease. If another job of that kind runs on the project, this one is
+re-queued with a delay and returns at once, so it never holds a worker that other projects' jobs need
+(jobs/queue.py states the rule). The pending marker is cleared only once the lease is held.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
-from asvp_backend.jobs.context import JobContext
+from asvp_backend.jobs.context import JobContext, Reporter
+from asvp_backend.jobs.queue import defer_delay
 from asvp_backend.jobs.registry import job_kind
+
+if TYPE_CHECKING:
+    from asvp_backend.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 
-def run_job(kind: str, project_id: int, job_id: str, params: dict[str, Any], queue: Any = None) -> Any:
-    """Clear the job's pending marker, then run its function with a JobContext."""
-    from asvp_backend.runtime import get_runtime
-
-    runtime = get_runtime()
-    queue = queue if queue is not None else runtime.queue
-    queue.clear_pending(kind, project_id, job_id)
+def run_job(runtime: Runtime, kind: str, project_id: int, job_id: str, params: dict[str, Any],
+            reporter: Reporter | None = None) -> Any:
     spec = job_kind(kind)
-    ctx = JobContext(kind=kind, project_id=project_id, job_id=job_id, params=params, runtime=runtime)
-    ctx._reporter = _reporter_for(job_id, queue)
-    log.info("job %s started (%s, project %s)", job_id, kind, project_id)
-    with runtime.exclusive(project_id, kind):  # never two jobs of a kind on one project at once
-        result = spec.function(ctx)
-    log.info("job %s finished", job_id)
-    return result
+    queue = runtime.queue
+    lease = runtime.lease(project_id, kind, job_id)
+    if not lease.acquire():
+        attempt = int(params.get("busy_attempt", 0))
+        later = queue.defer(kind, project_id, job_id, {**params, "busy_attempt": attempt + 1}, defer_delay(attempt))
+        log.info("job %s: a %s job of project %s is running; %s", job_id, kind, project_id,
+                 f"re-queued as {later}" if later else "another job already waits")
+        return {"status": "busy", "requeued_as": later}
+    with lease:
+        queue.clear_pending(kind, project_id, job_id)
+        params = {k: v for k, v in params.items() if k != "busy_attempt"}
+        deadline = time.monotonic() + spec.limit(runtime.settings.job_timeout)
+        ctx = JobContext(kind, project_id, job_id, params, runtime, reporter or _rq_reporter(), deadline)
+        log.info("job %s started (%s, project %s)", job_id, kind, project_id)
+        try:
+            result = spec.function(ctx)
+        except Exception:
+            queue.count("failed", kind)
+            raise
+        queue.count("finished", kind)
+        log.info("job %s finished", job_id)
+        return result
 
 
-def _reporter_for(job_id: str, queue: Any):
-    if hasattr(queue, "set_progress"):
-        return lambda progress: queue.set_progress(job_id, progress)
+def _rq_reporter() -> Reporter | None:
+    """Progress into the rq job's meta, when running under rq."""
     from rq import get_current_job
 
     job = get_current_job()

@@ -1,5 +1,10 @@
 """The job functions. Each reads what it needs from Label Studio and the shared volume, never from a
-webhook payload, so a lost or forged webhook can neither lose nor inject a label."""
+webhook payload, so a lost or forged webhook can neither lose nor inject a label.
+
+The chain: `sync` reads every task and label, then queues `extract` (tasks without features), else a
+`round` (when due), else a `rescore` (new tasks the current round has not ranked). `extract` works in time
+slices and queues its own continuation, so one project's slow image server cannot hold the gpu queue.
+"""
 
 from __future__ import annotations
 
@@ -7,34 +12,48 @@ import logging
 import time
 from typing import Any
 
+from asvp_backend.artefacts import newest_round_on_disk
 from asvp_backend.jobs.context import JobContext
 from asvp_backend.jobs.extraction import extract_project, feature_store
 from asvp_backend.jobs.registry import register_job
-from asvp_backend.jobs.rounds import round_due, run_round
-from asvp_backend.labelstudio.client import task_image, task_label
-from asvp_backend.labelstudio.label_config import LabelConfigError, parse_label_config
-from asvp_backend.state import ProjectState, SyncedTask, TaskSnapshot
+from asvp_backend.jobs.rounds import rescore_new_tasks, round_due, run_round, unranked_pool
+from asvp_backend.labelstudio.images import image_value_problem
+from asvp_backend.labelstudio.label_config import ClassificationSpec, LabelConfigError, parse_label_config
+from asvp_backend.state import ProjectState, StateCorrupt, SyncedTask, TaskSnapshot
 
 log = logging.getLogger(__name__)
 
+HOUR = 3600
 
-@register_job("sync", queue="cpu")
+
+@register_job("sync", queue="cpu", time_limit=HOUR)
 def sync(ctx: JobContext) -> dict[str, Any]:
     """Read the project's tasks and labels from Label Studio, record them, queue what follows."""
     summary, tasks, state = sync_tasks(ctx)
-    summary["next"] = _follow_up(ctx, state, tasks, summary["labelled"])
+    summary["next"] = follow_up(ctx, state, tasks)
     return summary
+
+
+def synced_task(task: dict[str, Any], spec: ClassificationSpec) -> SyncedTask:
+    value = spec.image_of(task)
+    problem = image_value_problem(value)
+    return SyncedTask(image=None if problem else str(value), label=spec.label_of(task), problem=problem)
 
 
 def sync_tasks(ctx: JobContext) -> tuple[dict[str, Any], dict[int, SyncedTask], ProjectState | None]:
     """The sync itself: every task and label, from Label Studio into the snapshot and the state."""
     runtime, pid = ctx.runtime, ctx.project_id
-    state = runtime.store.require(pid)
-    client = runtime.label_studio()
     started = time.time()
+    try:
+        stored: ProjectState | None = runtime.store.require(pid)  # an unknown project fails before any call
+    except StateCorrupt as exc:
+        log.error("project %s: %s; rebuilding it from Label Studio", pid, exc)
+        stored = None
+    client = runtime.label_studio()
+    project = client.get_project(pid)
+    state = stored if stored is not None else _rebuild_state(ctx, project)
 
     spec, config_error = state.spec, None
-    project = client.get_project(pid)
     label_config = project.get("label_config") or state.label_config
     if label_config != state.label_config:
         try:
@@ -45,10 +64,14 @@ def sync_tasks(ctx: JobContext) -> tuple[dict[str, Any], dict[int, SyncedTask], 
     total = int(project.get("task_number") or 0)
     tasks: dict[int, SyncedTask] = {}
     for task in client.iter_tasks(pid):
-        tasks[int(task["id"])] = SyncedTask(image=task_image(task, spec), label=task_label(task, spec))
+        tasks[int(task["id"])] = synced_task(task, spec)
         ctx.progress(len(tasks), max(total, len(tasks)), stage="reading tasks")
     snapshot = TaskSnapshot(runtime.settings.model_dir, pid)
-    previous = snapshot.load()
+    try:
+        previous = snapshot.load()
+    except StateCorrupt as exc:  # rebuilt right below from what Label Studio just said
+        log.warning("project %s: %s; rebuilding it", pid, exc)
+        previous = {}
     snapshot.save(tasks)
 
     labelled = sum(1 for t in tasks.values() if t.label is not None)
@@ -56,8 +79,10 @@ def sync_tasks(ctx: JobContext) -> tuple[dict[str, Any], dict[int, SyncedTask], 
         "at": time.time(),
         "tasks": len(tasks),
         "labelled": labelled,
+        "max_task_id": max(tasks, default=-1),
         "new_tasks": len(tasks.keys() - previous.keys()),
         "deleted_tasks": len(previous.keys() - tasks.keys()),
+        "image_problems": sum(1 for t in tasks.values() if t.problem),
         "seconds": round(time.time() - started, 3),
         "config_error": config_error,
     }
@@ -70,61 +95,99 @@ def sync_tasks(ctx: JobContext) -> tuple[dict[str, Any], dict[int, SyncedTask], 
         current.record_job(ctx.job_id)
         return current
 
-    state = runtime.store.update(pid, record)
+    new_state = runtime.store.update(pid, record)
     ctx.progress(len(tasks), len(tasks), stage="done", force=True)
     log.info("project %s synced: %s tasks, %s labelled", pid, len(tasks), labelled)
-    return summary, tasks, state
+    return summary, tasks, new_state
 
 
-def _follow_up(ctx: JobContext, state: ProjectState | None, tasks: dict[int, SyncedTask], labelled: int) -> str:
-    """Queue what the sync made necessary: extraction for tasks without features, else a round when due."""
+def _rebuild_state(ctx: JobContext, project: dict[str, Any]) -> ProjectState:
+    """A corrupt state is moved aside and rebuilt from Label Studio's label config and the newest round on
+    disk (so the version never goes back)."""
+    store, pid = ctx.runtime.store, ctx.project_id
+    label_config = str(project.get("label_config") or "")
+    spec = parse_label_config(label_config)  # a config we cannot serve: the job fails and says why
+    store.quarantine(pid)
+    fresh = ProjectState.recovered(pid, label_config, spec, newest_round_on_disk(ctx.runtime.layout(pid)))
+    store.update(pid, lambda current: current if current is not None else fresh)
+    return store.require(pid)
+
+
+def follow_up(ctx: JobContext, state: ProjectState | None, tasks: dict[int, SyncedTask]) -> str:
+    """Queue what the sync made necessary: extraction for tasks without features, else a round when due,
+    else a cheap scoring of tasks the current round has not ranked."""
     if state is None:
         return "none"
+    runtime, pid = ctx.runtime, ctx.project_id
     force = bool(ctx.params.get("force_round"))
-    generation = feature_store(ctx.runtime.settings.model_dir, ctx.project_id).current()
+    generation = feature_store(runtime.settings.model_dir, pid).current(repair=True)
     with_image = [tid for tid, task in tasks.items() if task.image]
     if generation is None or set(generation.missing(with_image)) - set(generation.skipped()) or force:
-        ctx.runtime.queue.submit("extract", ctx.project_id, reason="tasks without features", force_round=force)
+        runtime.queue.submit("extract", pid, reason="tasks without features", force_round=force)
         return "extract"
-    if round_due(labelled, state.labels_at_last_round, len(state.rounds), ctx.runtime.settings.retrain_every, force):
-        ctx.runtime.queue.submit("round", ctx.project_id, reason="new labels", force_round=force)
+    return _after_features(ctx, state, tasks, generation, force)
+
+
+def _after_features(ctx: JobContext, state: ProjectState, tasks: dict[int, SyncedTask], generation: Any,
+                    force: bool) -> str:
+    runtime, pid = ctx.runtime, ctx.project_id
+    labelled = sum(1 for t in tasks.values() if t.label is not None)
+    if round_due(labelled, state.labels_at_last_round, len(state.rounds), runtime.settings.retrain_every, force):
+        runtime.queue.submit("round", pid, reason="new labels", force_round=force)
         return "round"
+    if unranked_pool(runtime.layout(pid), state, generation, tasks):
+        runtime.queue.submit("rescore", pid, reason="new tasks without a score")
+        return "rescore"
     return "none"
 
 
 @register_job("extract", queue="gpu")
 def extract(ctx: JobContext) -> dict[str, Any]:
-    """Cache features for the project's tasks that lack them (and drop deleted tasks)."""
-    runtime = ctx.runtime
+    """Cache features for the project's tasks that lack them (and drop deleted tasks), one time slice."""
+    runtime, pid = ctx.runtime, ctx.project_id
     force = bool(ctx.params.get("force_round"))
     summary = extract_project(ctx, retry_skipped=force)
-    state = runtime.store.require(ctx.project_id)
-    labelled = (state.last_sync or {}).get("labelled", 0)
-    if round_due(labelled, state.labels_at_last_round, len(state.rounds), runtime.settings.retrain_every, force):
-        runtime.queue.submit("round", ctx.project_id, reason="features ready", force_round=force)
-        summary["next"] = "round"
+    if summary.get("remaining"):
+        # the slice ended: continue behind the other projects' jobs instead of holding the queue
+        runtime.queue.submit("extract", pid, reason="continuing extraction", force_round=force)
+        summary["next"] = "extract"
+        return summary
+    state = runtime.store.require(pid)
+    tasks = TaskSnapshot(runtime.settings.model_dir, pid).load()
+    generation = feature_store(runtime.settings.model_dir, pid).current(repair=True)
+    summary["next"] = _after_features(ctx, state, tasks, generation, force) if generation is not None else "none"
     return summary
 
 
-@register_job("round", queue="cpu")
+@register_job("round", queue="cpu", time_limit=2 * HOUR)
 def selection_round(ctx: JobContext) -> dict[str, Any]:
     """Retrain the proxy, rank the unlabelled tasks and push the ranking into Label Studio."""
     return run_round(ctx)
 
 
-@register_job("train", queue="cpu")
+@register_job("rescore", queue="cpu", time_limit=HOUR)
+def rescore(ctx: JobContext) -> dict[str, Any]:
+    """Score new tasks with the current round's proxy (no retrain) and push their predictions."""
+    return rescore_new_tasks(ctx)
+
+
+@register_job("train", queue="cpu", time_limit=HOUR)
 def train(ctx: JobContext) -> dict[str, Any]:
     """Start Training: sync with Label Studio, then retrain whatever the number of new labels."""
     ctx.params["force_round"] = True
     return sync(ctx)
 
 
-@register_job("ping", queue="cpu")
+@register_job("ping", queue="cpu", time_limit=600)
 def ping(ctx: JobContext) -> dict[str, Any]:
-    """Answer from a worker: proves a worker listens and can report progress (`asvp-backend status`)."""
+    """Answer from a worker: proves a worker listens and can report progress (`asvp-backend status`).
+    `seconds` keeps it busy that long (operators and tests use it to watch leases and time limits)."""
     import os
     import socket
 
-    for step in range(3):
-        ctx.progress(step + 1, 3, stage="ping", force=True)
+    steps = max(3, int(float(ctx.params.get("seconds", 0)) * 10))
+    for step in range(steps):
+        if step:
+            time.sleep(float(ctx.params.get("seconds", 0)) / steps)
+        ctx.progress(step + 1, steps, stage="ping", force=step < 3 or step == steps - 1)
     return {"pid": os.getpid(), "host": socket.gethostname(), "project": ctx.project_id}

@@ -21,10 +21,18 @@ log = logging.getLogger(__name__)
 
 PREDICTION_BATCH = 500  # Label Studio imports predictions in batches of 500 as well
 VIEW_TITLE = "ASVP: label next"
+NOT_JSON_PREVIEW = 100  # bytes of a non-JSON reply quoted in the error
 
 
 class LabelStudioError(RuntimeError):
-    """A Label Studio call failed; the message names the call and the status, never the token."""
+    """A Label Studio call failed; the message names the call and the status, never the token.
+
+    `status` is the HTTP status Label Studio answered, None when no answer came (connection error,
+    timeout), so callers branch on it instead of parsing the message."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class LabelStudioClient:
@@ -33,6 +41,7 @@ class LabelStudioClient:
 
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self._api_key = api_key  # kept only to mask it in error messages
         self._sdk = LabelStudio(base_url=self.url, api_key=api_key, timeout=timeout)
         self._session = requests.Session()
 
@@ -43,16 +52,34 @@ class LabelStudioClient:
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         kwargs.setdefault("timeout", self.timeout)
+        headers = self.auth_headers()
         try:
-            response = self._session.request(method, self.url + path, headers=self.auth_headers(), **kwargs)
+            response = self._session.request(method, self.url + path, headers=headers, **kwargs)
         except requests.RequestException as exc:
             raise LabelStudioError(f"{method} {path}: {type(exc).__name__}") from None
         if response.status_code >= 400:
-            detail = response.text[:300].replace("\n", " ")
-            raise LabelStudioError(f"{method} {path}: HTTP {response.status_code}: {detail}")
+            detail = self._quoted(response.content, 300, headers).replace("\n", " ")
+            raise LabelStudioError(f"{method} {path}: HTTP {response.status_code}: {detail}", response.status_code)
         if not response.content:
             return None
-        return response.json()
+        try:
+            return response.json()
+        except ValueError:  # a proxy's login page, an HTML error page: say what came instead of JSON
+            content_type = response.headers.get("content-type", "no content type")
+            start = self._quoted(response.content, NOT_JSON_PREVIEW, headers)
+            raise LabelStudioError(
+                f"{method} {path}: HTTP {response.status_code} answered {content_type!r}, not JSON: {start!r}",
+                response.status_code,
+            ) from None
+
+    def _quoted(self, content: bytes, length: int, headers: dict[str, str]) -> str:
+        """The first `length` characters of a reply, without our token should the page echo it back. Masked
+        before it is cut, so that no prefix of the token survives at the cut."""
+        secrets = [s for s in (self._api_key, headers["Authorization"].partition(" ")[2]) if len(s) >= 4]
+        text = content[: length + max((len(s) for s in secrets), default=0)].decode("utf-8", "replace")
+        for secret in secrets:
+            text = text.replace(secret, "***")
+        return text[:length]
 
     # ------------------------------------------------------------------ projects
     def get_project(self, project_id: int) -> dict[str, Any]:
@@ -70,7 +97,7 @@ class LabelStudioClient:
             try:
                 body = self.request("GET", "/api/tasks", params=params)
             except LabelStudioError as exc:
-                if "HTTP 404" in str(exc) and page > 1:  # past the last page
+                if exc.status == 404 and page > 1:  # past the last page
                     return
                 raise
             tasks = body.get("tasks", []) if isinstance(body, dict) else body

@@ -8,6 +8,11 @@ The Label Studio token is sent only to the Label Studio origin. Residual risk: t
 the name again when connecting, so a DNS-rebinding host could still swap addresses between the check and
 the connection.
 
+Invariant: one image costs at most ``total_timeout`` seconds of wall-clock time on the network (connect,
+TLS handshake, headers, body, every redirect), however slowly a server drips bytes, and at most a few
+bytes of memory per pixel to decode. Only DNS lookups (bounded by the system resolver) and the decode itself
+(bounded by ``max_pixels``) are outside the clock.
+
 URL kinds (docs: label-studio.md section 6):
 ``/data/upload/...``            GET from Label Studio with auth (falls back to /storage-data/uploaded/)
 ``/data/local-files/?d=...``    read under ``document_root`` when set (no traversal), else GET from LS
@@ -23,22 +28,30 @@ import binascii
 import contextlib
 import io
 import ipaddress
+import math
 import os
 import posixpath
 import socket
+import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, cast
 from urllib.parse import parse_qs, unquote_to_bytes, urljoin, urlsplit
 
 import requests
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.response import HTTPResponse
 
 CLOUD_SCHEMES = ("s3", "gs", "azure-blob")
 REDIRECT_CODES = (301, 302, 303, 307, 308)
 MAX_REDIRECTS = 3
 _CHUNK = 64 * 1024
+_active = threading.local()  # .deadline: the _Deadline of the download running on this thread, if any
 
 
 class ImageFetchError(Exception):
@@ -55,13 +68,59 @@ def default_resolve(host: str) -> list[str]:
     return sorted({str(info[4][0]) for info in infos})
 
 
+_NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")
+_NAT64_OTHER = ipaddress.IPv6Network("64:ff9b::/32")  # includes the local-use 64:ff9b:1::/48
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated ::a.b.c.d
+
+
 def is_public_address(addr: str) -> bool:
     """True for globally routable unicast addresses; False for loopback, private, link-local (cloud
-    metadata), CGNAT, multicast, reserved and unspecified ones, including IPv4-mapped IPv6 forms."""
+    metadata), CGNAT, multicast, reserved and unspecified ones.
+
+    An IPv6 address that a translator or relay delivers to an embedded IPv4 address (IPv4-mapped, NAT64
+    64:ff9b::/96, 6to4 2002::/16) is judged by that IPv4 address: 64:ff9b::7f00:1 reaches 127.0.0.1 on
+    the translator. Refused outright, because the IPv4 target cannot be read reliably: local-use NAT64
+    (64:ff9b:1::/48, the operator picks where the IPv4 bits go), Teredo (2001::/32) and IPv4-compatible
+    ::a.b.c.d. These rules are explicit because Python's own tables for these ranges differ by version.
+    """
     ip = ipaddress.ip_address(addr.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.teredo is not None or (ip in _NAT64_OTHER and ip not in _NAT64_WELL_KNOWN):
+            return False
+        if ip in _IPV4_COMPATIBLE:  # also :: and ::1, which are not public anyway
+            return False
+        embedded = _embedded_ipv4(ip)
+        if embedded is not None:
+            ip = embedded
     return ip.is_global and not ip.is_multicast
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address that traffic to ``ip`` ends up at, for the forms where that is well defined."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip in _NAT64_WELL_KNOWN:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return ip.sixtofour
+
+
+def image_value_problem(value: object) -> str | None:
+    """Why a task's image value cannot be fetched (a short skip reason), or None for a usable URL string.
+
+    Task data is free-form JSON, so the field an ``<Image>`` tag names can hold anything; callers record
+    this reason instead of dropping the task without a word."""
+    if isinstance(value, str):
+        return None if value.strip() else "image value is an empty string"
+    if value is None:
+        return "image value is missing (null)"
+    kinds: list[tuple[type | tuple[type, ...], str]] = [
+        (bool, "a boolean"),  # before int: bool is an int
+        ((int, float), "a number"),
+        ((list, tuple), "a list"),
+        (dict, "an object"),
+    ]
+    kind = next((name for types, name in kinds if isinstance(value, types)), f"a {type(value).__name__}")
+    return f"image value is {kind}, not a URL string"
 
 
 def _origin(url: str) -> tuple[str, str, int] | None:
@@ -78,6 +137,9 @@ def _origin(url: str) -> tuple[str, str, int] | None:
 # ---------------------------------------------------------------------------------------------- decoding
 
 
+HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """RGB for any mode: transparency is composited on white (not black), 16-bit/float grey rescaled."""
     if img.mode == "RGB":
@@ -88,14 +150,44 @@ def to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        import numpy as np
-
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min(initial=0.0)), float(arr.max(initial=0.0))
-        scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
-        return Image.fromarray(scaled.astype(np.uint8), mode="L").convert("RGB")
+    if img.mode in HIGH_BIT_DEPTH_MODES:
+        return high_bit_depth_to_grey(img).convert("RGB")
     return img.convert("RGB")
+
+
+def high_bit_depth_to_grey(img: Image.Image) -> Image.Image:
+    """8-bit grey ("L") of a 16-bit, 32-bit integer or float image, scaled linearly from min(0, darkest)
+    to max(0, brightest): anchored at zero so that a dim image stays dim.
+
+    Why Pillow's point transform and not NumPy: it works in the image's own 2- or 4-byte pixels, so the
+    peak is a few bytes per pixel on top of the source, where float64 arrays took over 20 (a 124 KB 16-bit
+    PNG once needed 1.45 GB). Non-finite float pixels (NaN as "no data") become the darkest value."""
+    if img.mode in ("I;16B", "I;16L", "I;16N"):
+        img = img.convert("I")  # Pillow's point and getextrema only take native I;16
+    extrema = cast(tuple[float, float], img.getextrema())  # one band: (min, max)
+    lo, hi = float(extrema[0]), float(extrema[1])
+    if img.mode == "F" and not (math.isfinite(lo) and math.isfinite(hi)):
+        img, lo, hi = _finite_float_image(img)
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if hi <= lo:
+        return Image.new("L", img.size)
+    scale = 255.0 / (hi - lo)
+    offset = -lo * scale
+    return img.point(lambda v: v * scale + offset).convert("L")  # convert clips to 0..255
+
+
+def _finite_float_image(img: Image.Image) -> tuple[Image.Image, float, float]:
+    """A mode-F copy with NaN and infinities replaced by the smallest finite value, and its extrema."""
+    import numpy as np
+
+    arr = np.array(img, dtype=np.float32)
+    finite = np.isfinite(arr)
+    if not finite.any():
+        return Image.new("F", img.size), 0.0, 0.0
+    lo = float(arr.min(where=finite, initial=np.inf))
+    hi = float(arr.max(where=finite, initial=-np.inf))
+    np.copyto(arr, np.float32(lo), where=~finite)
+    return Image.fromarray(arr), lo, hi
 
 
 def decode_image(data: bytes, max_pixels: int = 64_000_000) -> Image.Image:
@@ -106,7 +198,7 @@ def decode_image(data: bytes, max_pixels: int = 64_000_000) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img: Image.Image = Image.open(io.BytesIO(data))
             w, h = img.size
             if w <= 0 or h <= 0:
                 raise ImageFetchError("image has no pixels")
@@ -154,28 +246,146 @@ class LocalImageLoader:
         return read_local_image_file(path, self.max_bytes, self.max_pixels)
 
 
+# ---------------------------------------------------------------------------------------------- deadline
+
+
+class _Deadline:
+    """One image's wall-clock budget across connects, TLS handshakes, headers, bodies and redirects.
+
+    Why a watchdog and not only socket timeouts: a socket timeout bounds each read, and a server that sends
+    one byte just inside it never trips it. While ``armed``, a timer shuts down every socket the download
+    opened (registered by ``_WatchedConnection``) the moment the budget runs out, so a blocked read returns
+    at once."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.expires = time.monotonic() + seconds
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._fired = False
+
+    @property
+    def reason(self) -> str:
+        return f"timed out after {self.seconds:g}s"
+
+    def left(self) -> float:
+        return self.expires - time.monotonic()
+
+    def expired(self) -> bool:
+        return self._fired or self.left() <= 0
+
+    def check(self) -> None:
+        if self.expired():
+            raise ImageFetchError(self.reason)
+
+    @contextlib.contextmanager
+    def armed(self) -> Iterator[None]:
+        self.check()
+        timer = threading.Timer(self.left(), self._fire)
+        timer.daemon = True
+        outer = getattr(_active, "deadline", None)
+        _active.deadline = self
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+            _active.deadline = outer
+            with self._lock:
+                for twin in self._sockets:
+                    twin.close()
+                self._sockets.clear()
+
+    def watch(self, sock: socket.socket) -> None:
+        """Keep a duplicate of ``sock``'s descriptor: shutting the duplicate down ends reads on the original,
+        plain or TLS (even mid-handshake), without touching objects that the HTTP library owns."""
+        twin = socket.socket(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
+        with self._lock:
+            if not self._fired:
+                self._sockets.append(twin)
+                return
+        _shutdown(twin)
+        twin.close()
+
+    def _fire(self) -> None:
+        with self._lock:
+            self._fired = True
+            for twin in self._sockets:
+                _shutdown(twin)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # already closed by the peer or the HTTP library
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _watch_socket(sock: socket.socket | None) -> None:
+    deadline = getattr(_active, "deadline", None)
+    if deadline is not None and sock is not None:
+        with contextlib.suppress(OSError):  # a closed socket, or no descriptor left: per-read timeouts remain
+            deadline.watch(sock)
+
+
+class _WatchedConnection(HTTPConnection):
+    """Registers its socket with the calling thread's deadline when it is opened (before any TLS
+    handshake) and before each response is read (a kept-alive socket was opened for an earlier image)."""
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        _watch_socket(sock)
+        return sock
+
+    def getresponse(self) -> HTTPResponse:  # type: ignore[override]  # same signature as urllib3's
+        _watch_socket(self.sock)
+        return super().getresponse()
+
+
+class _WatchedHTTPSConnection(_WatchedConnection, HTTPSConnection):
+    pass
+
+
+class _WatchedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _WatchedConnection
+
+
+class _WatchedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+class _WatchedAdapter(HTTPAdapter):
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+
+
 # ---------------------------------------------------------------------------------------------- fetcher
 
 
 @dataclass
 class ImageFetcher:
-    """Turns a task's image URL into bytes or an RGB image. Picklable (DataLoader workers)."""
+    """Turns a task's image URL into bytes or an RGB image. Picklable (DataLoader workers) and safe to
+    share between threads (each thread gets its own HTTP session)."""
 
     label_studio_url: str | None = None
     auth_headers: Callable[[], dict[str, str]] | None = None  # sent ONLY to the LS origin
     document_root: str | None = None  # LOCAL_FILES_DOCUMENT_ROOT
     allow_private_hosts: bool = False  # LS's own host is always allowed
-    timeout: float = 10.0
+    timeout: float = 10.0  # connect and per-read timeout
     max_bytes: int = 50 * 2**20
     max_pixels: int = 64_000_000
     resolve: Callable[[str], list[str]] = default_resolve
     verify_ssl: bool = True
-    _session: requests.Session | None = field(default=None, init=False, repr=False, compare=False)
+    total_timeout: float | None = None  # wall-clock budget per image; None: max(3 * timeout, timeout + 5)
+    _local: threading.local = field(default_factory=threading.local, init=False, repr=False, compare=False)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_session"] = None  # sessions hold sockets; each worker process opens its own
+        del state["_local"]  # sessions hold sockets; each worker process opens its own
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
 
     # -- public --------------------------------------------------------------------------------------------
 
@@ -183,9 +393,19 @@ class ImageFetcher:
         """RGB, EXIF-transposed image for ``url``; raises ImageFetchError with a short reason."""
         if self.document_root and self._is_local_files(url):
             return read_local_image_file(self._local_path(url), self.max_bytes, self.max_pixels)
-        return decode_image(self.fetch_bytes(url, task_id), self.max_pixels)
+        deadline = self._deadline()
+        data = self._fetch(url, task_id, deadline)
+        deadline.check()  # decoding cannot be interrupted: never start it once the budget is spent
+        return decode_image(data, self.max_pixels)
 
     def fetch_bytes(self, url: str, task_id: int | None = None) -> bytes:
+        return self._fetch(url, task_id, self._deadline())
+
+    def _deadline(self) -> _Deadline:
+        total = self.total_timeout if self.total_timeout is not None else max(self.timeout * 3, self.timeout + 5)
+        return _Deadline(total)
+
+    def _fetch(self, url: str, task_id: int | None, deadline: _Deadline) -> bytes:
         if not isinstance(url, str) or not url.strip():
             raise ImageFetchError("empty image URL")
         url = url.strip()
@@ -194,7 +414,7 @@ class ImageFetcher:
             return self._data_uri(url)
         scheme = lower.split(":", 1)[0] if ":" in lower.split("/", 1)[0] else ""
         if scheme in CLOUD_SCHEMES:
-            return self._presigned(url, task_id)
+            return self._presigned(url, task_id, deadline)
         if self._is_local_files(url):
             if self.document_root:
                 path = self._local_path(url)
@@ -206,13 +426,13 @@ class ImageFetcher:
                         return f.read()
                 except OSError as e:
                     raise ImageFetchError(f"local file unreadable ({type(e).__name__})") from e
-            return self._download(self._ls_url(url))
+            return self._download(self._ls_url(url), deadline)
         if url.startswith("/data/upload/"):
-            return self._upload(url)
+            return self._upload(url, deadline)
         if url.startswith("/"):
-            return self._download(self._ls_url(url))
+            return self._download(self._ls_url(url), deadline)
         if scheme in ("http", "https"):
-            return self._download(url)
+            return self._download(url, deadline)
         raise ImageFetchError(f"unsupported URL scheme {scheme!r}" if scheme else "unsupported relative URL")
 
     # -- URL kinds -----------------------------------------------------------------------------------------
@@ -241,24 +461,26 @@ class ImageFetcher:
             raise ImageFetchError("local-files path escapes the document root")
         return path
 
-    def _upload(self, url: str) -> bytes:
+    def _upload(self, url: str, deadline: _Deadline) -> bytes:
         try:
-            return self._download(self._ls_url(url))
+            return self._download(self._ls_url(url), deadline)
         except ImageFetchError as first:
             if not first.reason.startswith("HTTP 4"):
                 raise
             # Label Studio with cloud-backed default storage serves uploads through the storage proxy.
             filepath = url.lstrip("/").removeprefix("data/")
             try:
-                return self._download(self._ls_url(f"/storage-data/uploaded/?filepath={filepath}"))
-            except ImageFetchError:
+                return self._download(self._ls_url(f"/storage-data/uploaded/?filepath={filepath}"), deadline)
+            except ImageFetchError as second:
+                if second.reason == deadline.reason:
+                    raise
                 raise first from None
 
-    def _presigned(self, url: str, task_id: int | None) -> bytes:
+    def _presigned(self, url: str, task_id: int | None, deadline: _Deadline) -> bytes:
         if task_id is None:
             raise ImageFetchError("cloud storage URL needs a task id for Label Studio's presign endpoint")
         fileuri = base64.urlsafe_b64encode(url.encode()).decode()
-        return self._download(self._ls_url(f"/tasks/{int(task_id)}/presign/?fileuri={fileuri}"))
+        return self._download(self._ls_url(f"/tasks/{int(task_id)}/presign/?fileuri={fileuri}"), deadline)
 
     def _data_uri(self, url: str) -> bytes:
         header, sep, payload = url.partition(",")
@@ -282,10 +504,16 @@ class ImageFetcher:
 
     @property
     def session(self) -> requests.Session:
-        if self._session is None:
-            self._session = requests.Session()
-            self._session.trust_env = False  # no proxies from env: they would bypass our host checks
-        return self._session
+        """This thread's session: requests does not promise thread safety, and a kept-alive socket that
+        a deadline shut down must not be handed to another thread's download."""
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.trust_env = False  # no proxies from env: they would bypass our host checks
+            for prefix in ("http://", "https://"):
+                session.mount(prefix, _WatchedAdapter())
+            self._local.session = session
+        return session
 
     def _is_ls(self, url: str) -> bool:
         ls = _origin(self.label_studio_url or "")
@@ -316,21 +544,35 @@ class ImageFetcher:
             if not public:
                 raise ImageFetchError(f"refused: host {host} resolves to a non-public address")
 
-    def _download(self, url: str) -> bytes:
-        deadline = time.monotonic() + max(self.timeout * 3, self.timeout + 5)
+    def _download(self, url: str, deadline: _Deadline) -> bytes:
+        """GET ``url`` following redirects by hand (each hop's host is checked) within ``deadline``."""
+        try:
+            with deadline.armed():
+                data = self._follow_redirects(url, deadline)
+        except ImageFetchError as e:
+            # A read cut short by the watchdog surfaces as a connection error or a truncated body.
+            if deadline.expired():
+                raise ImageFetchError(deadline.reason) from e
+            raise
+        deadline.check()
+        return data
+
+    def _follow_redirects(self, url: str, deadline: _Deadline) -> bytes:
         for _hop in range(MAX_REDIRECTS + 1):
             self._check_host(url)
             host = urlsplit(url).hostname
             headers = {"Accept": "image/*,*/*;q=0.5"}
             if self.auth_headers is not None and self._is_ls(url):
                 headers.update(self.auth_headers())
+            deadline.check()
+            per_read = min(self.timeout, deadline.left())
             try:
                 resp = self.session.get(
                     url,
                     headers=headers,
                     stream=True,
                     allow_redirects=False,
-                    timeout=self.timeout,
+                    timeout=(per_read, per_read),
                     verify=self.verify_ssl,
                 )
             except requests.Timeout as e:
@@ -346,10 +588,10 @@ class ImageFetcher:
                     continue
                 if resp.status_code >= 400:
                     raise ImageFetchError(f"HTTP {resp.status_code} from {host}")
-                return self._read_body(resp, host or "", deadline)
+                return self._read_body(resp, host or "")
         raise ImageFetchError(f"too many redirects (>{MAX_REDIRECTS})")
 
-    def _read_body(self, resp: requests.Response, host: str, deadline: float) -> bytes:
+    def _read_body(self, resp: requests.Response, host: str) -> bytes:
         length = resp.headers.get("Content-Length")
         if length and length.isdigit() and int(length) > self.max_bytes:
             raise ImageFetchError(f"download too large: {length} bytes exceeds {self.max_bytes}")
@@ -359,8 +601,6 @@ class ImageFetcher:
                 buf += chunk
                 if len(buf) > self.max_bytes:
                     raise ImageFetchError(f"download too large: exceeds {self.max_bytes} bytes")
-                if time.monotonic() > deadline:
-                    raise ImageFetchError(f"download from {host} too slow")
         except requests.RequestException as e:
             raise ImageFetchError(f"download from {host} interrupted ({type(e).__name__})") from e
         return bytes(buf)

@@ -87,6 +87,7 @@ def rank_scores(order: np.ndarray, n: int, rest_scores: np.ndarray | None = None
         raise ValueError(f"order has {k} items but the pool has only {n}")
     if k and np.unique(order).size != k:
         raise ValueError("order contains duplicate indices")
+    scores: np.ndarray
     if rest_scores is None:
         scores = np.ones(n, dtype=np.float64)
     else:

@@ -1,21 +1,25 @@
 """The API process: the Label Studio ML-backend protocol plus jobs, versions and metrics.
 
-Handlers that do CPU work are plain `def` (run in the thread pool), so /health keeps answering within
-Label Studio's 1 s while a large /predict is being served. The API never trains: webhooks become
-deduplicated jobs.
+/health must answer within Label Studio's 1 s at all times, so nothing slow runs on the event loop: bodies
+are read there but parsed (when large) and handled in the thread pool, and the middleware refuses what it
+can (credentials, webhook secret, body size) before a byte of the body is read. The API never trains:
+webhooks become deduplicated jobs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
 import hmac
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -23,10 +27,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from redis import Redis
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 
 from asvp_backend import __version__
+from asvp_backend.artefacts import newest_round_on_disk
+from asvp_backend.health import project_problems
 from asvp_backend.jobs.queue import Submitted
 from asvp_backend.labelstudio.label_config import LabelConfigError, parse_label_config
+from asvp_backend.logs import install_secret_filter, secrets_of
 from asvp_backend.prediction import predict_tasks
 from asvp_backend.runtime import Runtime
 from asvp_backend.server.metrics import Metrics
@@ -35,16 +48,34 @@ from asvp_backend.server.schemas import (
     PredictRequest,
     SetupRequest,
     WebhookRequest,
+    check_tasks,
+    gc_paused,
+    parse_json_object,
     parse_project_id,
+    release_gradually,
+    take_tasks,
+    validate_body,
 )
 from asvp_backend.server.webhooks import EVENT_TRIGGERS, IGNORED_EVENTS
-from asvp_backend.state import ProjectState
+from asvp_backend.state import ProjectState, StateCorrupt
 from asvp_backend.versioning import ModelVersion
 
 log = logging.getLogger(__name__)
 
-OPEN_ROUTES = {"/health", "/webhook"}  # Label Studio's auto-created webhook carries no credentials
+KiB, MiB = 1024, 1024 * 1024
+HEALTH_ROUTES = {"/", "/health"}  # `curl http://host:9090/` is how Label Studio's guides check a backend
+OPEN_ROUTES = HEALTH_ROUTES | {"/webhook"}  # Label Studio's auto-created webhook carries no credentials
+KNOWN_ROUTES = HEALTH_ROUTES | {"/setup", "/predict", "/webhook", "/versions", "/metrics", "/jobs"}
+# Body limits per route, each also capped by MAX_BODY_BYTES (which alone bounds /predict: Label Studio sends
+# every task of a "Retrieve Predictions" in one request). Webhooks: Label Studio sends bulk events with up
+# to WEBHOOK_BATCH_SIZE = 5000 tasks or annotations in one payload, so a small bound would refuse real
+# TASKS_CREATED events; 8 MiB holds 5000 tasks of about 1.6 KB. /setup carries one label config.
+BODY_LIMITS = {"/webhook": 8 * MiB, "/setup": 4 * MiB}
+OTHER_BODY_LIMIT = 64 * KiB  # routes that take no body
+INLINE_JSON_BYTES = 256 * KiB  # bodies above this are parsed in a worker thread, not on the event loop
 MAX_PREDICT_TASKS = 10_000
+WEBHOOK_SECRET_HEADER = "x-webhook-secret"
+WARM_UP_TIMEOUT_S = 2.0  # a hung Redis must not hold the server's start for the clients' read timeout
 
 
 class BodyTooLarge(Exception):
@@ -52,13 +83,18 @@ class BodyTooLarge(Exception):
 
 
 class LimitsAndAuth:
-    """ASGI middleware: cap the body size, check basic auth, and time every request for /metrics."""
+    """ASGI middleware: check basic auth and the webhook secret, cap the body size per route, and time every
+    request for /metrics. Everything it refuses is refused before the body is read."""
 
     def __init__(self, app: Any, runtime: Runtime, metrics: Metrics) -> None:
         self.app = app
-        self.max_body = runtime.settings.max_body_bytes
-        user, password = runtime.settings.basic_auth_user, runtime.settings.basic_auth_pass
+        settings = runtime.settings
+        self.limits = {path: min(limit, settings.max_body_bytes) for path, limit in BODY_LIMITS.items()}
+        self.limits["/predict"] = settings.max_body_bytes
+        self.other_limit = min(OTHER_BODY_LIMIT, settings.max_body_bytes)
+        user, password = settings.basic_auth_user, settings.basic_auth_pass
         self.expected = f"{user}:{password}".encode() if user and password else None
+        self.webhook_secret = settings.webhook_secret.encode() if settings.webhook_secret else None
         self.metrics = metrics
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -68,6 +104,7 @@ class LimitsAndAuth:
         started = time.perf_counter()
         path = scope["path"]
         route = path if path in KNOWN_ROUTES else "other"
+        limit = self.limits.get(path, self.other_limit)
         status_holder = {"status": 500}
 
         async def send_wrapper(message: dict) -> None:
@@ -85,13 +122,17 @@ class LimitsAndAuth:
                     extra=[(b"www-authenticate", b'Basic realm="asvp-backend"')],
                 )
                 return
-            declared = headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > self.max_body:
-                await _send_json(send_wrapper, 413, {"detail": f"request body over {self.max_body} bytes"})
+            if path == "/webhook" and not self._webhook_secret_ok(scope, headers):
+                self.metrics.webhooks.labels("unread", "forbidden").inc()
+                await _send_json(send_wrapper, 403, {"detail": "bad or missing webhook secret"})
                 return
-            await self.app(scope, self._capped(receive), send_wrapper)
+            declared = _declared_length(headers)
+            if declared is not None and declared > limit:
+                await _send_json(send_wrapper, 413, {"detail": f"request body over {limit} bytes"})
+                return
+            await self.app(scope, _capped(receive, limit), send_wrapper)
         except BodyTooLarge:
-            await _send_json(send_wrapper, 413, {"detail": f"request body over {self.max_body} bytes"})
+            await _send_json(send_wrapper, 413, {"detail": f"request body over {limit} bytes"})
         finally:
             self.metrics.observe(
                 route, scope.get("method", "?"), status_holder["status"], time.perf_counter() - started
@@ -107,20 +148,39 @@ class LimitsAndAuth:
             return False
         return hmac.compare_digest(given, self.expected or b"")
 
-    def _capped(self, receive: Any) -> Any:
-        seen = 0
-        limit = self.max_body
+    def _webhook_secret_ok(self, scope: dict, headers: dict[str, str]) -> bool:
+        """The secret comes as `?secret=` (Label Studio's webhook URL) or the X-Webhook-Secret header."""
+        if self.webhook_secret is None:
+            return True
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        if "secret" in query:
+            given = query["secret"][0].encode()
+        else:
+            given = headers.get(WEBHOOK_SECRET_HEADER, "").encode("latin-1")
+        return hmac.compare_digest(given, self.webhook_secret)
 
-        async def wrapped() -> dict:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise BodyTooLarge()
-            return message
 
-        return wrapped
+def _declared_length(headers: dict[str, str]) -> int | None:
+    value = headers.get("content-length")
+    if value is None or not (value.isascii() and value.isdigit()):
+        return None  # the server (h11, httptools) rejects a malformed Content-Length itself
+    return int(value) if len(value) < 19 else 2**63
+
+
+def _capped(receive: Any, limit: int) -> Any:
+    """Count the body as it arrives (chunked bodies declare no length) and stop at the limit."""
+    seen = 0
+
+    async def wrapped() -> dict:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise BodyTooLarge()
+        return message
+
+    return wrapped
 
 
 async def _send_json(
@@ -132,33 +192,106 @@ async def _send_json(
     await send({"type": "http.response.body", "body": payload})
 
 
-KNOWN_ROUTES = {"/health", "/setup", "/predict", "/webhook", "/versions", "/metrics", "/jobs"}
+async def read_body(request: Request) -> bytearray:
+    """The body, gathered chunk by chunk: Starlette's request.body() joins a 60 MB body in one call on the
+    event loop."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+    return body
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    """The body as a JSON object; a large one is parsed in a worker thread so /health keeps answering."""
+    raw = await read_body(request)
+    if len(raw) > INLINE_JSON_BYTES:
+        return await run_in_threadpool(_parse_large_json, raw)
+    return parse_json_object(raw)
+
+
+def _parse_large_json(raw: bytearray) -> dict[str, Any]:
+    with gc_paused():
+        return parse_json_object(raw)
+
+
+class RedisProbe:
+    """Whether Redis answers, for /health: asked at most once per INTERVAL_S with a short timeout, in a
+    thread, and /health waits at most WAIT_S for it (then reports the last answer). Without it /health said
+    UP while every route that needs Redis failed."""
+
+    INTERVAL_S = 1.0
+    TIMEOUT_S = 0.5
+    WAIT_S = 0.25
+
+    def __init__(self, url: str) -> None:
+        self._client = Redis.from_url(
+            url, socket_connect_timeout=self.TIMEOUT_S, socket_timeout=self.TIMEOUT_S, retry=Retry(NoBackoff(), 0)
+        )
+        self._checking = threading.Lock()
+        self._checked_at = float("-inf")
+        self._state = "down: no answer yet"
+
+    async def state(self) -> str:
+        """Either "ok" or "down: <short reason>"."""
+        if time.monotonic() - self._checked_at < self.INTERVAL_S:
+            return self._state
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(self._check), timeout=self.WAIT_S)
+        except TimeoutError:
+            return self._state if self._state != "ok" else f"down: no answer within {self.WAIT_S} s"
+
+    def _check(self) -> str:
+        if not self._checking.acquire(blocking=False):
+            return self._state  # another request is asking right now
+        try:
+            try:
+                self._client.ping()
+                state = "ok"
+            except (RedisError, OSError) as exc:
+                state = f"down: {_short_reason(exc)}"
+            self._state, self._checked_at = state, time.monotonic()
+            return state
+        finally:
+            self._checking.release()
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _short_reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:100]}".rstrip(": ")
 
 
 def create_app(runtime: Runtime) -> FastAPI:
     settings = runtime.settings
     store, queue = runtime.store, runtime.queue
+    redis_probe = RedisProbe(settings.redis_url) if settings.redis_url else None
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # uvicorn has configured its loggers by now: mask secrets in its access lines too
+        install_secret_filter(secrets_of(settings))
         try:
-            await queue.warm_up()
-        except Exception as exc:  # Redis down at start: serve anyway, /health stays UP, jobs will say why
-            log.warning("could not warm up the job queue: %s", exc)
+            await asyncio.wait_for(queue.warm_up(), timeout=WARM_UP_TIMEOUT_S)
+        except Exception as exc:  # Redis down or hung at start: serve anyway; /health says DEGRADED, routes 503
+            log.warning("could not warm up the job queue: %s", _short_reason(exc))
         yield
+        if redis_probe is not None:
+            redis_probe.close()
 
     app = FastAPI(title="asvp-backend", version=__version__, docs_url="/docs", redoc_url=None, lifespan=lifespan)
 
-    def rounds_by_project() -> dict[int, int]:
-        out = {}
-        for pid in store.project_ids():
-            state = store.get(pid)
-            if state:
-                out[pid] = state.round
-        return out
-
-    metrics = Metrics(queue.counts, rounds_by_project)
+    metrics = Metrics(queue.counters, queue.queue_lengths)
     app.state.runtime, app.state.metrics = runtime, metrics
+
+    @app.exception_handler(StateCorrupt)
+    async def corrupt_state(_: Request, exc: StateCorrupt) -> JSONResponse:
+        metrics.errors.labels("corrupt_state").inc()
+        return JSONResponse(
+            {"detail": f"{exc}. Reconnect the project in Label Studio (it calls /setup) or wait for the next "
+                       "sync: both rebuild it from Label Studio."},
+            status_code=409,
+        )
 
     @app.exception_handler(BadRequest)
     async def bad_request(_: Request, exc: BadRequest) -> JSONResponse:
@@ -172,25 +305,49 @@ def create_app(runtime: Runtime) -> FastAPI:
             problems.append(f"{where or 'body'}: {error.get('msg')}")
         return JSONResponse({"detail": "invalid request: " + "; ".join(problems)}, status_code=422)
 
+    @app.exception_handler(RedisConnectionError)
+    @app.exception_handler(RedisTimeoutError)
+    async def redis_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        # a 503 that says why, at once, instead of a 500; Label Studio shows the status, API users the body
+        metrics.errors.labels("redis").inc()
+        log.warning("%s %s: Redis unavailable: %s", request.method, request.url.path, _short_reason(exc))
+        return JSONResponse(
+            {"detail": "Redis unavailable, try again"}, status_code=503, headers={"Retry-After": "5"}
+        )
+
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         metrics.errors.labels("unhandled").inc()
         log.exception("unhandled error on %s", request.url.path)
         return JSONResponse({"detail": f"internal error ({type(exc).__name__})"}, status_code=500)
 
+    @app.get("/")
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {
+        """Always 200 (Label Studio disconnects a backend whose health check fails); `status` is DEGRADED
+        while Redis does not answer, and `redis` says why."""
+        report: dict[str, Any] = {
             "status": "UP",
             "model_class": "asvp-backend",
             "version": __version__,
             "queue": "rq" if settings.redis_url else "in-process",
+            "redis": "not used",
         }
+        if redis_probe is not None:
+            report["redis"] = await redis_probe.state()
+            if report["redis"] != "ok":
+                report["status"] = "DEGRADED"
+        return report
 
     known_projects: set[int] = set()  # projects seen by /setup or found in the store: the webhook's fast path
 
     @app.post("/setup")
-    def setup(body: SetupRequest) -> JSONResponse:
+    async def setup(request: Request) -> JSONResponse:
+        raw = await read_body(request)
+        return await run_in_threadpool(setup_from_body, raw)
+
+    def setup_from_body(raw: bytearray) -> JSONResponse:
+        body = validate_body(SetupRequest, parse_json_object(raw))
         project_id = parse_project_id(body.project)
         try:
             spec = parse_label_config(body.label_config)
@@ -205,21 +362,39 @@ def create_app(runtime: Runtime) -> FastAPI:
             current.label_config, current.spec = body.label_config, spec
             return current
 
-        state = store.update(project_id, remember)
+        try:
+            state = store.update(project_id, remember)
+        except StateCorrupt as exc:  # reconnecting repairs it: a fresh state from the newest round on disk
+            log.error("project %s: %s; /setup rebuilds it", project_id, exc)
+            store.quarantine(project_id)
+            fresh = ProjectState.recovered(project_id, body.label_config, spec,
+                                           newest_round_on_disk(runtime.layout(project_id)))
+            state = store.update(project_id, lambda current: current if current is not None else fresh)
         assert state is not None
         known_projects.add(project_id)
         return JSONResponse({"model_version": str(state.version), "status": "ok"})
 
     @app.post("/predict")
-    def predict(body: PredictRequest) -> dict[str, Any]:
+    async def predict(request: Request) -> JSONResponse:
+        raw = await read_body(request)
+        return await run_in_threadpool(predict_from_body, raw)
+
+    def predict_from_body(raw: bytearray) -> JSONResponse:
+        with gc_paused() if len(raw) > INLINE_JSON_BYTES else contextlib.nullcontext():
+            data = parse_json_object(raw)
+            tasks = take_tasks(data)
+            try:
+                return serve_predictions(validate_body(PredictRequest, data), tasks)
+            finally:
+                release_gradually(tasks)
+
+    def serve_predictions(body: PredictRequest, tasks: list[Any]) -> JSONResponse:
         if body.project is None:
             raise BadRequest("project is required")
         project_id = parse_project_id(body.project)
-        if len(body.tasks) > MAX_PREDICT_TASKS:
+        if len(tasks) > MAX_PREDICT_TASKS:
             raise BadRequest(f"at most {MAX_PREDICT_TASKS} tasks per request; send smaller batches")
-        for index, task in enumerate(body.tasks):
-            if not isinstance(task.get("id"), int) or not isinstance(task.get("data", {}), dict):
-                raise BadRequest(f"tasks[{index}] needs an integer id and a data object")
+        task_ids = [task["id"] for task in check_tasks(tasks)]
         state = store.get(project_id)
         if state is None:
             if not body.label_config:
@@ -232,25 +407,24 @@ def create_app(runtime: Runtime) -> FastAPI:
             except LabelConfigError as exc:
                 raise BadRequest(str(exc)) from None
             state = ProjectState.new(project_id, body.label_config, spec)
-        results = predict_tasks(runtime, state, body.tasks)
-        if settings.label_studio_url and store.exists(project_id) and any(r["score"] is None for r in results):
-            # tasks the current round did not rank: a (deduplicated) sync extracts them and re-ranks
-            queue.submit("sync", project_id, reason="predict asked for tasks without a ranking")
-        return {"results": results}
+        outcome = predict_tasks(settings.model_dir, state, task_ids)
+        if settings.label_studio_url and store.exists(project_id):
+            if outcome.problem:  # the round's ranking is unreadable: a new round replaces it
+                queue.submit("round", project_id, reason=outcome.problem[:200], force_round=True)
+            elif outcome.needs_sync(state):
+                # tasks no sync has seen yet: a (deduplicated) sync extracts them and re-ranks
+                queue.submit("sync", project_id, reason="predict asked for tasks no sync has seen")
+        # rendered here, in the worker thread: FastAPI would encode a returned dict on the event loop
+        return JSONResponse({"results": outcome.results})
 
     @app.post("/webhook")
-    async def webhook(
-        body: WebhookRequest, request: Request, secret: str | None = Query(default=None)
-    ) -> JSONResponse:
+    async def webhook(request: Request) -> JSONResponse:
         # async on purpose: a burst of webhooks is answered on the event loop; only the rare call that
-        # really enqueues a job goes to the thread pool (bench/results/api_cpu.md)
+        # really enqueues a job goes to the thread pool (bench/results/api_cpu.md). The secret was checked
+        # by the middleware before the body was read.
+        body = validate_body(WebhookRequest, await read_json(request))
         action = body.action
         label = action if action in EVENT_TRIGGERS or action in IGNORED_EVENTS else "other"
-        if settings.webhook_secret:
-            given = secret or request.headers.get("x-webhook-secret") or ""
-            if not hmac.compare_digest(given.encode(), settings.webhook_secret.encode()):
-                metrics.webhooks.labels(label, "forbidden").inc()
-                return JSONResponse({"detail": "bad or missing webhook secret"}, status_code=403)
         trigger = EVENT_TRIGGERS.get(action)
         if trigger is None:
             outcome = "ignored" if action in IGNORED_EVENTS else "unknown"
@@ -274,35 +448,45 @@ def create_app(runtime: Runtime) -> FastAPI:
         )
 
     @app.get("/versions")
-    def versions(project: int | None = Query(default=None, ge=1)) -> JSONResponse:
-        ids = store.project_ids() if project is None else [project]
+    def versions(project: str | None = Query(default=None)) -> JSONResponse:
+        project_id = None if project is None else parse_project_id(project)
+        ids = store.project_ids() if project_id is None else [project_id]
         found: set[str] = set()
         for pid in ids:
-            state = store.get(pid)
+            try:
+                state = store.get(pid)
+            except StateCorrupt as exc:  # one broken project never hides the others' versions
+                if project_id is not None:
+                    raise
+                log.error("project %s: %s", pid, exc)
+                continue
             if state is None:
-                if project is not None:
-                    return JSONResponse({"detail": f"unknown project {project}"}, status_code=404)
+                if project_id is not None:
+                    return JSONResponse({"detail": f"unknown project {project_id}"}, status_code=404)
                 continue
             found.update(state.versions)
         ordered = sorted(found, key=_version_key, reverse=True)
         return JSONResponse({"versions": ordered})
 
     @app.get("/jobs")
-    def jobs(project: int | None = Query(default=None, ge=1), limit: int = Query(default=50, ge=1, le=500)):
-        infos = queue.jobs(project, limit=limit)
+    def jobs(project: str | None = Query(default=None), limit: int = Query(default=50, ge=1, le=500)) -> Any:
+        project_id = None if project is None else parse_project_id(project)
+        infos = [info.to_dict() for info in queue.jobs(project_id, limit=limit)]
         counts: dict[str, int] = {}
         for info in infos:
-            counts[info.status] = counts.get(info.status, 0) + 1
-        return {"jobs": [i.to_dict() for i in infos], "counts": counts}
+            counts[info["status"]] = counts.get(info["status"], 0) + 1
+        return {"jobs": infos, "counts": counts}
 
-    @app.get("/projects/{project_id}")
-    def project_status(project_id: int) -> JSONResponse:
+    @app.get("/projects/{project}")
+    def project_status(project: str) -> JSONResponse:
+        project_id = parse_project_id(project)
         state = store.get(project_id)
         if state is None:
             return JSONResponse({"detail": f"unknown project {project_id}"}, status_code=404)
         data = json.loads(state.to_json())
         data.pop("label_config", None)
         data["model_version"] = str(state.version)
+        data["problems"] = project_problems(runtime.layout(project_id), state)
         return JSONResponse(data)
 
     @app.get("/metrics")

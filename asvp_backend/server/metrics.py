@@ -1,22 +1,23 @@
-"""Prometheus metrics of the API: requests, latencies, errors, and (read at scrape time) jobs and rounds."""
+"""Prometheus metrics of the API: requests, latencies, errors, webhooks, and the job queue's own counters.
+
+A scrape reads only cumulative counters (one Redis hash, or a dict in-process) and the queue lengths, never
+the job records or the projects' states, so it costs the same with 10 jobs or 10 million.
+"""
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger(__name__)
 
 
 class Metrics:
-    def __init__(
-        self, jobs_by_state: Callable[[], dict[str, int]], rounds_by_project: Callable[[], dict[int, int]]
-    ):
+    def __init__(self, job_counters: Callable[[], dict[str, int]], queue_lengths: Callable[[], dict[str, int]]):
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "asvp_http_requests_total", "HTTP requests", ["route", "method", "status"], registry=self.registry
@@ -35,7 +36,7 @@ class Metrics:
             ["action", "outcome"],
             registry=self.registry,
         )
-        self.registry.register(_ScrapeTimeCollector(jobs_by_state, rounds_by_project))
+        self.registry.register(_QueueCollector(job_counters, queue_lengths))
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()
@@ -44,26 +45,23 @@ class Metrics:
             self.errors.labels("http_5xx").inc()
 
 
-class _ScrapeTimeCollector:
-    """Reads the queue and the project state when Prometheus scrapes, so the numbers are never stale."""
+class _QueueCollector:
+    """Job events by kind (submitted, deduplicated, deferred, finished, failed, died) and queue lengths."""
 
-    def __init__(
-        self, jobs_by_state: Callable[[], dict[str, int]], rounds_by_project: Callable[[], dict[int, int]]
-    ):
-        self.jobs_by_state = jobs_by_state
-        self.rounds_by_project = rounds_by_project
+    def __init__(self, job_counters: Callable[[], dict[str, int]], queue_lengths: Callable[[], dict[str, int]]):
+        self.job_counters = job_counters
+        self.queue_lengths = queue_lengths
 
     def collect(self) -> Iterator[Any]:
-        jobs = GaugeMetricFamily("asvp_jobs", "Recent jobs by state", labels=["state"])
-        rounds = GaugeMetricFamily("asvp_rounds", "Selection rounds completed", labels=["project"])
-        started = time.monotonic()
+        jobs = CounterMetricFamily("asvp_jobs", "Job events by kind", labels=["event", "kind"])
+        waiting = GaugeMetricFamily("asvp_queue_length", "Jobs waiting in each queue", labels=["queue"])
         try:
-            for state, count in sorted(self.jobs_by_state().items()):
-                jobs.add_metric([state], count)
-            for project, count in sorted(self.rounds_by_project().items()):
-                rounds.add_metric([str(project)], count)
+            for key, count in sorted(self.job_counters().items()):
+                event, _, kind = key.partition(":")
+                jobs.add_metric([event, kind], count)
+            for name, length in sorted(self.queue_lengths().items()):
+                waiting.add_metric([name], length)
         except Exception as exc:  # a scrape must not fail because Redis hiccuped
             log.warning("metrics scrape incomplete: %s", exc)
-        log.debug("metrics scrape took %.3fs", time.monotonic() - started)
         yield jobs
-        yield rounds
+        yield waiting

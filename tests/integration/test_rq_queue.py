@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from asvp_backend.jobs.queue import RqJobQueue
+from asvp_backend.jobs.rq_queue import RqJobQueue
 from asvp_backend.labelstudio.label_config import parse_label_config
 from asvp_backend.state import ProjectState, RedisStateStore
 from tests.conftest import start_worker

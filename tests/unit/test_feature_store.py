@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ DIM = 8
 
 
 def _info(g: int = 0, **kw) -> GenerationInfo:
-    base = dict(
+    base: dict[str, Any] = dict(
         generation=g,
         backbone="tf_efficientnet_lite0",
         weights_hash="abc",
@@ -136,8 +137,9 @@ def test_generations_and_atomic_activation(store, tmp_path):
     assert store.current().info.generation == 0
     store.activate(1)
     reopened = FeatureStore(tmp_path / "features")
-    assert reopened.current().info.generation == 1
-    assert reopened.current().info.weights_hash == "def"
+    current = reopened.current()
+    assert current is not None and current.info.generation == 1
+    assert current.info.weights_hash == "def"
     assert reopened.generations() == [0, 1]
     assert json.loads((store.root / "CURRENT").read_text()) == {"generation": 1}
     with pytest.raises(FeatureStoreError):

@@ -10,6 +10,7 @@ import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -19,7 +20,9 @@ from asvp_backend.labelstudio.images import (
     LocalImageLoader,
     decode_image,
     default_resolve,
+    image_value_problem,
     is_public_address,
+    to_rgb,
 )
 
 TOKEN = "Token s3cr3t-ls-token"
@@ -385,3 +388,95 @@ def test_is_public_address():
         "0.0.0.0",
     ):
         assert not is_public_address(a), a
+
+
+@pytest.mark.parametrize(
+    "addr",
+    [
+        # NAT64 well-known prefix: the translator delivers to the embedded IPv4 address
+        "64:ff9b::7f00:1",  # 127.0.0.1
+        "64:ff9b::a00:1",  # 10.0.0.1
+        "64:ff9b::a9fe:a9fe",  # 169.254.169.254
+        # NAT64 local-use prefix: refused whatever it embeds (the operator decides where the IPv4 bits go)
+        "64:ff9b:1::7f00:1",
+        "64:ff9b:1::a00:1",
+        "64:ff9b:1::a9fe:a9fe",
+        "64:ff9b:1::808:808",
+        # 6to4: a relay delivers to the embedded IPv4 address
+        "2002:7f00:1::",
+        "2002:a00:1::1",
+        "2002:a9fe:a9fe::",
+        # Teredo: refused whatever it embeds
+        "2001:0:a9fe:a9fe:0:f227:80ff:fffe",  # server 169.254.169.254, client 127.0.0.1 (obfuscated)
+        "2001:0:808:808:0:f227:f5ff:fffe",  # server 8.8.8.8, client 10.0.0.1
+        "2001:0:808:808:0:f227:f7f7:f7f7",  # server 8.8.8.8, client 8.8.8.8
+        # IPv4-compatible (deprecated)
+        "::7f00:1",
+        "::808:808",
+    ],
+)
+def test_ipv6_forms_embedding_ipv4_are_judged_by_it(addr):
+    assert not is_public_address(addr)
+
+
+@pytest.mark.parametrize("addr", ["64:ff9b::808:808", "2002:808:808::", "2002:808:808:1::1", "::ffff:8.8.8.8"])
+def test_ipv6_forms_embedding_a_public_ipv4_stay_public(addr):
+    """DNS64 networks reach every IPv4-only image host through 64:ff9b::/96; refusing it would break them."""
+    assert is_public_address(addr)
+
+
+def test_nat64_address_refused_by_fetcher():
+    with pytest.raises(ImageFetchError, match="non-public"):
+        ImageFetcher().fetch_bytes("http://[64:ff9b::a9fe:a9fe]/latest/meta-data/")
+
+
+@pytest.mark.parametrize(
+    "value, reason",
+    [
+        ("/data/upload/1/x.png", None),
+        ("  ", "image value is an empty string"),
+        (None, "image value is missing (null)"),
+        (3, "image value is a number, not a URL string"),
+        (2.5, "image value is a number, not a URL string"),
+        (True, "image value is a boolean, not a URL string"),
+        (["a.png", "b.png"], "image value is a list, not a URL string"),
+        ({"url": "a.png"}, "image value is an object, not a URL string"),
+        (b"a.png", "image value is a bytes, not a URL string"),
+    ],
+)
+def test_image_value_problem(value, reason):
+    assert image_value_problem(value) == reason
+
+
+# ---------------------------------------------------------------------------------------------- high bit depth
+
+
+def _encoded(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+def test_16_bit_gradient_keeps_its_shape():
+    ramp = np.repeat(np.linspace(0, 65535, 256).round().astype(np.uint16)[None, :], 3, axis=0)
+    out = decode_image(_encoded(Image.fromarray(ramp), "PNG"))
+    grey = np.asarray(out)[1, :, 0].astype(int)
+    assert out.mode == "RGB" and (np.asarray(out)[..., 0] == np.asarray(out)[..., 2]).all()
+    assert np.abs(grey - np.arange(256)).max() <= 1 and (np.diff(grey) >= 0).all()
+
+
+def test_big_endian_16_bit_is_scaled_like_native():
+    values = np.array([[0, 1000, 30000, 60000]], dtype=np.uint16)
+    native = decode_image(_encoded(Image.fromarray(values), "TIFF"))
+    big = Image.frombytes("I;16B", (4, 1), values.astype(">u2").tobytes())
+    assert np.array_equal(np.asarray(to_rgb(big)), np.asarray(native))
+
+
+def test_float_image_scaled_from_zero_and_non_finite_pixels_are_dark():
+    values = np.array([[0.0, 0.25, 0.5, 1.0, np.nan, np.inf, -np.inf]], dtype=np.float32)
+    grey = np.asarray(decode_image(_encoded(Image.fromarray(values), "TIFF")))[0, :, 0]
+    assert grey.tolist() == [0, 63, 127, 255, 0, 0, 0]
+    negative = np.array([[-1.0, 0.0, 1.0]], dtype=np.float32)
+    assert np.asarray(decode_image(_encoded(Image.fromarray(negative), "TIFF")))[0, :, 0].tolist() == [0, 127, 255]
+    all_nan = np.full((2, 2), np.nan, dtype=np.float32)
+    assert np.asarray(decode_image(_encoded(Image.fromarray(all_nan), "TIFF"))).max() == 0

@@ -218,6 +218,6 @@ def test_gpu_trained_proxy_loads_on_cpu(blobs, tmp_path) -> None:
     proxy.device = "cuda"  # as if it had been trained on a GPU
     proxy.save(tmp_path / "gpu.pt")
     loaded = load_proxy(tmp_path / "gpu.pt")
-    assert loaded.device == "cpu"
+    assert isinstance(loaded, MLPProxy) and loaded.device == "cpu"
     fresh = small_mlp().fit(X[:100], y[:100])
     np.testing.assert_array_equal(loaded.predict_proba(X[:20]), fresh.predict_proba(X[:20]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -145,7 +146,7 @@ def test_no_labelled_points(name: str, pool: SelectionInput) -> None:
 
 @pytest.mark.parametrize("name", SET_BASED)
 def test_candidate_cap_and_partitions(name: str, pool: SelectionInput) -> None:
-    params = {"max_candidates": 120}
+    params: dict[str, Any] = {"max_candidates": 120}
     if name in ("badge", "coreset"):
         params["partition_size"] = 25
     r = create_strategy(name, seed=1, **params).rank(pool, 30)
@@ -213,7 +214,7 @@ def fake_input(hidden: np.ndarray, logits: np.ndarray) -> SelectionInput:
     n = len(hidden)
     feats = np.arange(n, dtype=np.float32)[:, None]
     probs = torch.softmax(torch.from_numpy(logits.astype(np.float32)), 1).numpy()
-    return SelectionInput(feats, probs, np.zeros((0, 1), np.float32), FakeProxy(hidden, logits))
+    return SelectionInput(feats, probs, np.zeros((0, 1), np.float32), cast(Any, FakeProxy(hidden, logits)))
 
 
 def test_pooled_embedding_equals_pooling_the_full_gradient() -> None:
@@ -254,6 +255,7 @@ def test_badge_is_diverse_across_duplicate_groups() -> None:
 def test_badge_first_pick_is_the_largest_gradient(pool: SelectionInput) -> None:
     r = create_strategy("badge", seed=0).rank(pool, 5)
     assert_valid(r, pool.n, 5, set_based=True)
+    assert pool.proxy is not None
     hid, logits = pool.proxy.hidden_and_logits(pool.features)
     emb = pooled_grad_embedding(torch.from_numpy(hid), torch.from_numpy(logits))
     assert r.order[0] == int(emb.norm(dim=1).argmax())

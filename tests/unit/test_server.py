@@ -7,8 +7,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from asvp_backend.config import Settings
-from asvp_backend.jobs.queue import InProcessJobQueue
-from asvp_backend.runtime import Runtime, set_runtime
+from asvp_backend.jobs.inprocess import InProcessJobQueue
+from asvp_backend.runtime import Runtime
 from asvp_backend.server.app import create_app
 from asvp_backend.state import FileStateStore
 from tests.helpers import IMAGE_CONFIG
@@ -16,16 +16,28 @@ from tests.helpers import IMAGE_CONFIG
 
 def make_client(tmp_path, **env):
     settings = Settings.from_env({"MODEL_DIR": str(tmp_path), **env})
-    runtime = Runtime(settings=settings, store=FileStateStore(tmp_path), queue=InProcessJobQueue(start=False))
-    set_runtime(runtime)
+    # the queue is never started: tests observe what is queued, nothing runs
+    runtime = Runtime(settings=settings, store=FileStateStore(tmp_path), queue=InProcessJobQueue())
     return TestClient(create_app(runtime), raise_server_exceptions=False), runtime
 
 
 @pytest.fixture
 def client(tmp_path):
-    client, runtime = make_client(tmp_path)
-    yield client
-    set_runtime(None)
+    client, _ = make_client(tmp_path)
+    return client
+
+
+def write_ranking(model_dir, project_id, task_ids, scores, labels):
+    """A round's ranking as the round job writes it, and the project's state advanced to that round."""
+    import numpy as np
+
+    from asvp_backend.artefacts import RankingArtefact, write_round
+    from asvp_backend.layout import ProjectLayout
+    from asvp_backend.versioning import ModelVersion
+
+    ranking = RankingArtefact(np.array(task_ids), np.array(scores), np.array(labels))
+    write_round(ProjectLayout(model_dir, project_id), ModelVersion(0, 1), ranking, None)
+    FileStateStore(model_dir).update(project_id, lambda s: (s.advance_round(), s)[1])
 
 
 def setup_project(client, project="3.1700000000"):
@@ -174,15 +186,8 @@ def test_no_secret_in_error_bodies_or_logs(tmp_path, caplog):
 
 
 def test_predict_serves_the_rounds_label_and_score(client, tmp_path):
-    import numpy as np
-
-    from asvp_backend.jobs.rounds import _write_artefacts
-    from asvp_backend.versioning import ModelVersion
-
     setup_project(client)
-    _write_artefacts(tmp_path, 3, ModelVersion(0, 1), None, np.array([11, 12]), np.array([0.25, 0.05]),
-                     np.array(["dog", ""]))
-    FileStateStore(tmp_path).update(3, lambda s: (s.advance_round(), s)[1])
+    write_ranking(tmp_path, 3, [11, 12], [0.25, 0.05], ["dog", ""])
     tasks = [{"id": 12, "data": {}}, {"id": 99, "data": {}}, {"id": 11, "data": {}}]
     results = client.post("/predict", json={"tasks": tasks, "project": "3.1"}).json()["results"]
     assert results[0] == {"result": [], "score": pytest.approx(0.05), "model_version": "asvp-g0-r1"}
@@ -192,15 +197,140 @@ def test_predict_serves_the_rounds_label_and_score(client, tmp_path):
 
 
 def test_a_label_removed_from_the_config_is_not_offered(client, tmp_path):
-    import numpy as np
-
-    from asvp_backend.jobs.rounds import _write_artefacts
-    from asvp_backend.versioning import ModelVersion
-
     setup_project(client)
-    _write_artefacts(tmp_path, 3, ModelVersion(0, 1), None, np.array([11]), np.array([0.2]), np.array(["dog"]))
-    FileStateStore(tmp_path).update(3, lambda s: (s.advance_round(), s)[1])
+    write_ranking(tmp_path, 3, [11], [0.2], ["dog"])
     edited = IMAGE_CONFIG.replace('<Choice value="dog"/>', '<Choice value="bird"/>')
     assert client.post("/setup", json={"project": "3.1", "schema": edited}).json()["model_version"] == "asvp-g0-r1"
     result = client.post("/predict", json={"tasks": [{"id": 11, "data": {}}], "project": "3.1"}).json()
     assert result["results"][0]["result"] == [] and result["results"][0]["score"] == pytest.approx(0.2)
+
+
+# ------------------------------------------------------------------ ids (issue item 13)
+BAD_PROJECTS = [True, False, 0, -5, 2**31, 10**30, 3.0, "true", "²", "٣", "1" * 5000, "-5", "0", " 3", "3x", "3.", ""]
+
+
+@pytest.mark.parametrize("project", BAD_PROJECTS, ids=lambda value: repr(value)[:12])
+def test_setup_refuses_anything_but_a_project_id(client, project):
+    response = client.post("/setup", json={"project": project, "schema": IMAGE_CONFIG})
+    assert response.status_code == 400 and "project" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("project", BAD_PROJECTS, ids=lambda value: repr(value)[:12])
+def test_predict_and_webhook_refuse_anything_but_a_project_id(client, project):
+    setup_project(client, "1.1")
+    tasks = [{"id": 1, "data": {}}]
+    predict = client.post("/predict", json={"tasks": tasks, "project": project, "label_config": IMAGE_CONFIG})
+    assert predict.status_code == 400 and "project" in predict.json()["detail"]
+    for named in (project, {"id": project}):
+        webhook = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": named})
+        assert webhook.status_code == 400 and "project" in webhook.json()["detail"]
+
+
+@pytest.mark.parametrize("project", ["true", "²", "1" * 5000, "-5", "0", str(2**31), "3x"], ids=lambda v: v[:12])
+def test_routes_reading_a_project_from_the_url_refuse_bad_ids(client, project):
+    setup_project(client, "1.1")
+    for response in (
+        client.get("/versions", params={"project": project}),
+        client.get("/jobs", params={"project": project}),
+        client.get(f"/projects/{project}"),
+    ):
+        assert response.status_code == 400, response.text
+        assert "project" in response.json()["detail"]
+
+
+def test_true_is_not_project_1(client):
+    setup_project(client, "1.1")
+    other = IMAGE_CONFIG.replace('<Choice value="dog"/>', '<Choice value="bird"/>')
+    assert client.post("/setup", json={"project": True, "schema": other}).status_code == 400
+    assert client.get("/projects/1").json()["spec"]["labels"] == ["cat", "dog"]
+
+
+def test_good_project_ids_in_every_form(client):
+    assert setup_project(client, "7").status_code == 200
+    assert setup_project(client, 2**31 - 1).status_code == 200
+    assert client.get("/projects/7").status_code == 200
+    assert client.get("/versions", params={"project": "7.1700000000"}).json()["versions"] == ["asvp-g0-r0"]
+    assert client.get("/jobs", params={"project": "7"}).status_code == 200
+
+
+@pytest.mark.parametrize("task_id", [True, -5, 0, 10**30, 2**31, "5", 5.0, None])
+def test_predict_refuses_task_ids_label_studio_cannot_have(client, task_id):
+    setup_project(client)
+    response = client.post("/predict", json={"tasks": [{"id": task_id, "data": {}}], "project": "3.1"})
+    assert response.status_code == 400 and "tasks[0] needs an integer id" in response.json()["detail"]
+
+
+# ------------------------------------------------------------------ lone surrogates (issue item 14)
+def post_raw(client, path, text):
+    return client.post(path, content=text.encode(), headers={"content-type": "application/json"})
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/setup", '{"project": "3.1", "schema": "<View>\\ud800</View>"}'),
+        ("/setup", '{"project": "3.1", "schema": "x", "extra_params": {"\\udc00": 1}}'),
+        ("/predict", '{"project": "3.1", "tasks": [{"id": 1, "data": {"image": ["a", "\\uDBFF"]}}]}'),
+        ("/webhook", '{"action": "ANNOTATION_CREATED\\ud800", "project": {"id": 3}}'),
+    ],
+)
+def test_a_lone_surrogate_is_refused_with_a_message(client, path, body):
+    setup_project(client)
+    response = post_raw(client, path, body)
+    assert response.status_code == 422
+    assert "lone UTF-16 surrogate" in response.json()["detail"]
+
+
+def test_utf8_encoded_surrogates_are_refused_and_pairs_are_fine(client):
+    encoded = b'{"project": "3.1", "schema": "<View>\xed\xa0\x80</View>"}'
+    response = client.post("/setup", content=encoded, headers={"content-type": "application/json"})
+    assert response.status_code == 422 and "not valid UTF-8" in response.json()["detail"]
+    text = json.dumps({"project": "3.1", "schema": IMAGE_CONFIG.replace('value="dog"', 'value="dog \U0001f436"')})
+    assert "\\ud83d\\udc36" in text  # json.dumps writes the emoji as an escaped surrogate pair
+    response = post_raw(client, "/setup", text)
+    assert response.status_code == 200, response.text
+    assert client.get("/projects/3").json()["spec"]["labels"] == ["cat", "dog \U0001f436"]
+
+
+# ------------------------------------------------------------------ GET / (Label Studio's guides curl it)
+def test_root_answers_like_health_and_needs_no_credentials(tmp_path):
+    client, _ = make_client(tmp_path, BASIC_AUTH_USER="ls", BASIC_AUTH_PASS="s3cret-pass")
+    root, health = client.get("/"), client.get("/health")
+    assert root.status_code == 200 and root.json() == health.json()
+    assert root.json()["status"] == "UP" and root.json()["redis"] == "not used"
+
+
+# ------------------------------------------------------------------ body limits and the webhook secret
+def test_webhook_secret_is_checked_before_the_body(tmp_path):
+    client, _ = make_client(tmp_path, WEBHOOK_SECRET="hook-secret")
+    not_even_json = b"x" * 100_000
+    assert client.post("/webhook", content=not_even_json).status_code == 403
+    assert client.post("/webhook?secret=wrong", content=not_even_json).status_code == 403
+    assert client.post("/webhook?secret=hook-secret", content=not_even_json).status_code == 422
+
+
+def test_each_route_has_its_own_body_limit(client):
+    from asvp_backend.server.app import BODY_LIMITS, OTHER_BODY_LIMIT
+
+    over = {"/webhook": BODY_LIMITS["/webhook"] + 1, "/setup": BODY_LIMITS["/setup"] + 1,
+            "/versions": OTHER_BODY_LIMIT + 1}
+    for path, size in over.items():
+        response = client.request("POST" if path != "/versions" else "GET", path, content=b" " * size)
+        assert response.status_code == 413, path
+    under = client.post("/setup", content=json.dumps({"project": "3.1", "schema": IMAGE_CONFIG + " " * 2**20}))
+    assert under.status_code == 200
+
+
+def test_large_bodies_are_handled_and_leave_the_garbage_collector_on(client):
+    import gc
+
+    setup_project(client)
+    tasks = [{"id": i, "data": {"image": f"/data/upload/3/{i}.png" + " " * 100}} for i in range(1, 5001)]
+    assert len(json.dumps(tasks)) > 512 * 1024  # parsed in a worker thread, with the collector paused
+    response = client.post("/predict", json={"tasks": tasks, "project": "3.1"})
+    assert response.status_code == 200 and len(response.json()["results"]) == 5000
+    broken = client.post("/predict", content=json.dumps({"tasks": tasks})[:-1].encode())
+    assert broken.status_code == 422 and "not valid JSON" in broken.json()["detail"]
+    bulk = {"action": "TASKS_CREATED", "project": {"id": 3}, "tasks": tasks}  # a bulk event, as Label Studio sends
+    assert client.post("/webhook", json=bulk).status_code == 201
+    assert gc.isenabled()

@@ -1,5 +1,6 @@
 """Acquisition strategies: each a small class registered by name (see ``STRATEGIES``)."""
 
+from ..names import COLD_START_STRATEGY, DEFAULT_STRATEGY
 from .badge import BadgeStrategy, pooled_grad_embedding
 from .base import (
     STRATEGIES,
@@ -23,9 +24,6 @@ from .uncertainty import (
     RandomStrategy,
     UncertaintyStrategy,
 )
-
-DEFAULT_STRATEGY = "margin"
-COLD_START_STRATEGY = "typiclust"
 
 __all__ = [
     "COLD_START_STRATEGY",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -43,6 +45,22 @@ def split_budget(sizes: list[int], k: int) -> list[int]:
     return shares
 
 
+def interleaved_schedule(shares: list[int]) -> list[int]:
+    """Which part each pick comes from: round-robin over the parts until each has its share.
+
+    Pick ``i`` comes from part ``i mod P`` while every part still has room, so the first picks of a batch span
+    the whole pool instead of exhausting one random part first.
+    """
+    return [p for turn in range(max(shares, default=0)) for p, share in enumerate(shares) if share > turn]
+
+
+def resolve_device(device: str) -> torch.device:
+    """The torch device for a DEVICE setting: ``auto`` = CUDA when present, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def to_tensor(x: np.ndarray, device: torch.device) -> torch.Tensor:
     """float32 tensor on ``device`` (float16 caches are widened here, on the candidates only)."""
     return torch.from_numpy(np.ascontiguousarray(x)).to(device).float()
@@ -65,9 +83,37 @@ def min_sq_dist(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     return out.clamp_min_(0.0)
 
 
-def sq_dist_to(x: torch.Tensor, x_sq: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
-    """Squared distances from every row of ``x`` to one point (one matrix-vector product)."""
-    return (x_sq - 2.0 * (x @ point) + (point * point).sum()).clamp_min_(0.0)
+#: chooses a row of one part from (squared distance to the nearest centre, already-picked mask, squared norms)
+ChooseRow = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], int]
+
+
+def greedy_over_partitions(
+    points: list[torch.Tensor], start_dist: list[torch.Tensor], k: int, choose: ChooseRow
+) -> list[tuple[int, int]]:
+    """A greedy batch of ``k`` picks (BADGE's k-means++, core-set's k-center) over partitioned candidates.
+
+    The parts take turns (``interleaved_schedule`` over ``split_budget``) and each part first accounts for
+    every earlier pick of the batch, whichever part made it, so the batch's prefix is itself a diverse batch
+    and an annotator who labels only its start still sees the whole pool. ``start_dist`` holds each part's
+    squared distance to the fixed centres (+inf: none). Returns ``(part, row)`` pairs in selection order.
+    """
+    dist = list(start_dist)
+    x_sq = [(x * x).sum(1) for x in points]
+    picked = [torch.zeros(x.shape[0], dtype=torch.bool, device=x.device) for x in points]
+    seen = [0] * len(points)  # how many of the batch's picks dist[p] already accounts for
+    centres: list[torch.Tensor] = []
+    chosen: list[tuple[int, int]] = []
+    for p in interleaved_schedule(split_budget([x.shape[0] for x in points], k)):
+        if seen[p] < len(centres):  # at most one pick per part since this part's last turn: a thin matmul
+            new = torch.stack(centres[seen[p] :])
+            d = (x_sq[p][:, None] - 2.0 * points[p] @ new.T + (new * new).sum(1)).min(1).values
+            dist[p] = torch.minimum(dist[p], d.clamp_min_(0.0))
+            seen[p] = len(centres)
+        j = choose(dist[p], picked[p], x_sq[p])
+        picked[p][j] = True
+        centres.append(points[p][j])
+        chosen.append((p, j))
+    return chosen
 
 
 def rest_scores(inp: SelectionInput, rng: np.random.Generator) -> np.ndarray:

@@ -9,15 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..proxy import Proxy
-from ._common import (
-    candidate_indices,
-    min_sq_dist,
-    partitions,
-    set_ranking,
-    split_budget,
-    sq_dist_to,
-    to_tensor,
-)
+from ._common import candidate_indices, greedy_over_partitions, partitions, resolve_device, set_ranking, to_tensor
 from .base import Ranking, SelectionError, SelectionInput, Strategy, register_strategy
 
 #: reference constants ("from active learning at ImageNet scale"): pooled rows of the (C x H) gradient, area
@@ -53,8 +45,10 @@ class BadgeStrategy(Strategy):
     one is drawn with probability proportional to its squared distance to the nearest chosen centre, so
     indices are distinct and confident items (embedding near 0) are rarely drawn. Scale: candidates are a
     uniform subsample of at most ``max_candidates``, split into random partitions of at most
-    ``partition_size`` that each pick their share (reference ``badge_partition_subset``: 320k into 20);
-    later partitions also count the earlier picks as centres. Items not chosen are ordered by margin.
+    ``partition_size`` that each pick their share (reference ``badge_partition_subset``: 320k into 20). Unlike
+    the reference, partitions take turns (pick ``i`` from partition ``i mod P``) and count every earlier pick
+    as a centre, so the first tasks served span the pool. Items not chosen are ordered by margin.
+    ``device``: where embeddings and distances live (``auto`` = CUDA when present).
     """
 
     name: ClassVar[str] = "badge"
@@ -69,15 +63,14 @@ class BadgeStrategy(Strategy):
         embed_batch_size: int = 16_384,
         device: str = "cpu",
     ) -> None:
-        super().__init__(seed)
+        super().__init__(seed, device)
         self.max_candidates = max_candidates
         self.partition_size = partition_size
         self.embed_batch_size = embed_batch_size
-        self.device = device
 
     def embed(self, proxy: Proxy, features: np.ndarray, indices: np.ndarray) -> torch.Tensor:
         """Pooled gradient embeddings of ``features[indices]``, computed in batches (memory stays small)."""
-        dev = torch.device(self.device)
+        dev = resolve_device(self.device)
         out = []
         for s in range(0, indices.size, self.embed_batch_size):
             hid, logits = proxy.hidden_and_logits(features[indices[s : s + self.embed_batch_size]])
@@ -96,23 +89,20 @@ class BadgeStrategy(Strategy):
         cand = candidate_indices(inp.n, self.max_candidates, k, rng)
         emb = self.embed(inp.proxy, inp.features, cand)
         parts = partitions(cand.size, self.partition_size, rng)
-        chosen_pos: list[int] = []  # positions in cand
-        for part, share in zip(parts, split_budget([p.size for p in parts], k), strict=True):
-            if share == 0:
-                continue
-            x = emb[torch.from_numpy(part).to(emb.device)]
-            x_sq = (x * x).sum(1)
-            picked = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-            dist = min_sq_dist(x, emb[torch.as_tensor(chosen_pos, dtype=torch.long, device=emb.device)])
-            for _ in range(share):
-                if torch.isinf(dist).all():
-                    j = int(torch.argmax(x_sq))  # first centre: largest gradient norm
-                else:
-                    j = self._d2_sample(dist.masked_fill(picked, 0.0), picked, rng)
-                picked[j] = True
-                chosen_pos.append(int(part[j]))
-                dist = torch.minimum(dist, sq_dist_to(x, x_sq, x[j]))
-        return set_ranking(cand[np.asarray(chosen_pos, np.int64)], inp, rng)
+        # the original BADGE starts from the largest gradient overall: visit the part holding it first
+        top = int(torch.argmax((emb * emb).sum(1)))
+        first = next(i for i, part in enumerate(parts) if np.isin(top, part))
+        parts = parts[first:] + parts[:first]
+        points = [emb[torch.from_numpy(part).to(emb.device)] for part in parts]
+        no_centres = [torch.full((x.shape[0],), float("inf"), device=x.device) for x in points]
+
+        def choose(dist: torch.Tensor, picked: torch.Tensor, x_sq: torch.Tensor) -> int:
+            if torch.isinf(dist).all():
+                return int(torch.argmax(x_sq))  # first centre: largest gradient norm
+            return self._d2_sample(dist.masked_fill(picked, 0.0), picked, rng)
+
+        picks = greedy_over_partitions(points, no_centres, k, choose)
+        return set_ranking(cand[np.asarray([parts[p][j] for p, j in picks], np.int64)], inp, rng)
 
     @staticmethod
     def _d2_sample(weights: torch.Tensor, picked: torch.Tensor, rng: np.random.Generator) -> int:

@@ -75,18 +75,25 @@ class Ranking:
 
 class Strategy(ABC):
     """Rank the unlabelled pool. ``__init__`` stores parameters only; ``rank`` is a pure function of its
-    input and ``seed`` (same seed, same input -> same ranking; vary the seed per round)."""
+    input and ``seed`` (same seed, same input -> same ranking; vary the seed per round).
+
+    Every strategy accepts ``device`` (the DEVICE setting: ``cpu``, ``cuda``, ``auto``) so callers pass it
+    blindly; the ones that compute with torch (BADGE, core-set, TypiClust) use it, the others ignore it.
+    """
 
     name: ClassVar[str]
     requires_probs: ClassVar[bool] = False
     set_based: ClassVar[bool] = False  # True: order holds only the chosen batch
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, device: str = "cpu") -> None:
         self.seed = seed
+        self.device = device
 
     @abstractmethod
     def rank(self, inp: SelectionInput, budget: int) -> Ranking:
-        """Return the ranking for a batch of ``budget`` items."""
+        """Return the ranking for a batch of ``budget`` items: the batch labelled before the next round
+        (BATCH_SIZE), not how many predictions are pushed. Set-based strategies pick exactly that batch and
+        order everything else by ``scoring``'s rest rule, so a large budget would only dilute the batch."""
 
     def _check(self, inp: SelectionInput, budget: int) -> None:
         if budget < 0:

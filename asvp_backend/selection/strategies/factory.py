@@ -8,11 +8,14 @@ from .base import Strategy, get_strategy_class
 from .mix import EpsilonMix
 
 
-def create_strategy(name: str, seed: int = 0, epsilon: float = 0.0, **params: Any) -> Strategy:
+def create_strategy(
+    name: str, seed: int = 0, epsilon: float = 0.0, device: str = "cpu", **params: Any
+) -> Strategy:
     """E.g. ``create_strategy("badge", seed=round_no, epsilon=0.1, device="cuda")``.
 
-    Unknown names raise ValueError listing the known ones; unknown ``params`` raise TypeError from the
-    strategy's constructor, so a bad configuration fails at start-up rather than mid-round.
+    ``device`` is accepted by every strategy (``auto`` = CUDA when present). Unknown names raise ValueError
+    listing the known ones; unknown ``params`` raise TypeError from the strategy's constructor, so a bad
+    configuration fails at start-up rather than mid-round.
     """
-    strategy = get_strategy_class(name)(seed=seed, **params)
+    strategy = get_strategy_class(name)(seed=seed, device=device, **params)
     return EpsilonMix(strategy, epsilon, seed=seed) if epsilon > 0.0 else strategy

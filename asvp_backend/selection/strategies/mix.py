@@ -20,7 +20,7 @@ class EpsilonMix(Strategy):
     name: ClassVar[str] = "epsilon_mix"
 
     def __init__(self, base: Strategy, epsilon: float, seed: int = 0) -> None:
-        super().__init__(seed)
+        super().__init__(seed, base.device)
         if not 0.0 <= epsilon <= 1.0:
             raise SelectionError(f"epsilon must be in [0, 1], got {epsilon}")
         self.base = base

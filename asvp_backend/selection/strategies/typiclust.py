@@ -9,7 +9,7 @@ import torch
 from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.decomposition import PCA
 
-from ._common import DIST_BLOCK, candidate_indices, set_ranking, to_tensor
+from ._common import DIST_BLOCK, candidate_indices, resolve_device, set_ranking, to_tensor
 from .base import Ranking, SelectionInput, Strategy, register_strategy
 
 
@@ -75,7 +75,7 @@ class TypiClustStrategy(Strategy):
         normalise: bool = True,
         device: str = "cpu",
     ) -> None:
-        super().__init__(seed)
+        super().__init__(seed, device)
         self.max_candidates = max_candidates
         self.max_clusters = max_clusters
         self.min_cluster_size = min_cluster_size
@@ -85,7 +85,6 @@ class TypiClustStrategy(Strategy):
         self.pca_dim = pca_dim
         self.pca_fit_rows = pca_fit_rows
         self.normalise = normalise
-        self.device = device
 
     def _cluster(self, x: np.ndarray, n_clusters: int, rng: np.random.Generator) -> np.ndarray:
         if self.pca_dim is not None and min(x.shape) > self.pca_dim:
@@ -126,7 +125,7 @@ class TypiClustStrategy(Strategy):
             eligible = [c for c in range(n_clusters) if members[c].size]
         queues: dict[int, list[int]] = {}  # cluster -> its members, most typical first (filled lazily)
         chosen: list[int] = []
-        xt = to_tensor(x, torch.device(self.device))
+        xt = to_tensor(x, resolve_device(self.device))
         while len(chosen) < k and eligible:
             c = min(eligible, key=lambda j: (covered[j], -size[j], j))
             if c not in queues:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from abc import abstractmethod
 from typing import ClassVar
 
 import numpy as np
@@ -15,14 +15,18 @@ class UncertaintyStrategy(Strategy):
     """Score every item from the proxy probabilities; lowest score = most uncertain = label first."""
 
     requires_probs: ClassVar[bool] = True
-    score_fn: ClassVar[Callable[[np.ndarray], np.ndarray]]
+
+    @staticmethod
+    @abstractmethod
+    def score(probs: np.ndarray) -> np.ndarray:
+        """One certainty score per item from ``scoring`` (lower = label first)."""
 
     def rank(self, inp: SelectionInput, budget: int) -> Ranking:
         self._check(inp, budget)
         if inp.n == 0:
             return Ranking.empty()
         assert inp.probs is not None
-        return Ranking.from_scores(type(self).score_fn(inp.probs))
+        return Ranking.from_scores(self.score(inp.probs))
 
 
 @register_strategy
@@ -30,7 +34,7 @@ class MarginStrategy(UncertaintyStrategy):
     """Default: smallest top-1 minus top-2 probability first (all released ASVP scripts)."""
 
     name: ClassVar[str] = "margin"
-    score_fn = staticmethod(margin_score)
+    score = staticmethod(margin_score)
 
 
 @register_strategy
@@ -38,7 +42,7 @@ class LeastConfidenceStrategy(UncertaintyStrategy):
     """Smallest maximum probability first (SVP's default)."""
 
     name: ClassVar[str] = "least_confidence"
-    score_fn = staticmethod(least_confidence_score)
+    score = staticmethod(least_confidence_score)
 
 
 @register_strategy
@@ -46,7 +50,7 @@ class EntropyStrategy(UncertaintyStrategy):
     """Highest predictive entropy first (score = 1 - H / log C)."""
 
     name: ClassVar[str] = "entropy"
-    score_fn = staticmethod(entropy_score)
+    score = staticmethod(entropy_score)
 
 
 @register_strategy

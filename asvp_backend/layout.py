@@ -1,0 +1,62 @@
+"""Where a project's files live under MODEL_DIR: the one owner of the on-disk layout.
+
+Every path of a project is named here and nowhere else, so a reader can never disagree with a writer about
+a file name, and moving a file is a one-line change:
+
+    MODEL_DIR/projects/<id>/state.json        project state (embedded mode; Redis holds it otherwise)
+                           /state.lock        flock serialising state writers
+                           /tasks.json        the last sync's snapshot of tasks and labels
+                           /features/         the feature store (generations of float16 shards)
+                           /rounds/<version>/ one round's artefacts (ranking, proxy), see artefacts.py
+                           /.<name>.lease     flock of the job lease for <name> (embedded mode)
+    MODEL_DIR/queue.json                      the in-process queue's journal of unfinished jobs
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ProjectLayout:
+    model_dir: Path
+    project_id: int
+
+    @property
+    def root(self) -> Path:
+        return Path(self.model_dir) / "projects" / str(int(self.project_id))
+
+    @property
+    def state_file(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def state_lock(self) -> Path:
+        return self.root / "state.lock"
+
+    @property
+    def tasks_file(self) -> Path:
+        return self.root / "tasks.json"
+
+    @property
+    def features_dir(self) -> Path:
+        return self.root / "features"
+
+    @property
+    def rounds_dir(self) -> Path:
+        return self.root / "rounds"
+
+    def round_dir(self, version: object) -> Path:
+        return self.rounds_dir / str(version)
+
+    def lease_file(self, name: str) -> Path:
+        return self.root / f".{name}.lease"
+
+
+def projects_root(model_dir: Path) -> Path:
+    return Path(model_dir) / "projects"
+
+
+def queue_journal(model_dir: Path) -> Path:
+    return Path(model_dir) / "queue.json"
