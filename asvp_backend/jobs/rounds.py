@@ -6,7 +6,8 @@ Order of writes, so that a crash at any point leaves a consistent picture and a 
 1. the round's artefacts are written completely, then renamed into place (artefacts.py);
 2. predictions of the new version are deleted (a re-run after a crash never averages two sets), then
    imported;
-3. the project's model_version is switched (Label Studio now serves the new ranking);
+3. the project's model_version is switched (Label Studio now serves the new ranking), and its "label next"
+   Data Manager tab is kept;
 4. the backend's state advances to the new version at once, so /versions and /setup list what Label
    Studio already follows;
 5. only then the slow bookkeeping: our older versions are deleted in Label Studio, old round folders are
@@ -128,9 +129,10 @@ def predictions_for(spec: ClassificationSpec, version: ModelVersion, task_ids: n
 
 
 def push_ranking(client: Any, pid: int, spec: ClassificationSpec, version: ModelVersion, pool_ids: np.ndarray,
-                 ranking: RoundRanking, settings: Any) -> np.ndarray:
+                 ranking: RoundRanking, settings: Any) -> tuple[np.ndarray, int]:
     """Steps 2 and 3: predictions of the new version for the top of the ranking, then the project follows
-    that version. Returns the pushed pool rows, best first."""
+    that version (and keeps its "label next" Data Manager tab). Returns the pushed pool rows, best first,
+    and the tab's id."""
     rows = np.argsort(ranking.scores, kind="stable")[: settings.push_top_k]
     predictions = predictions_for(spec, version, pool_ids[rows], ranking.scores[rows], ranking.labels[rows])
     client.delete_model_version(pid, str(version))  # a re-run after a crash must not average two sets
@@ -139,7 +141,7 @@ def push_ranking(client: Any, pid: int, spec: ClassificationSpec, version: Model
     if settings.ls_sampling == "uncertainty":
         fields["sampling"] = UNCERTAINTY_SAMPLING
     client.update_project(pid, **fields)
-    return rows
+    return rows, client.ensure_ranking_view(pid)
 
 
 def run_round(ctx: JobContext) -> dict[str, Any]:
@@ -176,7 +178,7 @@ def run_round(ctx: JobContext) -> dict[str, Any]:
     write_round(layout, version, RankingArtefact(inputs.pool_ids, ranking.scores, ranking.labels), ranking.proxy)
     lap("save", 3)
     client = runtime.label_studio()
-    pushed = push_ranking(client, pid, state.spec, version, inputs.pool_ids, ranking, settings)
+    pushed, view_id = push_ranking(client, pid, state.spec, version, inputs.pool_ids, ranking, settings)
     lap("push", 4)
 
     record: dict[str, Any] = {
@@ -192,6 +194,7 @@ def run_round(ctx: JobContext) -> dict[str, Any]:
         "proxy": settings.proxy if ranking.proxy is not None else None,
         "cv_accuracy": None,
         "top_tasks": [int(inputs.pool_ids[r]) for r in pushed[:10]],
+        "view_id": view_id,
         "timings": timings,
     }
 
@@ -205,7 +208,6 @@ def run_round(ctx: JobContext) -> dict[str, Any]:
         return current
 
     runtime.store.update(pid, commit)  # step 4: right after the switch
-    record["view_id"] = client.ensure_ranking_view(pid)
     record["deleted_versions"] = _delete_old_versions(client, pid, previous=state.version, current=version)
     prune_rounds(layout, keep={str(version), str(state.version)})
     lap("cleanup", 5)
