@@ -145,7 +145,7 @@ def prune_rounds(layout: ProjectLayout, keep: set[str]) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def newest_round_on_disk(layout: ProjectLayout) -> list[str]:
+def round_versions_on_disk(layout: ProjectLayout) -> list[str]:
     """Version names of the round folders present (a lost state's version can be recovered from them)."""
     root = layout.rounds_dir
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.exists() else []

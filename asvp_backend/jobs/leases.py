@@ -45,11 +45,6 @@ class Lease(ABC):
     @abstractmethod
     def release(self) -> None: ...
 
-    @property
-    def lost(self) -> bool:
-        """True when a renewal found the lease gone (Redis flushed, or paused past the TTL)."""
-        return False
-
     def __enter__(self) -> Lease:
         return self
 
@@ -67,7 +62,6 @@ class RedisLease(Lease):
         self.ttl_ms = int(seconds * 1000)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._lost = False
 
     def acquire(self) -> bool:
         if not self.redis.set(self.key, self.holder, nx=True, px=self.ttl_ms):
@@ -80,15 +74,10 @@ class RedisLease(Lease):
         while not self._stop.wait(self.ttl_ms / 3000):
             try:
                 if not self.redis.eval(_RENEW_IF_MINE, 1, self.key, self.holder, self.ttl_ms):
-                    self._lost = True
                     log.warning("lease %s was lost (expired or taken over)", self.key)
                     return
             except Exception as exc:  # Redis hiccup: try again at the next beat, the TTL leaves room
                 log.warning("lease %s: renewal failed: %s", self.key, exc)
-
-    @property
-    def lost(self) -> bool:
-        return self._lost
 
     def release(self) -> None:
         self._stop.set()

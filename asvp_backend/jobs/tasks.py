@@ -12,7 +12,7 @@ import logging
 import time
 from typing import Any
 
-from asvp_backend.artefacts import newest_round_on_disk
+from asvp_backend.artefacts import round_versions_on_disk
 from asvp_backend.jobs.context import JobContext
 from asvp_backend.jobs.extraction import extract_project, feature_store
 from asvp_backend.jobs.registry import register_job
@@ -108,7 +108,7 @@ def _rebuild_state(ctx: JobContext, project: dict[str, Any]) -> ProjectState:
     label_config = str(project.get("label_config") or "")
     spec = parse_label_config(label_config)  # a config we cannot serve: the job fails and says why
     store.quarantine(pid)
-    fresh = ProjectState.recovered(pid, label_config, spec, newest_round_on_disk(ctx.runtime.layout(pid)))
+    fresh = ProjectState.recovered(pid, label_config, spec, round_versions_on_disk(ctx.runtime.layout(pid)))
     store.update(pid, lambda current: current if current is not None else fresh)
     return store.require(pid)
 

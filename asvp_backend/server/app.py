@@ -35,7 +35,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from asvp_backend import __version__
-from asvp_backend.artefacts import newest_round_on_disk
+from asvp_backend.artefacts import round_versions_on_disk
 from asvp_backend.health import project_problems
 from asvp_backend.jobs.queue import Submitted
 from asvp_backend.labelstudio.label_config import LabelConfigError, parse_label_config
@@ -368,7 +368,7 @@ def create_app(runtime: Runtime) -> FastAPI:
             log.error("project %s: %s; /setup rebuilds it", project_id, exc)
             store.quarantine(project_id)
             fresh = ProjectState.recovered(project_id, body.label_config, spec,
-                                           newest_round_on_disk(runtime.layout(project_id)))
+                                           round_versions_on_disk(runtime.layout(project_id)))
             state = store.update(project_id, lambda current: current if current is not None else fresh)
         assert state is not None
         known_projects.add(project_id)
