@@ -92,7 +92,6 @@ def extract_project(ctx: Any, retry_skipped: bool = False) -> dict[str, Any]:
     tasks = TaskSnapshot(settings.model_dir, pid).load()  # StateCorrupt if unreadable: never "no tasks"
     store = feature_store(settings.model_dir, pid)
     repaired = store.repair()  # a corrupt CURRENT, manifest or shard: drop what is lost, re-extract it below
-    store.current(repair=True)
     backbone = backbone_for(settings)
 
     generation, new_generation = _target_generation(store, backbone)

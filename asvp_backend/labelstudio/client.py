@@ -15,8 +15,6 @@ from typing import Any
 
 import requests
 
-from asvp_backend.labelstudio.label_config import ClassificationSpec
-
 log = logging.getLogger(__name__)
 
 PREDICTION_BATCH = 500  # Label Studio imports predictions in batches of 500 as well
@@ -160,22 +158,3 @@ _UNLABELLED_FILTER = {
         {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0},
     ],
 }
-
-
-def task_label(task: dict[str, Any], spec: ClassificationSpec) -> str | None:
-    """The task's label: the newest non-cancelled annotation's choice for our <Choices>, if any."""
-    annotations = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
-    annotations.sort(key=lambda a: (a.get("updated_at") or a.get("created_at") or "", a.get("id") or 0))
-    for annotation in reversed(annotations):
-        for region in annotation.get("result") or []:
-            if region.get("from_name") != spec.from_name or region.get("type") != "choices":
-                continue
-            choices = (region.get("value") or {}).get("choices") or []
-            if len(choices) == 1 and choices[0] in spec.labels:
-                return choices[0]
-    return None
-
-
-def task_image(task: dict[str, Any], spec: ClassificationSpec) -> str | None:
-    value = (task.get("data") or {}).get(spec.image_key)
-    return value if isinstance(value, str) and value else None

@@ -73,7 +73,7 @@ def test_spec_survives_the_state_json_and_old_states_still_load() -> None:
         ClassificationSpec("c", "i", "image", ("a", "b"), ("x",))
 
 
-# ------------------------------------------------------------------ label_of: task_label's semantics
+# ------------------------------------------------------------------ label_of: the newest non-cancelled annotation
 
 
 @pytest.fixture()
