@@ -69,7 +69,7 @@ def test_a_killed_worker_is_followed_within_a_minute_and_shows_failed(clean_redi
         assert _status(queue, long_job.job_id) is JobStatus.FAILED  # not "started" for hours
         failed = next(j for j in queue.jobs(1, limit=50) if j.id == long_job.job_id)
         assert "died" in (failed.error or "") or "Abandoned" in (failed.error or "")
-        assert follow.job_id
+        assert not follow.deduplicated  # the follow-up was a new waiting job, not the dead one
     finally:
         if survivor is not None:
             survivor.stop()
