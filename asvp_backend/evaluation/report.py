@@ -1,0 +1,336 @@
+"""`simulate`'s outputs: ``results.json`` (everything), ``learning_curves.png`` and ``report.md`` (the table a
+person reads).
+
+Targets of the sample saving ratio (when ``--targets`` is not given) come from random sampling's mean curve,
+so that the reference always reaches them: (1) random's mean final accuracy, i.e. "how many labels does a
+method need to match what random reached with the whole budget" (method.md section 9's worked example), and
+(2) the accuracy half-way between random's mean first and final accuracies, a point on the steep part of
+the curve. Ratios are read off the seed-averaged curves; the per-seed ratios (same target, each seed's method
+against the same seed's random run) give the spread, and a seed that never reached a target is counted, not
+averaged.
+
+Cost: GPU hours are device seconds on CUDA only (on a CPU run they are 0 and the CPU hours are shown beside
+them), summed over selection, training and extraction plus, with ``--eval finetune``, the final round's
+deliverable training (every method ships one model; ``standard``'s is the one it already trained). LogME/PED
+run on the CPU and count as CPU hours. Evaluating the earlier rounds' deliverables only draws the curve and
+is not charged.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from asvp_backend.fsutil import atomic_write_bytes
+
+from .metrics import (
+    DEFAULT_GPU_PRICE,
+    DEFAULT_LABEL_PRICE,
+    labels_to_reach,
+    mean_and_spread,
+    mean_curve,
+    overall_cost,
+    sample_saving_ratio,
+)
+from .simulate import BUCKETS, RunState, Simulation
+
+RESULTS_FORMAT = "asvp-simulate-results"
+REFERENCE = "random"
+_CHARGED = ("selection", "training", "extraction")
+
+
+def code_version() -> str:
+    """``asvp_backend.__version__`` plus the git commit (and ``-dirty``) when run from a checkout."""
+    from asvp_backend import __version__
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=5, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    return f"{__version__} (git {commit}{'-dirty' if dirty else ''})"
+
+
+def machine() -> dict[str, Any]:
+    import os
+
+    import torch
+
+    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
+                            "torch": torch.__version__, "cpus": len(os.sched_getaffinity(0))}  # fmt: skip
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+def run_summary(run: RunState, eval_mode: str, label_price: float, gpu_price: float) -> dict[str, Any]:
+    """One (method, seed): its curve, seconds per bucket, GPU/CPU hours, cost and alignment decisions."""
+    seconds = {b: sum(r["seconds"].get(b, 0.0) for r in run.rounds) for b in BUCKETS}
+    last = run.rounds[-1] if run.rounds else None
+    final_model = 0.0
+    if last is not None and eval_mode == "finetune" and run.method != "standard":
+        final_model = float(last["seconds"].get("evaluation", 0.0))
+    charged = sum(seconds[b] for b in _CHARGED) + final_model
+    on_gpu = run.device == "cuda"
+    gpu_hours = charged / 3600 if on_gpu else 0.0
+    cpu_hours = (seconds["alignment"] + (0.0 if on_gpu else charged)) / 3600
+    labels = last["labels"] if last else 0
+    return {
+        "method": run.method,
+        "seed": run.seed,
+        "device": run.device,
+        "rounds": len(run.rounds),
+        "curve": [[r["labels"], r["accuracy"]] for r in run.rounds],
+        "evaluated_by": [r["evaluated_by"] for r in run.rounds],
+        "labels": labels,
+        "final_accuracy": last["accuracy"] if last else None,
+        "seconds": {**{b: round(v, 3) for b, v in seconds.items()}, "final_model": round(final_model, 3)},
+        "gpu_hours": gpu_hours,
+        "cpu_hours": cpu_hours,
+        "overall_cost": overall_cost(labels, gpu_hours, label_price, gpu_price),
+        "feature_updates": run.updates,
+        "decisions": [{"round": r["round"], **r["decision"]} for r in run.rounds if "decision" in r],
+        "updates": [{"round": r["round"], **r["update"]} for r in run.rounds if "update" in r],
+        "selections": [{"round": r["round"], "added": r["added"]} for r in run.rounds],
+    }
+
+
+def default_targets(reference_curve: list[tuple[float, float]]) -> list[float]:
+    """Random's mean final accuracy and the accuracy half-way from its first to its final point."""
+    if not reference_curve:
+        return []
+    first, final = reference_curve[0][1], reference_curve[-1][1]
+    return [final, first + (final - first) / 2]
+
+
+def _spread(values: list[float | None]) -> dict[str, Any]:
+    return mean_and_spread(values).to_dict()
+
+
+def build_results(
+    sim: Simulation,
+    runs: list[RunState],
+    command: str,
+    targets: list[float] | None = None,
+    label_price: float = DEFAULT_LABEL_PRICE,
+    gpu_price: float = DEFAULT_GPU_PRICE,
+) -> dict[str, Any]:
+    """The whole record: configuration, code version, per-run results and the per-method summary."""
+    cfg = sim.config
+    assert sim.dataset is not None
+    per_method: dict[str, list[dict[str, Any]]] = {m: [] for m in cfg.methods}
+    for run in runs:
+        if run.rounds:
+            per_method[run.method].append(run_summary(run, cfg.eval, label_price, gpu_price))
+    curves = {m: mean_curve([r["curve"] for r in rs]) for m, rs in per_method.items() if rs}
+    reference = curves.get(REFERENCE)
+    rule = "given with --targets"
+    if targets is None:
+        targets = default_targets(reference or [])
+        rule = ("random's mean final accuracy; half-way from random's mean first to final accuracy"
+                if reference else "none: no random run to derive them from")  # fmt: skip
+    ref_by_seed = {r["seed"]: r["curve"] for r in per_method.get(REFERENCE, [])}
+    summary: dict[str, Any] = {}
+    for method, rs in per_method.items():
+        if not rs:
+            continue
+        ssr = []
+        for target in targets:
+            per_seed = [sample_saving_ratio(ref_by_seed[r["seed"]], r["curve"], target)
+                        if r["seed"] in ref_by_seed else None for r in rs]  # fmt: skip
+            ssr.append({
+                "target": target,
+                "labels_to_reach": labels_to_reach(curves[method], target),
+                "mean_curves": sample_saving_ratio(reference, curves[method], target) if reference else None,
+                "per_seed": _spread(per_seed),
+            })  # fmt: skip
+        summary[method] = {
+            "seeds": len(rs),
+            "labels": _spread([r["labels"] for r in rs]),
+            "final_accuracy": _spread([r["final_accuracy"] for r in rs]),
+            "mean_curve": [[n, a] for n, a in curves[method]],
+            "curve_std": _curve_std([r["curve"] for r in rs]),
+            "ssr": ssr,
+            "gpu_hours": _spread([r["gpu_hours"] for r in rs]),
+            "cpu_hours": _spread([r["cpu_hours"] for r in rs]),
+            "overall_cost": _spread([r["overall_cost"] for r in rs]),
+            "feature_updates": _spread([r["feature_updates"] for r in rs]),
+            "seconds": {k: float(np.mean([r["seconds"][k] for r in rs])) for k in rs[0]["seconds"]},
+        }
+    return {
+        "format": RESULTS_FORMAT,
+        "format_version": 1,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "code_version": code_version(),
+        "command": command,
+        "machine": machine(),
+        "complete": not sim.stopped and all(len(r.rounds) == cfg.rounds + 1 or _exhausted(r) for r in runs),
+        "config": cfg.to_dict(),
+        "dataset": sim.dataset.describe(),
+        "reference": REFERENCE,
+        "targets": targets,
+        "targets_rule": rule,
+        "label_price": label_price,
+        "gpu_price": gpu_price,
+        "runs": per_method,
+        "summary": summary,
+    }
+
+
+def _exhausted(run: RunState) -> bool:
+    return bool(run.rounds) and bool(run.rounds[-1].get("exhausted"))
+
+
+def _curve_std(curves: list[list[list[float]]]) -> list[list[float]]:
+    by: dict[float, list[float]] = {}
+    for curve in curves:
+        for n, a in curve:
+            by.setdefault(float(n), []).append(float(a))
+    return [[n, float(np.std(v, ddof=1)) if len(v) > 1 else 0.0] for n, v in sorted(by.items())]
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+
+def plot_curves(results: dict[str, Any], path: Path) -> Path:
+    """Accuracy vs labels: the seed mean per method, shaded mean ± std; the targets as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for method, s in results["summary"].items():
+        xs = np.array([p[0] for p in s["mean_curve"]], dtype=float)
+        ys = np.array([p[1] for p in s["mean_curve"]], dtype=float)
+        sd = np.array([p[1] for p in s["curve_std"]], dtype=float)
+        (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=f"{method} ({s['seeds']} seeds)")
+        ax.fill_between(xs, ys - sd, ys + sd, color=line.get_color(), alpha=0.2, linewidth=0)
+    for target in results["targets"]:
+        ax.axhline(target, color="grey", linestyle="--", linewidth=0.8)
+    cfg = results["config"]
+    ax.set_xlabel("labels")
+    ax.set_ylabel(f"test accuracy ({'proxy' if cfg['eval'] == 'proxy' else 'fine-tuned deliverable'})")
+    ax.set_title(f"{results['dataset']['name']}: {cfg['backbone']}, {cfg['strategy']}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def _fmt(spread: dict[str, Any], digits: int = 4, pct: bool = False) -> str:
+    if spread["mean"] is None:
+        return f"never reached (0/{spread['total']})" if spread["total"] else "-"
+    scale = 100.0 if pct else 1.0
+    text = f"{spread['mean'] * scale:.{digits}f}"
+    if spread["total"] > 1:
+        text += f" ± {spread['std'] * scale:.{digits}f}"
+    if spread["n"] < spread["total"]:
+        text += f" ({spread['count']}/{spread['total']} seeds)"
+    return text
+
+
+def _ssr_cell(entry: dict[str, Any]) -> str:
+    head = "never reached" if entry["mean_curves"] is None else f"{entry['mean_curves']:+.3f}"
+    per_seed = entry["per_seed"]
+    if per_seed["mean"] is None:
+        return f"{head} [per seed: never reached]"
+    return f"{head} [{per_seed['mean']:+.3f} ± {per_seed['std']:.3f}, {per_seed['n']}/{per_seed['total']}]"
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    cfg, data = results["config"], results["dataset"]
+    targets = results["targets"]
+    lines = [
+        f"# simulate: {data['name']}",
+        "",
+        f"{data['train']} train (the pool) / {data['test']} test images, {len(data['classes'])} classes; "
+        f"test split: **{data['test_split']}**. Backbone `{cfg['backbone']}` (weights `{cfg['weights']}`, input "
+        f"{cfg['image_size'] or 'default'} px), proxy `{cfg['proxy']}`, strategy `{cfg['strategy']}`; "
+        f"{cfg['initial']} random initial labels, +{cfg['budget_per_round']} per round, {cfg['rounds']} rounds, "
+        f"{cfg['seeds']} seeds. Accuracy measured with `--eval {cfg['eval']}` "
+        + ("(the proxy's test accuracy; `standard` has no proxy and shows its fine-tuned model)."
+           if cfg["eval"] == "proxy" else "(FT or LP-FT per the training-method policy, trained on each round's labels)."),  # noqa: E501
+        "",
+    ]  # fmt: skip
+    if not results["complete"]:
+        lines += ["**Incomplete**: some runs have not finished all rounds; rerun the same command to continue.", ""]
+    head = ["method", "labels", "final accuracy"]
+    head += [f"SSR @ {t:.4f}" for t in targets]
+    head += ["GPU hours", "CPU hours", "overall cost ($)", "feature updates"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, s in results["summary"].items():
+        row = [f"`{method}`", _fmt(s["labels"], 0), _fmt(s["final_accuracy"])]
+        row += [_ssr_cell(e) for e in s["ssr"]]
+        row += [_fmt(s["gpu_hours"], 4), _fmt(s["cpu_hours"], 4), _fmt(s["overall_cost"], 2),
+                _fmt(s["feature_updates"], 1)]  # fmt: skip
+        lines.append("| " + " | ".join(row) + " |")
+    lines += [
+        "",
+        f"Targets: {', '.join(f'{t:.4f}' for t in targets) or 'none'} ({results['targets_rule']}). "
+        "SSR = (n_random - n_method) / n_random at the target, labels read off the seed-mean curves by linear "
+        "interpolation at the first crossing; in brackets the per-seed ratios (mean ± std, seeds that reached the "
+        "target / seeds). Positive = fewer labels than random.",
+        f"Overall cost = labels x ${results['label_price']:g} + GPU hours x ${results['gpu_price']:g}/h "
+        "(GPU hours count device seconds on CUDA only; on a CPU run they are 0 and the cost is the labelling cost; "
+        "CPU hours are shown for comparison).",
+        "",
+        "Mean seconds per run:",
+        "",
+        "| method | " + " | ".join(BUCKETS) + " | final model |",
+        "|---|" + "---|" * (len(BUCKETS) + 1),
+    ]
+    for method, s in results["summary"].items():
+        cells = [f"{s['seconds'][b]:.1f}" for b in BUCKETS] + [f"{s['seconds']['final_model']:.1f}"]
+        lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
+    lines += _decision_lines(results)
+    lines += [
+        "",
+        f"Command: `{results['command']}`",
+        "",
+        f"Machine: {json.dumps(results['machine'])}. Code: {results['code_version']}. Created {results['created']}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _decision_lines(results: dict[str, Any]) -> list[str]:
+    runs = [r for rs in results["runs"].values() for r in rs if r["decisions"]]
+    if not runs:
+        return []
+    lines = ["", "Alignment decisions (ASVP):", "", "| run | round | labels | generation | LogME-PED | gain | "
+             "decision | reason |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in runs:
+        for d in r["decisions"]:
+            ped = "-" if d["logme_ped"] is None else f"{d['logme_ped']:.4f}"
+            gain = "-" if d["gain"] is None else f"{d['gain']:+.4f}"
+            lines.append(f"| {r['method']}-seed{r['seed']} | {d['round']} | {d['labelled']} | {d['generation']} | "
+                         f"{ped} | {gain} | {d['decision']} | {d['reason']} |")  # fmt: skip
+    return lines
+
+
+def write_report(out: Path | str, results: dict[str, Any]) -> dict[str, Path]:
+    """Write results.json, learning_curves.png and report.md under ``out``; returns their paths."""
+    out = Path(out)
+    paths = {"results": out / "results.json", "plot": out / "learning_curves.png", "report": out / "report.md"}
+    atomic_write_bytes(paths["results"], json.dumps(results, indent=1, default=str).encode())
+    plot_curves(results, paths["plot"])
+    atomic_write_bytes(paths["report"], render_markdown(results).encode())
+    return paths

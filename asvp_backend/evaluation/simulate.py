@@ -1,0 +1,714 @@
+"""`simulate`: replay active learning offline with an oracle, through the backend's own modules.
+
+Every method runs the same loop per seed: round 0 labels a seeded random initial set (the same for every
+method of a seed), each round trains what the method trains on the current labels, records the deliverable
+model's test accuracy and picks the next batch. Methods (``METHODS``):
+
+- ``random``: uniform picks; the reference of the sample saving ratio.
+- ``svpp``: the proxy on generation-0 (pre-trained) features, never refreshed (method.md section 1).
+- ``asvp``: the proxy plus both alignments exactly as ``AlignmentPolicy`` decides them: every round LogME
+  and LogME-PED of the labelled set (reference = the pool's features of the current generation); when the
+  policy fires, fine-tune on the current labels, re-extract every feature with that backbone (generation
+  + 1) and continue from the current labels.
+- ``standard``: fine-tune the backbone every round (FT, from the pre-trained weights) and select with its
+  softmax over the pool.
+
+What "the deliverable" is: ``--eval finetune`` trains FT or LP-FT (``policy.method_for(generation)``) on
+the labels and measures it on the test split, as the authors' scripts do (method.md section 2);
+``--eval proxy`` measures the proxy instead (cheap, for CPU runs). ``standard`` has no proxy: its curve is
+always its own fine-tuned model.
+
+Wall time per round is split into selection (proxy training, pool scoring, ranking), training (fine-tunes
+a method needs in order to select), extraction (caching features), alignment (LogME/PED, NumPy on the CPU)
+and evaluation (what only the learning curve needs). Features are cached on disk under ``OUT/cache`` by
+(data set, backbone, weights hash, input size, split): a repeated or resumed run charges the seconds
+measured when they were first extracted, so its costs are those of an uninterrupted run.
+
+Resumable: after every round the run's whole state (labels in order, feature generation and checkpoint,
+score history, records) replaces ``OUT/progress/<method>-seed<k>.json`` atomically. Every random choice in
+a round is seeded from (seed, round, purpose), never from a global stream, so a killed run that continues
+from its finished rounds gives the same curves, selections and decisions as one that was never killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from asvp_backend.alignment.policy import AlignmentPolicy
+from asvp_backend.fsutil import atomic_write_bytes
+
+from .datasets import Dataset, Split, load_dataset
+
+log = logging.getLogger(__name__)
+
+EVAL_MODES = ("finetune", "proxy")
+BUCKETS = ("selection", "training", "extraction", "alignment", "evaluation")
+#: fine-tuned models the standard method can select with: their softmax is all it has
+PROBABILITY_STRATEGIES = ("margin", "entropy", "least_confidence", "random")
+PROGRESS_FORMAT = "asvp-simulate-run"
+_FEATURE_MEMO = 4  # feature matrices kept in memory (generation 0 and the runs' current ones)
+_INFER_BATCH = 256
+
+# purposes of derived seeds: each random choice of a round has its own stream
+_INITIAL, _SELECT, _PROXY, _FINETUNE, _EVAL, _PED = range(1, 7)
+
+
+def derive_seed(seed: int, round_no: int, purpose: int) -> int:
+    """A 32-bit seed from (run seed, round, purpose): identical whether or not the run was resumed."""
+    return int(np.random.SeedSequence([seed, round_no, purpose]).generate_state(1)[0])
+
+
+# ------------------------------------------------------------------------------------------ configuration
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """Everything that decides a simulation's results (plus seeds, rounds, methods and the device)."""
+
+    dataset: str
+    methods: tuple[str, ...] = ("random", "svpp", "asvp", "standard")
+    strategy: str = "margin"
+    proxy: str = "mlp"
+    initial: int = 100
+    budget_per_round: int = 100
+    rounds: int = 10
+    seeds: int = 3
+    backbone: str = "tf_efficientnet_lite0"
+    weights: str = "auto"
+    image_size: int | None = None
+    device: str = "auto"
+    eval: str = "finetune"
+    finetune_epochs: int | None = None  # None: recipe_for's scaling
+    lp_epochs: int | None = None  # None: the recipe's LP epochs
+    subset: int | None = None
+    test_subset: int | None = None
+    data_seed: int = 0
+    align_threshold: float = AlignmentPolicy.threshold
+    align_min_labels: int = AlignmentPolicy.min_labels
+    align_min_new_labels: int = AlignmentPolicy.min_new_labels
+    align_max_updates: int = AlignmentPolicy.max_updates
+    training_method: str = AlignmentPolicy.training_method
+    extract_batch: int = 128
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "methods", tuple(self.methods))
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"unknown method(s) {unknown or '(none given)'}; choose from {', '.join(METHODS)}")
+        if self.eval not in EVAL_MODES:
+            raise ValueError(f"--eval must be one of {EVAL_MODES}, got {self.eval!r}")
+        if self.initial < 1 or self.budget_per_round < 1 or self.rounds < 0 or self.seeds < 1:
+            raise ValueError("need --initial >= 1, --budget-per-round >= 1, --rounds >= 0 and --seeds >= 1")
+        if self.finetune_epochs is not None and self.finetune_epochs < 1:
+            raise ValueError(f"--finetune-epochs must be >= 1, got {self.finetune_epochs}")
+        if self.lp_epochs is not None and self.lp_epochs < 0:
+            raise ValueError(f"--lp-epochs must be >= 0, got {self.lp_epochs}")
+        from asvp_backend.selection import proxy_names, strategy_names
+
+        if self.strategy not in strategy_names():
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose from {', '.join(strategy_names())}")
+        if self.proxy not in proxy_names():
+            raise ValueError(f"unknown proxy {self.proxy!r}; choose from {', '.join(proxy_names())}")
+        if "standard" in self.methods and self.strategy not in PROBABILITY_STRATEGIES:
+            raise ValueError(f"the standard method selects with its fine-tuned model's softmax, so the strategy "
+                             f"must be one of {', '.join(PROBABILITY_STRATEGIES)}, got {self.strategy!r}")  # fmt: skip
+        self.policy()  # validates the training method
+
+    def policy(self) -> AlignmentPolicy:
+        return AlignmentPolicy(True, self.align_threshold, self.align_min_labels, self.align_min_new_labels,
+                               self.align_max_updates, self.training_method)  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["methods"] = list(self.methods)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SimulationConfig:
+        known = {f.name for f in fields(cls)}
+        kwargs: dict[str, Any] = {k: tuple(v) if k == "methods" else v for k, v in d.items() if k in known}
+        return cls(**kwargs)
+
+    def identity(self) -> dict[str, Any]:
+        """The settings a finished round depends on: a resumed run must match them. Seeds and methods may
+        grow (more runs) and the device may change; the rounds may not (the last round selects nothing)."""
+        d = self.to_dict()
+        for key in ("methods", "seeds", "device", "extract_batch"):
+            d.pop(key)
+        return d
+
+
+# ------------------------------------------------------------------------------------------------- state
+
+
+@dataclass
+class RunState:
+    """One (method, seed) run; everything needed to continue it after its last finished round."""
+
+    method: str
+    seed: int
+    labelled: list[int] = field(default_factory=list)  # train rows, in labelling order
+    generation: int = 0
+    checkpoint: str | None = None  # folder (relative to OUT) of the backbone that made the current features
+    scores: list[float] = field(default_factory=list)  # LogME-PED of this generation's rounds
+    updates: int = 0
+    labels_at_last_update: int = 0
+    charged: list[str] = field(default_factory=list)  # feature cache keys whose extraction this run paid for
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    device: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-seed{self.seed}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": PROGRESS_FORMAT, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunState:
+        if d.get("format") != PROGRESS_FORMAT:
+            raise ValueError("not a simulate progress record")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class Laps:
+    """Wall seconds per bucket (``BUCKETS``) of one round."""
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(BUCKETS, 0.0)
+
+    @contextlib.contextmanager
+    def __call__(self, bucket: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[bucket] += time.perf_counter() - start
+
+    def add(self, bucket: str, seconds: float) -> None:
+        self.seconds[bucket] += seconds
+
+
+# ----------------------------------------------------------------------------------------- feature cache
+
+
+@dataclass(frozen=True)
+class Features:
+    vectors: np.ndarray  # (n, d) float16, the feature store's type
+    seconds: float  # what extracting them cost when they were computed
+    key: str
+
+
+class FeatureCache:
+    """``<key>.npy`` + ``<key>.json`` under ``root``; the JSON is written last and marks a complete entry."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @staticmethod
+    def key(parts: dict[str, Any]) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+    def get(self, parts: dict[str, Any], compute: Callable[[], np.ndarray]) -> Features:
+        key = self.key(parts)
+        vec_path, meta_path = self.root / f"{key}.npy", self.root / f"{key}.json"
+        if meta_path.is_file() and vec_path.is_file():
+            try:
+                meta = json.loads(meta_path.read_text())
+                vectors = np.load(vec_path)
+                if vectors.dtype == np.float16 and list(vectors.shape) == meta["shape"]:
+                    return Features(vectors, float(meta["seconds"]), key)
+            except (OSError, ValueError, KeyError) as exc:
+                log.warning("feature cache entry %s is unreadable (%s): extracting again", key, exc)
+        start = time.perf_counter()
+        vectors = np.ascontiguousarray(compute(), dtype=np.float16)
+        seconds = time.perf_counter() - start
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{key}.npy.tmp"
+        with tmp.open("wb") as fh:
+            np.save(fh, vectors)
+        tmp.replace(vec_path)
+        meta = {**parts, "shape": list(vectors.shape), "seconds": seconds, "created": time.time()}
+        atomic_write_bytes(meta_path, json.dumps(meta, indent=1, default=str).encode())
+        return Features(vectors, seconds, key)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+class _LabelledRows:
+    """The labelled train rows as fine-tuning sees them (``alignment.finetune.LabelledImages``)."""
+
+    def __init__(self, dataset: Dataset, rows: np.ndarray) -> None:
+        self.dataset = dataset
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def label(self, index: int) -> str:
+        return self.dataset.classes[int(self.dataset.train.labels[self.rows[index]])]
+
+    def load(self, index: int) -> Any:
+        return self.dataset.train.image(int(self.rows[index]))
+
+
+def _bar(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", leave=False, dynamic_ncols=True, disable=not enabled)
+
+
+def constant_accuracy(train_labels: np.ndarray, test_labels: np.ndarray) -> float:
+    """Test accuracy of always answering the one labelled class (fewer than two classes: nothing to train)."""
+    if len(train_labels) == 0:
+        return 0.0
+    return float(np.mean(test_labels == np.bincount(train_labels).argmax()))
+
+
+@dataclass
+class Outcome:
+    """What a method's round produced."""
+
+    accuracy: float
+    evaluated_by: str  # "proxy" | "ft" | "lpft" | "constant"
+    selected: np.ndarray
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# -------------------------------------------------------------------------------------------- workspace
+
+
+class Workspace:
+    """What every method shares: data, device, backbones, the feature cache, proxies and fine-tuning."""
+
+    def __init__(self, config: SimulationConfig, dataset: Dataset, out: Path, progress: bool = True) -> None:
+        from asvp_backend.features.device import resolve_device
+
+        self.config = config
+        self.dataset = dataset
+        self.out = out
+        self.progress = progress
+        self.device = resolve_device(config.device)
+        self.policy = config.policy()
+        self.cache = FeatureCache(out / "cache")
+        self._memo: OrderedDict[str, Features] = OrderedDict()
+
+    # -- features
+    def backbone(self, checkpoint: str | None) -> Any:
+        from asvp_backend.features import create_backbone
+
+        weights = self.config.weights if checkpoint is None else str(self.out / checkpoint / "model.safetensors")
+        return create_backbone(self.config.backbone, weights, device=self.device, image_size=self.config.image_size)
+
+    def features(self, checkpoint: str | None, split: str) -> Features:
+        memo_key = f"{checkpoint}|{split}"
+        if memo_key in self._memo:
+            self._memo.move_to_end(memo_key)
+            return self._memo[memo_key]
+        backbone = self.backbone(checkpoint)
+        parts = {"dataset": self.dataset.key, "split": split, "backbone": backbone.name,
+                 "weights_hash": backbone.weights_hash, "input_size": list(backbone.input_size)}  # fmt: skip
+        data = self.dataset.train if split == "train" else self.dataset.test
+        found = self.cache.get(parts, lambda: self._extract(backbone, data, f"features g{checkpoint or 0} {split}"))
+        self._memo[memo_key] = found
+        while len(self._memo) > _FEATURE_MEMO:
+            self._memo.popitem(last=False)
+        return found
+
+    def _extract(self, backbone: Any, split: Split, desc: str) -> np.ndarray:
+        out = np.empty((len(split), backbone.dim), dtype=np.float16)
+        step = self.config.extract_batch
+        with _bar(len(split), desc, self.progress) as bar:
+            for start in range(0, len(split), step):
+                stop = min(start + step, len(split))
+                out[start:stop] = backbone.embed_images([split.image(i) for i in range(start, stop)])
+                bar.update(stop - start)
+        return out
+
+    # -- proxies and selection
+    @property
+    def proxy_device(self) -> str:
+        return self.device.type
+
+    def fit_proxy(self, x: np.ndarray, y: np.ndarray, seed: int) -> Any:
+        """A fresh proxy on the labelled features, None below two classes (cold start, as rank_pool does)."""
+        from asvp_backend.selection import create_proxy
+
+        if len(set(y.tolist())) < 2:
+            return None
+        return create_proxy(self.config.proxy, device=self.proxy_device, seed=seed).fit(x.astype(np.float32), y)
+
+    def select(self, pool: np.ndarray, budget: int, seed: int, probs: np.ndarray | None,
+               x_pool: np.ndarray | None = None, x_lab: np.ndarray | None = None, proxy: Any = None,
+               strategy: str | None = None) -> np.ndarray:  # fmt: skip
+        """The ``budget`` pool rows with the lowest scores (the backend's convention, ties by position); a
+        cold start (no probabilities) picks at random, as the issue's random initial set does."""
+        from asvp_backend.selection import SelectionInput, create_strategy
+
+        budget = min(budget, len(pool))
+        if budget == 0:
+            return np.empty(0, dtype=np.int64)
+        name = strategy or (self.config.strategy if probs is not None else "random")
+        features = x_pool if x_pool is not None else np.empty((len(pool), 0), dtype=np.float32)
+        labelled = x_lab if x_lab is not None else np.empty((0, features.shape[1]), dtype=np.float32)
+        ranking = create_strategy(name, seed=seed, device=self.proxy_device).rank(
+            SelectionInput(features, probs, labelled, proxy), budget
+        )
+        chosen = np.argsort(np.asarray(ranking.scores), kind="stable")[:budget]
+        return pool[chosen].astype(np.int64)
+
+    def proxy_accuracy(self, proxy: Any, x_test: np.ndarray, y_lab: np.ndarray) -> tuple[float, str]:
+        if proxy is None:
+            return constant_accuracy(y_lab, self.dataset.test.labels), "constant"
+        pred = proxy.predict(x_test.astype(np.float32))
+        return float(np.mean(pred == self.dataset.test.labels)), "proxy"
+
+    # -- fine-tuning
+    def finetune(self, method: str, rows: np.ndarray, seed: int) -> Any:
+        """FT or LP-FT from the pre-trained weights on the labelled rows. The test split measures accuracy,
+        so no labelled slice is held out."""
+        from asvp_backend.alignment.finetune import finetune, recipe_for
+
+        recipe = recipe_for(method, len(rows), epochs=self.config.finetune_epochs, seed=seed)
+        recipe = replace(recipe, holdout_fraction=0.0)
+        if self.config.lp_epochs is not None:
+            recipe = replace(recipe, lp_epochs=self.config.lp_epochs)
+        with _bar(0, f"fine-tune {method} on {len(rows)}", self.progress) as bar:
+
+            def progress(done: int, total: int, stage: str) -> None:
+                bar.total = total
+                bar.n = done
+                bar.set_description(f"fine-tune {method} {stage}", refresh=False)
+                bar.refresh()
+
+            return finetune(self.config.backbone, self.config.weights, _LabelledRows(self.dataset, rows), recipe,
+                            device=str(self.device), image_size=self.config.image_size, progress=progress)  # fmt: skip
+
+    def classify(self, result: Any, split: Split, rows: np.ndarray, desc: str) -> np.ndarray:
+        """Softmax of a fine-tuned model over ``split[rows]``, columns in the data set's class order."""
+        import torch
+
+        from asvp_backend.features.backbones import Backbone
+        from asvp_backend.features.device import prepare_model
+
+        model = Backbone(
+            name=self.config.backbone,
+            model=prepare_model(result.model, self.device),
+            weights_hash="finetuned",
+            preprocessing=dict(result.preprocessing),
+            device=self.device,
+        )
+        index = {name: k for k, name in enumerate(self.dataset.classes)}
+        columns = np.array([index[name] for name in result.classes], dtype=np.int64)
+        probs = np.zeros((len(rows), len(self.dataset.classes)), dtype=np.float32)
+        with _bar(len(rows), desc, self.progress) as bar:
+            for start in range(0, len(rows), _INFER_BATCH):
+                chunk = rows[start : start + _INFER_BATCH]
+                logits = model.classify(torch.stack([model.transform(split.image(int(i))) for i in chunk]))
+                probs[start : start + len(chunk), columns] = torch.softmax(logits, dim=1).numpy()
+                bar.update(len(chunk))
+        result.model.to("cpu")
+        return probs
+
+    def deliverable_accuracy(self, method: str, rows: np.ndarray, seed: int, laps: Laps) -> tuple[float, str]:
+        """``--eval finetune``: train the deliverable (FT or LP-FT) and measure it on the test split."""
+        labels = self.dataset.train.labels[rows]
+        if len(set(labels.tolist())) < 2:
+            return constant_accuracy(labels, self.dataset.test.labels), "constant"
+        with laps("evaluation"):
+            result = self.finetune(method, rows, seed)
+            test = self.dataset.test
+            probs = self.classify(result, test, np.arange(len(test)), f"test {method}")
+        return float(np.mean(probs.argmax(axis=1) == test.labels)), method
+
+
+# ---------------------------------------------------------------------------------------------- methods
+
+
+class Method(ABC):
+    """One way of choosing labels; ``play`` runs a round on the current labels and picks the next batch."""
+
+    name: ClassVar[str]
+
+    def __init__(self, ws: Workspace) -> None:
+        self.ws = ws
+
+    @abstractmethod
+    def play(self, run: RunState, round_no: int, rows: np.ndarray, budget: int, laps: Laps) -> Outcome:
+        """``rows``: the labelled train rows now; ``budget``: how many to pick for the next round (0 at the
+        last). May advance ``run`` (generation, checkpoint, scores); the caller persists it afterwards."""
+
+    # shared steps
+    def _features(self, run: RunState, checkpoint: str | None, split: str, bucket: str, laps: Laps) -> np.ndarray:
+        """Features of ``split``; the first use in a run pays their extraction into ``bucket``."""
+        feats = self.ws.features(checkpoint, split)
+        if feats.key not in run.charged:
+            run.charged.append(feats.key)
+            laps.add(bucket, feats.seconds)
+        return feats.vectors
+
+    def _pool(self, rows: np.ndarray) -> np.ndarray:
+        return np.setdiff1d(np.arange(len(self.ws.dataset.train), dtype=np.int64), rows)
+
+    def _evaluate(self, run: RunState, round_no: int, rows: np.ndarray, proxy: Any, laps: Laps,
+                  train_bucket: str = "evaluation") -> tuple[float, str]:  # fmt: skip
+        ws = self.ws
+        if ws.config.eval == "proxy":
+            if proxy is None and len(set(ws.dataset.train.labels[rows].tolist())) >= 2:
+                x = self._features(run, run.checkpoint, "train", train_bucket, laps)
+                seed = derive_seed(run.seed, round_no, _PROXY)
+                with laps("evaluation"):
+                    proxy = ws.fit_proxy(x[rows], ws.dataset.train.labels[rows], seed)
+            x_test = self._features(run, run.checkpoint, "test", "evaluation", laps)
+            with laps("evaluation"):
+                return ws.proxy_accuracy(proxy, x_test, ws.dataset.train.labels[rows])
+        method = ws.policy.method_for(run.generation)
+        return ws.deliverable_accuracy(method, rows, derive_seed(run.seed, round_no, _EVAL), laps)
+
+
+class RandomMethod(Method):
+    """Uniform picks (``random`` strategy); its deliverable is trained like the others'."""
+
+    name = "random"
+
+    def play(self, run: RunState, round_no: int, rows: np.ndarray, budget: int, laps: Laps) -> Outcome:
+        accuracy, by = self._evaluate(run, round_no, rows, None, laps)
+        with laps("selection"):
+            pool = self._pool(rows)
+            selected = self.ws.select(pool, budget, derive_seed(run.seed, round_no, _SELECT), None, strategy="random")
+        return Outcome(accuracy, by, selected)
+
+
+class ProxyMethod(Method):
+    """SVPp: a fresh proxy each round on the current generation's features (generation 0 forever here)."""
+
+    name = "svpp"
+
+    def _fit(self, run: RunState, round_no: int, rows: np.ndarray, laps: Laps) -> tuple[np.ndarray, Any]:
+        x = self._features(run, run.checkpoint, "train", "extraction", laps)
+        with laps("selection"):
+            proxy = self.ws.fit_proxy(x[rows], self.ws.dataset.train.labels[rows],
+                                      derive_seed(run.seed, round_no, _PROXY))  # fmt: skip
+        return x, proxy
+
+    def _select(self, run: RunState, round_no: int, rows: np.ndarray, budget: int, x: np.ndarray, proxy: Any,
+                laps: Laps) -> np.ndarray:  # fmt: skip
+        with laps("selection"):
+            pool = self._pool(rows)
+            x_pool, x_lab = x[pool], x[rows].astype(np.float32)
+            probs = proxy.predict_proba(x_pool) if proxy is not None and budget and len(pool) else None
+            return self.ws.select(pool, budget, derive_seed(run.seed, round_no, _SELECT), probs, x_pool, x_lab, proxy)
+
+    def play(self, run: RunState, round_no: int, rows: np.ndarray, budget: int, laps: Laps) -> Outcome:
+        x, proxy = self._fit(run, round_no, rows, laps)
+        accuracy, by = self._evaluate(run, round_no, rows, proxy, laps)
+        return Outcome(accuracy, by, self._select(run, round_no, rows, budget, x, proxy, laps))
+
+
+class AlignedProxyMethod(ProxyMethod):
+    """ASVP: SVPp plus the LogME-PED trigger and the training-method policy (``AlignmentPolicy``)."""
+
+    name = "asvp"
+
+    def play(self, run: RunState, round_no: int, rows: np.ndarray, budget: int, laps: Laps) -> Outcome:
+        from asvp_backend.alignment.transferability import logme, logme_ped
+
+        ws = self.ws
+        generation = run.generation
+        x, proxy = self._fit(run, round_no, rows, laps)
+        accuracy, by = self._evaluate(run, round_no, rows, proxy, laps)
+        y = ws.dataset.train.labels[rows]
+        score, score_ped = None, None
+        with laps("alignment"):
+            if len(rows) >= 2:
+                x_lab = x[rows].astype(np.float32)
+                score = logme(x_lab, y)
+                score_ped = logme_ped(x_lab, y, x, seed=derive_seed(run.seed, round_no, _PED))
+        decision = ws.policy.decide(generation=generation, labelled=len(rows), logme=score, logme_ped=score_ped,
+                                    previous=run.scores[-1] if run.scores else None, updates=run.updates,
+                                    labels_at_last_update=run.labels_at_last_update)  # fmt: skip
+        if score_ped is not None:
+            run.scores.append(score_ped)
+        extra: dict[str, Any] = {"decision": decision.to_dict()}
+        if decision.fires:
+            assert decision.method is not None
+            extra["update"] = self._update(run, round_no, rows, decision.method, laps)
+            x, proxy = self._fit(run, round_no, rows, laps)  # the next batch is chosen on the new features
+        return Outcome(accuracy, by, self._select(run, round_no, rows, budget, x, proxy, laps), extra)
+
+    def _update(self, run: RunState, round_no: int, rows: np.ndarray, method: str, laps: Laps) -> dict[str, Any]:
+        """Feature alignment: fine-tune on the current labels, save the backbone, re-extract (generation + 1)."""
+        from asvp_backend.alignment.checkpoint import save_checkpoint
+
+        ws = self.ws
+        folder = f"runs/{run.name}/g{run.generation + 1}"
+        with laps("training"):
+            result = ws.finetune(method, rows, derive_seed(run.seed, round_no, _FINETUNE))
+            save_checkpoint(result, ws.out / folder)
+        run.generation += 1
+        run.checkpoint = folder
+        run.updates += 1
+        run.labels_at_last_update = len(rows)
+        run.scores = []
+        before = laps.seconds["extraction"]
+        self._features(run, folder, "train", "extraction", laps)
+        return {"generation": run.generation, "checkpoint": folder, "method": method, "labels": len(rows),
+                "finetune_seconds": result.metrics.get("seconds"),
+                "extraction_seconds": laps.seconds["extraction"] - before}  # fmt: skip
+
+
+class StandardMethod(Method):
+    """Standard AL: fine-tune (FT, from the pre-trained weights) every round; select with its softmax."""
+
+    name = "standard"
+
+    def play(self, run: RunState, round_no: int, rows: np.ndarray, budget: int, laps: Laps) -> Outcome:
+        ws = self.ws
+        pool = self._pool(rows)
+        labels = ws.dataset.train.labels[rows]
+        seed = derive_seed(run.seed, round_no, _SELECT)
+        if len(set(labels.tolist())) < 2:
+            with laps("selection"):
+                selected = ws.select(pool, budget, seed, None)
+            return Outcome(constant_accuracy(labels, ws.dataset.test.labels), "constant", selected)
+        with laps("training"):
+            result = ws.finetune("ft", rows, derive_seed(run.seed, round_no, _FINETUNE))
+        with laps("selection"):
+            probs = ws.classify(result, ws.dataset.train, pool, "pool softmax") if budget and len(pool) else None
+            selected = ws.select(pool, budget, seed, probs)
+        with laps("evaluation"):
+            test = ws.dataset.test
+            test_probs = ws.classify(result, test, np.arange(len(test)), "test ft")
+        return Outcome(float(np.mean(test_probs.argmax(axis=1) == test.labels)), "ft", selected)
+
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (RandomMethod, ProxyMethod, AlignedProxyMethod, StandardMethod)}
+
+
+# ------------------------------------------------------------------------------------------------- runner
+
+
+StopHook = Callable[[str, int, int], bool]  # (method, seed, finished round) -> stop now?
+
+
+class ConfigMismatchError(ValueError):
+    """OUT holds rounds of a simulation with other settings: continuing would mix two experiments."""
+
+
+class Simulation:
+    """Run every (seed, method) to ``config.rounds``, continuing from OUT/progress where runs stopped."""
+
+    def __init__(self, config: SimulationConfig, out: Path | str, progress: bool = True) -> None:
+        self.config = config
+        self.out = Path(out)
+        self.progress = progress
+        self.dataset: Dataset | None = None
+        self.stopped = False
+
+    @property
+    def progress_dir(self) -> Path:
+        return self.out / "progress"
+
+    def _check_config(self, dataset: Dataset) -> None:
+        path = self.out / "config.json"
+        mine: dict[str, Any] = {**self.config.identity(), "dataset_key": dataset.key}
+        if path.is_file():
+            theirs: dict[str, Any] = json.loads(path.read_text()).get("identity") or {}
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            if diff:
+                raise ConfigMismatchError(
+                    f"{self.out} holds a simulation with other settings ({', '.join(diff)} differ); use another "
+                    "--out, or delete it to start over"
+                )
+        atomic_write_bytes(path, json.dumps({"identity": mine, "config": self.config.to_dict()}, indent=1).encode())
+
+    def load_run(self, method: str, seed: int) -> RunState:
+        path = self.progress_dir / f"{method}-seed{seed}.json"
+        if not path.is_file():
+            return RunState(method, seed)
+        try:
+            return RunState.from_dict(json.loads(path.read_text()))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{path}: unreadable progress record ({exc}); delete it to redo that run") from None
+
+    def _save_run(self, run: RunState) -> None:
+        data = json.dumps(run.to_dict(), separators=(",", ":")).encode()
+        atomic_write_bytes(self.progress_dir / f"{run.name}.json", data)
+
+    def initial_set(self, seed: int) -> np.ndarray:
+        """The seed's random initial labels: the same for every method."""
+        assert self.dataset is not None
+        n = len(self.dataset.train)
+        rng = np.random.default_rng(derive_seed(seed, 0, _INITIAL))
+        return np.sort(rng.choice(n, size=min(self.config.initial, n), replace=False)).astype(np.int64)
+
+    def run(self, should_stop: StopHook | None = None) -> list[RunState]:
+        """Play every run to the end (or until ``should_stop`` says so after a persisted round)."""
+        from tqdm import tqdm
+
+        cfg = self.config
+        self.dataset = dataset = load_dataset(cfg.dataset, cfg.subset, cfg.test_subset, cfg.data_seed)
+        if cfg.initial > len(dataset.train):
+            raise ValueError(f"--initial {cfg.initial} exceeds the {len(dataset.train)} train items")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._check_config(dataset)
+        ws = Workspace(cfg, dataset, self.out, self.progress)
+        runs = [self.load_run(m, s) for s in range(cfg.seeds) for m in cfg.methods]
+        per_run = cfg.rounds + 1
+        done = sum(min(len(r.rounds), per_run) for r in runs)
+        self.stopped = False
+        with tqdm(total=len(runs) * per_run, initial=done, desc="rounds", unit="round", dynamic_ncols=True,
+                  disable=not self.progress) as bar:  # fmt: skip
+            for run in runs:
+                method = METHODS[run.method](ws)
+                while len(run.rounds) < per_run and not self._exhausted(run):
+                    self._play_round(method, run, ws)
+                    bar.update(1)
+                    bar.set_postfix_str(f"{run.name} labels={len(run.labelled)} "
+                                        f"acc={run.rounds[-1]['accuracy']:.3f}")  # fmt: skip
+                    if should_stop is not None and should_stop(run.method, run.seed, run.rounds[-1]["round"]):
+                        self.stopped = True
+                        return runs
+        return runs
+
+    def _exhausted(self, run: RunState) -> bool:
+        """The pool ran out before the last round."""
+        return bool(run.rounds) and bool(run.rounds[-1].get("exhausted"))
+
+    def _play_round(self, method: Method, run: RunState, ws: Workspace) -> None:
+        round_no = len(run.rounds)
+        added = self.initial_set(run.seed) if round_no == 0 else np.asarray(run.rounds[-1]["selected"], np.int64)
+        rows = np.concatenate([np.asarray(run.labelled, dtype=np.int64), added])
+        budget = self.config.budget_per_round if round_no < self.config.rounds else 0
+        laps = Laps()
+        generation = run.generation
+        outcome = method.play(run, round_no, rows, budget, laps)
+        run.labelled = [int(i) for i in rows]
+        run.device = ws.device.type
+        run.rounds.append({
+            "round": round_no,
+            "labels": len(rows),
+            "accuracy": outcome.accuracy,
+            "evaluated_by": outcome.evaluated_by,
+            "generation": generation,
+            "added": [int(i) for i in added],
+            "selected": [int(i) for i in outcome.selected],
+            "exhausted": budget > 0 and len(outcome.selected) == 0,
+            "seconds": {k: round(v, 4) for k, v in laps.seconds.items()},
+            **outcome.extra,
+        })  # fmt: skip
+        self._save_run(run)
