@@ -17,14 +17,13 @@ def gaussian_classes(n: int, d: int, classes: int, spread: float, seed: int = 0)
     return centres[y] + rng.standard_normal((n, d)), y
 
 
-def direct_logme(f: np.ndarray, y: np.ndarray) -> float:
+def direct_logme(f: np.ndarray, y: np.ndarray, published: bool = False) -> float:
     """Slow LogME with explicit matrices: m by a linear solve, r2 and m2 from m, log det by slogdet.
 
-    The published fixed-point formula (method.md 5.1 step 4) subtracts ``1/2 sum_i log(alpha + beta sigma_i)``
-    over the singular values it keeps (``rank = min(N, D)`` for full-rank data), whereas the exact log
-    evidence subtracts ``1/2 log det(alpha I_D + beta F^T F)``, whose ``D - rank`` zero eigenvalues add
-    ``(D - rank) log alpha``. So published = exact + ``(D - rank)/2 log alpha``: zero when N > D, not when
-    N < D. We test the published formula (that is what LogME scores are compared with), stating the term.
+    The exact log evidence subtracts ``1/2 log det(alpha I_D + beta F^T F)``. The published fixed-point
+    formula (method.md 5.1 step 4) subtracts ``1/2 sum_i log(alpha + beta sigma_i)`` over the singular values
+    it keeps (``rank = min(N, D)`` for full-rank data), missing the ``D - rank`` zero eigenvalues' ``log
+    alpha``: published = exact + ``(D - rank)/2 log alpha``, zero when N > D, not when N < D.
     """
     n, d = f.shape
     gram = f.T @ f
@@ -52,7 +51,7 @@ def direct_logme(f: np.ndarray, y: np.ndarray) -> float:
             - alpha / 2 * m2
             - n / 2 * np.log(2 * np.pi)
         )
-        evidences.append((exact + (d - rank) / 2 * np.log(alpha)) / n)
+        evidences.append((exact + (published * (d - rank)) / 2 * np.log(alpha)) / n)
     return float(np.mean(evidences))
 
 
@@ -64,6 +63,21 @@ def direct_logme(f: np.ndarray, y: np.ndarray) -> float:
 def test_logme_matches_direct_evaluation(n: int, d: int, seed: int) -> None:
     f, y = gaussian_classes(n, d, classes=3, spread=0.8, seed=seed)
     assert logme(f, y) == pytest.approx(direct_logme(f, y), rel=1e-6)
+    published = logme(f, y, evidence="published")
+    assert published == pytest.approx(direct_logme(f, y, published=True), rel=1e-6)
+    assert (published == pytest.approx(logme(f, y), rel=1e-12)) == (n >= d)  # equal at full rank D
+
+
+def test_exact_logme_rises_with_labels_where_the_published_one_falls() -> None:
+    # N < D, the backend's usual regime (1,280-d features, a few hundred labels)
+    pool, y = gaussian_classes(1200, 200, classes=5, spread=0.5, seed=3)
+    sizes = [50, 100, 200]
+    exact = [logme(pool[:n], y[:n]) for n in sizes]
+    published = [logme(pool[:n], y[:n], evidence="published") for n in sizes]
+    assert exact[0] < exact[1] < exact[2]
+    assert published[0] > published[1] > published[2]
+    with pytest.raises(ValueError, match="evidence"):
+        logme(pool[:10], y[:10], evidence="icml")
 
 
 def test_logme_is_higher_for_separable_classes() -> None:
