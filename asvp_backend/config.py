@@ -138,6 +138,15 @@ class Settings:
     push_top_k: int = _env("PUSH_TOP_K", _int_in(1), default=2000)
     ls_sampling: str = _env("LS_SAMPLING", _choice("uncertainty", "keep"), default="uncertainty")
     seed: int = _env("SEED", _int_in(0), default=0)
+    # Alignment (ASVP): the LogME-PED trigger and the training method, see alignment/policy.py
+    align: bool = _env("ALIGN", _bool, default=True)
+    align_threshold: float = _env("ALIGN_THRESHOLD", _float_in(-1e6, 1e6), default=0.0)
+    align_min_labels: int = _env("ALIGN_MIN_LABELS", _int_in(2), default=500)
+    align_min_new_labels: int = _env("ALIGN_MIN_NEW_LABELS", _int_in(0), default=250)
+    align_max_updates: int = _env("ALIGN_MAX_UPDATES", _int_in(0), default=3)
+    training_method: str = _env("TRAINING_METHOD", _choice("auto", "ft", "lpft"), default="auto")
+    finetune_epochs: int | None = _env("FINETUNE_EPOCHS", _int_in(1, 1000), default=None)  # None: scaled
+    finetune_batch_size: int | None = _env("FINETUNE_BATCH_SIZE", _int_in(2, 4096), default=None)  # None: scaled
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
