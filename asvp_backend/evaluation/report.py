@@ -4,10 +4,11 @@ person reads).
 Targets of the sample saving ratio (when ``--targets`` is not given) come from random sampling's mean curve,
 so that the reference always reaches them: (1) random's mean final accuracy, i.e. "how many labels does a
 method need to match what random reached with the whole budget" (method.md section 9's worked example), and
-(2) the accuracy half-way between random's mean first and final accuracies, a point on the steep part of
-the curve. Ratios are read off the seed-averaged curves; the per-seed ratios (same target, each seed's method
-against the same seed's random run) give the spread, and a seed that never reached a target is counted, not
-averaged.
+(2) random's mean accuracy at the middle of its label range, "... with half the budget". Both lie where the
+methods have already diverged; an accuracy just above the initial set's would be crossed by every method in
+the first round and measure only noise. Ratios are read off the seed-averaged curves; the per-seed ratios
+(same target, each seed's method against the same seed's random run) give the spread, and a seed that never
+reached a target is counted, not averaged.
 
 Cost: GPU hours are device seconds on CUDA only (on a CPU run they are 0 and the CPU hours are shown beside
 them), summed over selection, training and extraction plus, with ``--eval finetune``, the final round's
@@ -66,7 +67,9 @@ def machine() -> dict[str, Any]:
     import torch
 
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "torch": torch.__version__, "cpus": len(os.sched_getaffinity(0))}  # fmt: skip
+                            "torch": torch.__version__, "cpus": len(os.sched_getaffinity(0)),
+                            "torch_threads": torch.get_num_threads(),
+                            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}  # fmt: skip
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -101,18 +104,20 @@ def run_summary(run: RunState, eval_mode: str, label_price: float, gpu_price: fl
         "cpu_hours": cpu_hours,
         "overall_cost": overall_cost(labels, gpu_hours, label_price, gpu_price),
         "feature_updates": run.updates,
-        "decisions": [{"round": r["round"], **r["decision"]} for r in run.rounds if "decision" in r],
+        "decisions": [{"round": r["round"], **r["decision"], "skipped": r.get("update_skipped")}
+                      for r in run.rounds if "decision" in r],  # fmt: skip
         "updates": [{"round": r["round"], **r["update"]} for r in run.rounds if "update" in r],
         "selections": [{"round": r["round"], "added": r["added"]} for r in run.rounds],
     }
 
 
 def default_targets(reference_curve: list[tuple[float, float]]) -> list[float]:
-    """Random's mean final accuracy and the accuracy half-way from its first to its final point."""
+    """Random's mean accuracy with the whole budget and with half of it (interpolated at the middle label count)."""
     if not reference_curve:
         return []
-    first, final = reference_curve[0][1], reference_curve[-1][1]
-    return [final, first + (final - first) / 2]
+    labels = [n for n, _ in reference_curve]
+    half = float(np.interp((labels[0] + labels[-1]) / 2, labels, [a for _, a in reference_curve]))
+    return [reference_curve[-1][1], half]
 
 
 def _spread(values: list[float | None]) -> dict[str, Any]:
@@ -139,7 +144,7 @@ def build_results(
     rule = "given with --targets"
     if targets is None:
         targets = default_targets(reference or [])
-        rule = ("random's mean final accuracy; half-way from random's mean first to final accuracy"
+        rule = ("random's mean accuracy at its final label count, and at the middle of its label range"
                 if reference else "none: no random run to derive them from")  # fmt: skip
     ref_by_seed = {r["seed"]: r["curve"] for r in per_method.get(REFERENCE, [])}
     summary: dict[str, Any] = {}
@@ -216,7 +221,8 @@ def plot_curves(results: dict[str, Any], path: Path) -> Path:
         xs = np.array([p[0] for p in s["mean_curve"]], dtype=float)
         ys = np.array([p[1] for p in s["mean_curve"]], dtype=float)
         sd = np.array([p[1] for p in s["curve_std"]], dtype=float)
-        (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=f"{method} ({s['seeds']} seeds)")
+        note = ", its fine-tuned model" if method == "standard" and results["config"]["eval"] == "proxy" else ""
+        (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=f"{method} ({s['seeds']} seeds{note})")
         ax.fill_between(xs, ys - sd, ys + sd, color=line.get_color(), alpha=0.2, linewidth=0)
     for target in results["targets"]:
         ax.axhline(target, color="grey", linestyle="--", linewidth=0.8)
@@ -251,7 +257,7 @@ def _ssr_cell(entry: dict[str, Any]) -> str:
     head = "never reached" if entry["mean_curves"] is None else f"{entry['mean_curves']:+.3f}"
     per_seed = entry["per_seed"]
     if per_seed["mean"] is None:
-        return f"{head} [per seed: never reached]"
+        return f"{head} [per seed: undefined for {per_seed['total']}/{per_seed['total']}]"
     return f"{head} [{per_seed['mean']:+.3f} ± {per_seed['std']:.3f}, {per_seed['n']}/{per_seed['total']}]"
 
 
@@ -301,6 +307,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         cells = [f"{s['seconds'][b]:.1f}" for b in BUCKETS] + [f"{s['seconds']['final_model']:.1f}"]
         lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
     lines += _decision_lines(results)
+    lines += _update_effect_lines(results)
     lines += [
         "",
         f"Command: `{results['command']}`",
@@ -320,10 +327,35 @@ def _decision_lines(results: dict[str, Any]) -> list[str]:
     for r in runs:
         for d in r["decisions"]:
             ped = "-" if d["logme_ped"] is None else f"{d['logme_ped']:.4f}"
-            gain = "-" if d["gain"] is None else f"{d['gain']:+.4f}"
+            gain = "-" if d["gain"] is None else f"{d['gain']:+.3g}"
+            decision = f"{d['decision']} (not run: {d['skipped']})" if d.get("skipped") else d["decision"]
             lines.append(f"| {r['method']}-seed{r['seed']} | {d['round']} | {d['labelled']} | {d['generation']} | "
-                         f"{ped} | {gain} | {d['decision']} | {d['reason']} |")  # fmt: skip
+                         f"{ped} | {gain} | {decision} | {d['reason']} |")  # fmt: skip
     return lines
+
+
+def _update_effect_lines(results: dict[str, Any]) -> list[str]:
+    """What each feature update was followed by: ASVP's accuracy in the rounds after it against SVPp of the same
+    seed at the same label counts (the two share everything up to the first update)."""
+    svpp = {r["seed"]: dict((n, a) for n, a in r["curve"]) for r in results["runs"].get("svpp", [])}
+    rows = []
+    for r in results["runs"].get("asvp", []):
+        if not r["updates"]:
+            continue
+        first = r["updates"][0]
+        after = [(n, a) for rnd, (n, a) in enumerate(r["curve"]) if rnd > first["round"]]  # curve index = round
+        pairs = [(a, svpp[r["seed"]][n]) for n, a in after if n in svpp.get(r["seed"], {})]
+        if not pairs:
+            continue
+        mine, theirs = float(np.mean([p[0] for p in pairs])), float(np.mean([p[1] for p in pairs]))
+        rounds = ", ".join(f"{u['round']} ({u['labels']} labels, {u['method']})" for u in r["updates"])
+        rows.append(f"| asvp-seed{r['seed']} | {rounds} | {len(pairs)} | {mine:.4f} | {theirs:.4f} | "
+                    f"{mine - theirs:+.4f} |")  # fmt: skip
+    if not rows:
+        return []
+    return ["", "After the feature updates (mean accuracy over the rounds after the first update, against SVPp of the "
+            "same seed at the same label counts):", "", "| run | updates at round | rounds compared | asvp | svpp | "
+            "difference |", "|---|---|---|---|---|---|", *rows]  # fmt: skip
 
 
 def write_report(out: Path | str, results: dict[str, Any]) -> dict[str, Path]:

@@ -9,7 +9,8 @@ model's test accuracy and picks the next batch. Methods (``METHODS``):
 - ``asvp``: the proxy plus both alignments exactly as ``AlignmentPolicy`` decides them: every round LogME
   and LogME-PED of the labelled set (reference = the pool's features of the current generation); when the
   policy fires, fine-tune on the current labels, re-extract every feature with that backbone (generation
-  + 1) and continue from the current labels.
+  + 1) and continue from the current labels. A decision to update in the last round is recorded but not
+  run: no batch is left to select on the new features.
 - ``standard``: fine-tune the backbone every round (FT, from the pre-trained weights) and select with its
   softmax over the pool.
 
@@ -266,10 +267,10 @@ class _LabelledRows:
         return self.dataset.train.image(int(self.rows[index]))
 
 
-def _bar(total: int, desc: str, enabled: bool) -> Any:
+def _bar(total: int, desc: str, enabled: bool, unit: str = "img") -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="img", leave=False, dynamic_ncols=True, disable=not enabled)
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True, disable=not enabled)
 
 
 def constant_accuracy(train_labels: np.ndarray, test_labels: np.ndarray) -> float:
@@ -387,7 +388,7 @@ class Workspace:
         recipe = replace(recipe, holdout_fraction=0.0)
         if self.config.lp_epochs is not None:
             recipe = replace(recipe, lp_epochs=self.config.lp_epochs)
-        with _bar(0, f"fine-tune {method} on {len(rows)}", self.progress) as bar:
+        with _bar(0, f"fine-tune {method} on {len(rows)}", self.progress, unit="step") as bar:
 
             def progress(done: int, total: int, stage: str) -> None:
                 bar.total = total
@@ -544,7 +545,11 @@ class AlignedProxyMethod(ProxyMethod):
         if score_ped is not None:
             run.scores.append(score_ped)
         extra: dict[str, Any] = {"decision": decision.to_dict()}
-        if decision.fires:
+        if decision.fires and budget == 0:
+            # the backend would update now; here no batch is left to select on the new features, so the
+            # fine-tune and re-extraction would cost without changing anything the curve shows
+            extra["update_skipped"] = "last round: no batch left to select on new features"
+        elif decision.fires:
             assert decision.method is not None
             extra["update"] = self._update(run, round_no, rows, decision.method, laps)
             x, proxy = self._fit(run, round_no, rows, laps)  # the next batch is chosen on the new features

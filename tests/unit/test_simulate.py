@@ -86,7 +86,8 @@ def test_files_and_fields(uninterrupted: tuple[Path, Simulation, list]):
         summary = data["summary"][method]
         assert len(summary["ssr"]) == 2 and summary["final_accuracy"]["n"] == 1
     assert data["summary"]["random"]["ssr"][0]["mean_curves"] == 0.0  # the reference against itself
-    assert data["targets"][0] == pytest.approx(data["runs"]["random"][0]["curve"][-1][1], abs=1e-4)
+    random_curve = data["runs"]["random"][0]["curve"]
+    assert data["targets"] == pytest.approx([random_curve[-1][1], random_curve[1][1]])  # whole and half budget
     # same seed, same initial set, for every method; selections never repeat a label
     first = {m: data["runs"][m][0]["selections"][0]["added"] for m in ("random", "svpp")}
     assert first["random"] == first["svpp"]
@@ -120,9 +121,10 @@ def test_other_settings_in_the_same_out_are_refused(uninterrupted: tuple[Path, S
 
 
 def test_forced_asvp_update_and_standard(tmp_path: Path):
-    sim, runs = simulate(tmp_path, methods=("asvp", "standard"), align_threshold=1e9, align_min_labels=0,
+    sim, runs = simulate(tmp_path, methods=("asvp", "standard", "svpp"), align_threshold=1e9, align_min_labels=0,
                          align_min_new_labels=0, finetune_epochs=1, lp_epochs=1)  # fmt: skip
-    asvp, standard = runs
+    asvp, standard, svpp = runs
+    assert asvp.rounds[1]["accuracy"] == svpp.rounds[1]["accuracy"]  # identical until the update changes features
     decisions = [rec["decision"]["decision"] for rec in asvp.rounds]
     assert decisions == ["wait", "update", "wait"]  # round 0 has nothing to compare with; history resets
     assert asvp.generation == 1 and asvp.updates == 1 and asvp.labels_at_last_update == 40
@@ -135,7 +137,16 @@ def test_forced_asvp_update_and_standard(tmp_path: Path):
     results = build_results(sim, runs, "test")
     assert results["runs"]["asvp"][0]["feature_updates"] == 1
     assert [d["decision"] for d in results["runs"]["asvp"][0]["decisions"]] == decisions
-    assert "Alignment decisions" in write_report(tmp_path, results)["report"].read_text()
+    report = write_report(tmp_path, results)["report"].read_text()
+    assert "Alignment decisions" in report and "After the feature updates" in report
+
+
+def test_update_decided_in_the_last_round_is_recorded_not_run(tmp_path: Path):
+    _, (asvp,) = simulate(tmp_path, methods=("asvp",), rounds=1, align_threshold=1e9, align_min_labels=0,
+                          align_min_new_labels=0)  # fmt: skip
+    last = asvp.rounds[-1]
+    assert last["decision"]["decision"] == "update" and "last round" in last["update_skipped"]
+    assert asvp.generation == 0 and asvp.updates == 0 and not (tmp_path / "runs").exists()
 
 
 def test_command_line_runs_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
