@@ -104,8 +104,11 @@ def run_summary(run: RunState, eval_mode: str, label_price: float, gpu_price: fl
         "cpu_hours": cpu_hours,
         "overall_cost": overall_cost(labels, gpu_hours, label_price, gpu_price),
         "feature_updates": run.updates,
-        "decisions": [{"round": r["round"], **r["decision"], "skipped": r.get("update_skipped")}
-                      for r in run.rounds if "decision" in r],  # fmt: skip
+        "decisions": [
+            {"round": r["round"], **r["decision"], "skipped": r.get("update_skipped")}
+            for r in run.rounds
+            if "decision" in r
+        ],
         "updates": [{"round": r["round"], **r["update"]} for r in run.rounds if "update" in r],
         "selections": [{"round": r["round"], "added": r["added"]} for r in run.rounds],
     }

@@ -141,6 +141,13 @@ def test_forced_asvp_update_and_standard(tmp_path: Path):
     assert "Alignment decisions" in report and "After the feature updates" in report
 
 
+def test_finetune_evaluation_trains_the_policy_deliverable(tmp_path: Path):
+    sim, runs = simulate(tmp_path, methods=("random",), rounds=1, eval="finetune", finetune_epochs=1, lp_epochs=1)
+    assert [rec["evaluated_by"] for rec in runs[0].rounds] == ["lpft", "lpft"]  # generation 0: LP-FT
+    (run,) = build_results(sim, runs, "test")["runs"]["random"]
+    assert run["seconds"]["final_model"] > 0 and run["cpu_hours"] > 0  # the shipped model is charged
+
+
 def test_update_decided_in_the_last_round_is_recorded_not_run(tmp_path: Path):
     _, (asvp,) = simulate(tmp_path, methods=("asvp",), rounds=1, align_threshold=1e9, align_min_labels=0,
                           align_min_new_labels=0)  # fmt: skip
@@ -160,6 +167,18 @@ def test_command_line_runs_and_reports(tmp_path: Path, capsys: pytest.CaptureFix
     assert data["targets"] == [0.2, 0.3] and data["targets_rule"] == "given with --targets"
     assert data["runs"]["random"][0]["overall_cost"] == pytest.approx(30 * 0.5)
     assert "--targets 0.2,0.3" in data["command"]
+
+
+def test_subcommand_wiring():
+    import argparse
+
+    from asvp_backend.evaluation.command import add_simulate_parser
+
+    parser = argparse.ArgumentParser(prog="asvp-backend")
+    add_simulate_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["simulate", "--dataset", "digits", "--out", "x", "--methods", "random,asvp"])
+    assert (args.command, args.methods, args.eval, args.align_min_labels) == ("simulate", ["random", "asvp"],
+                                                                              "finetune", 500)  # fmt: skip
 
 
 def test_bad_input_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
