@@ -1,4 +1,5 @@
-"""`asvp-backend`: serve the API, run workers, show status (extract and simulate come with their issues)."""
+"""`asvp-backend`: serve the API, run workers, show status, cache features, force a feature update, export a
+fine-tuned model and classify images with it, and replay active learning offline (`simulate`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 from asvp_backend import __version__
 from asvp_backend.config import ConfigError, Settings, env_names
+from asvp_backend.evaluation.command import add_simulate_parser
 from asvp_backend.logs import configure_logging
 
 log = logging.getLogger("asvp_backend")
@@ -64,6 +66,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    from asvp_backend.alignment.summary import alignment_summary, model_summary
     from asvp_backend.health import project_problems
     from asvp_backend.runtime import build_runtime
 
@@ -77,6 +80,8 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
                 "labels": list(state.spec.labels),
                 "last_sync": state.last_sync,
                 "rounds": len(state.rounds),
+                "alignment": alignment_summary(state, settings),
+                "model": model_summary(state, settings)["current"],
                 "problems": project_problems(runtime.layout(state.project_id), state),
             }
             for state in states
@@ -139,7 +144,7 @@ def cmd_extract(settings: Settings, args: argparse.Namespace) -> int:
         if not args.no_sync:
             with _wait_for_lease(runtime, args.project, "sync"):
                 sync_summary = sync_tasks(ctx)[0]
-        with _wait_for_lease(runtime, args.project, "extract"):  # never beside a worker's extraction
+        with _wait_for_lease(runtime, args.project, "gpu"):  # never beside a worker's extraction or fine-tune
             summary = extract_project(ctx, retry_skipped=args.retry_skipped)
         bar.close()
         if settings.redis_url:  # workers rank with the new features; embedded: the serving process will
@@ -151,7 +156,8 @@ def cmd_extract(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _wait_for_lease(runtime: Any, project_id: int, kind: str) -> Any:
-    """The job lease of (project, kind), waiting (with a message) while a worker's job holds it."""
+    """The job lease `kind` of the project (see JobKind.lease), waiting (with a message) while a worker's job
+    holds it."""
     import time
 
     lease = runtime.lease(project_id, kind, f"cli-{kind}")
@@ -196,7 +202,99 @@ def _extract_images(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_align(settings: Settings, args: argparse.Namespace) -> int:
+    from asvp_backend.jobs.alignment import force_update
+    from asvp_backend.runtime import build_runtime
+
+    if not settings.redis_url:
+        print("embedded mode: the serving process runs the jobs; ask it with "
+              f"POST /projects/{args.project}/align", file=sys.stderr)
+        return 2
+    runtime = build_runtime(settings, start_jobs=False)
+    try:
+        if runtime.store.get(args.project) is None:
+            print(f"project {args.project} is not set up", file=sys.stderr)
+            return 2
+        print(json.dumps(force_update(runtime, args.project), indent=2, default=str))
+    finally:
+        runtime.close()
+    return 0
+
+
+def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from asvp_backend.alignment.export import export_model
+    from asvp_backend.layout import ProjectLayout
+    from asvp_backend.runtime import build_runtime
+
+    runtime = build_runtime(settings, start_jobs=False)
+    try:
+        state = runtime.store.get(args.project)
+    finally:
+        runtime.close()
+    if state is None:
+        print(f"project {args.project} is not set up", file=sys.stderr)
+        return 2
+    models = {m["id"]: m for m in state.alignment.models}
+    chosen = models.get(args.model) if args.model else state.alignment.current_model()
+    if chosen is None:
+        print(f"project {args.project} has no fine-tuned model{' ' + args.model if args.model else ''}: press "
+              "Start Training in Label Studio (or wait for a feature update) first", file=sys.stderr)
+        return 2
+    source = ProjectLayout(settings.model_dir, args.project).checkpoint_dir(chosen["id"])
+    try:
+        out = export_model(source, Path(args.out), {"project": args.project, "model_version": str(state.version)},
+                           overwrite=args.force)
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    print(json.dumps({"model": chosen["id"], "out": str(out), "holdout_accuracy": chosen.get("holdout_accuracy"),
+                      "method": chosen.get("method"), "labelled": chosen.get("labelled")}, indent=2))
+    return 0
+
+
+def cmd_predict(settings: Settings, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from asvp_backend.alignment.checkpoint import CheckpointError, classify_folder
+
+    images, model = Path(args.images), Path(args.model)
+    if not images.is_dir():
+        print(f"not a directory: {images}", file=sys.stderr)
+        return 2
+    from tqdm import tqdm
+
+    bar = tqdm(desc=str(images), unit="img", dynamic_ncols=True)
+
+    def progress(done: int, total: int) -> None:
+        bar.total, bar.n = total, done
+        bar.refresh()
+
+    out = Path(args.out) if args.out else images / "predictions.csv"
+    try:
+        summary = classify_folder(model, images, out, batch_size=args.batch_size, device=args.device or settings.device,
+                                  progress=progress)
+    except CheckpointError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    finally:
+        bar.close()
+    print(json.dumps({"out": str(out), **summary}, indent=2, default=str))
+    return 0
+
+
+def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
+    from asvp_backend.evaluation.command import cmd_simulate as simulate
+
+    return simulate(args)
+
+
 COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
+    "align": cmd_align,
+    "simulate": cmd_simulate,
+    "export": cmd_export,
+    "predict": cmd_predict,
     "extract": cmd_extract,
     "serve": cmd_serve,
     "worker": cmd_worker,
@@ -234,6 +332,26 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--store", default=None, help="with --images: where to write (default MODEL_DIR/images/..)")
     extract.add_argument("--no-sync", action="store_true", help="with --project: use the last synced task list")
     extract.add_argument("--retry-skipped", action="store_true", help="try images that failed before again")
+
+    align = sub.add_parser("align", help="fine-tune the backbone and refresh the project's features now (needs "
+                           "REDIS_URL; embedded: POST /projects/N/align)")
+    align.add_argument("--project", type=int, required=True, help="a Label Studio project this backend serves")
+
+    export = sub.add_parser("export", help="write a project's fine-tuned model (safetensors, labels, preprocessing, "
+                            "metrics) to a folder")
+    export.add_argument("--project", type=int, required=True, help="a Label Studio project this backend serves")
+    export.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty)")
+    export.add_argument("--model", default=None, help="a model id from GET /projects/N/model (default: current)")
+    export.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+
+    predict = sub.add_parser("predict", help="classify a folder of images with an exported model (CSV out)")
+    predict.add_argument("--model", required=True, help="a folder written by `asvp-backend export`")
+    predict.add_argument("--images", required=True, help="a folder of image files (searched recursively)")
+    predict.add_argument("--out", default=None, help="CSV to write (default: IMAGES/predictions.csv)")
+    predict.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    predict.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="default: DEVICE")
+
+    add_simulate_parser(sub)
 
     status = sub.add_parser("status", help="print projects, versions and recent jobs as JSON")
     status.add_argument("--project", type=int, default=None, help="only this project")

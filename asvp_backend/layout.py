@@ -8,6 +8,7 @@ a file name, and moving a file is a one-line change:
                            /tasks.json        the last sync's snapshot of tasks and labels
                            /features/         the feature store (generations of float16 shards)
                            /rounds/<version>/ one round's artefacts (ranking, proxy), see artefacts.py
+                           /models/<model id>/ a fine-tuned model (model.safetensors + model.json)
                            /.<name>.lease     flock of the job lease for <name> (embedded mode)
     MODEL_DIR/queue.json                      the in-process queue's journal of unfinished jobs
 """
@@ -49,6 +50,13 @@ class ProjectLayout:
 
     def round_dir(self, version: object) -> Path:
         return self.rounds_dir / str(version)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    def checkpoint_dir(self, model_id: str) -> Path:
+        return self.models_dir / model_id
 
     def lease_file(self, name: str) -> Path:
         return self.root / f".{name}.lease"

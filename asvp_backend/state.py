@@ -33,6 +33,55 @@ MAX_ROUNDS = 200
 MAX_JOB_IDS = 100
 
 
+MAX_DECISIONS = 200
+MAX_MODELS = 50
+
+
+@dataclass
+class AlignmentState:
+    """Feature and training alignment of one project (alignment/policy.py makes the decisions).
+
+    `scores` holds each round's LogME and LogME-PED with its generation: the policy compares a round with
+    the previous round of the same generation, so an update starts a fresh history. `pending` is set from
+    the moment an update fires until its generation serves, so that two updates never overlap. `models`
+    are the fine-tuned models on disk (MODEL_DIR/projects/<id>/models/<model id>/), and
+    `generation_models` says which of them extracted each refreshed generation (its head can then score
+    the cached features directly).
+    """
+
+    updates: int = 0
+    labels_at_last_update: int = 0
+    scores: list[dict[str, Any]] = field(default_factory=list)
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+    pending: dict[str, Any] | None = None
+    feature_model: str | None = None  # the model whose backbone extracts the next or current generation
+    generation_models: dict[str, str] = field(default_factory=dict)
+    models: list[dict[str, Any]] = field(default_factory=list)
+
+    def record_score(self, score: dict[str, Any]) -> None:
+        self.scores.append(score)
+        del self.scores[:-MAX_ROUNDS]
+
+    def record_decision(self, decision: dict[str, Any]) -> None:
+        self.decisions.append(decision)
+        del self.decisions[:-MAX_DECISIONS]
+
+    def record_model(self, model: dict[str, Any]) -> None:
+        self.models.append(model)
+        del self.models[:-MAX_MODELS]
+
+    def last_score(self, generation: int) -> dict[str, Any]:
+        """The last scored round on `generation` (what the next round's gain is measured from); {} if none."""
+        return next((score for score in reversed(self.scores) if score.get("generation") == generation), {})
+
+    def current_model(self) -> dict[str, Any] | None:
+        """The deliverable: the model trained on the most labels, the more accurate one on a tie (models
+        trained on different label sets are not compared by accuracy: more labels win)."""
+        if not self.models:
+            return None
+        return max(self.models, key=lambda m: (m.get("labelled", 0), m.get("holdout_accuracy") or 0.0, m["at"]))
+
+
 @dataclass
 class ProjectState:
     project_id: int
@@ -43,9 +92,9 @@ class ProjectState:
     versions: list[str] = field(default_factory=list)  # oldest first
     last_sync: dict[str, Any] | None = None
     labels_at_last_round: int = 0
-    score_history: list[float] = field(default_factory=list)
     rounds: list[dict[str, Any]] = field(default_factory=list)
     job_ids: list[str] = field(default_factory=list)
+    alignment: AlignmentState = field(default_factory=AlignmentState)
     updated_at: float = field(default_factory=time.time)
 
     @property
@@ -88,9 +137,11 @@ class ProjectState:
         """Parse a stored state; anything unreadable is a StateCorrupt that names `where` and the problem."""
         try:
             data = json.loads(text)
+            data.pop("score_history", None)  # an unused field of states written before alignment existed
             spec = data.pop("spec")
             spec["labels"] = tuple(spec["labels"])
-            return cls(spec=ClassificationSpec(**spec), **data)
+            alignment = AlignmentState(**data.pop("alignment", None) or {})
+            return cls(spec=ClassificationSpec(**spec), alignment=alignment, **data)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise StateCorrupt(where, f"{type(exc).__name__}: {str(exc)[:200]}") from None
 

@@ -84,9 +84,11 @@ class AlignmentPolicy:
         previous: float | None,
         updates: int,
         labels_at_last_update: int,
+        previous_labelled: int | None = None,
     ) -> Decision:
         """Fire a feature update when the LogME-PED gain over the previous round of this generation is
-        below the threshold, once the label minimums are met and while the cap allows."""
+        below the threshold, once the label minimums are met and while the cap allows. `previous_labelled`:
+        the labels of that previous round (an unchanged labelled set says nothing about a stall)."""
         def decision(kind: str, reason: str, gain: float | None = None, method: str | None = None) -> Decision:
             return Decision(kind, reason, generation, labelled, logme, logme_ped, previous, gain, self.threshold,
                             method)
@@ -97,6 +99,8 @@ class AlignmentPolicy:
             return decision(WAIT, "no transferability score (fewer than two labelled classes)")
         if previous is None:
             return decision(WAIT, f"first score on generation {generation}: nothing to compare with yet")
+        if previous_labelled == labelled:  # a forced round (Start Training) on the same labels: no new evidence
+            return decision(WAIT, f"the labelled set did not grow since the last scored round ({labelled} labels)")
         gain = logme_ped - previous
         if gain >= self.threshold:
             return decision(WAIT, f"LogME-PED gain {gain:+.4f} >= threshold {self.threshold:g}: the features "

@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from asvp_backend.config import Settings
+from asvp_backend.jobs.alignment import feature_weights, generation_served
 from asvp_backend.layout import ProjectLayout
 from asvp_backend.state import TaskSnapshot
 
 log = logging.getLogger(__name__)
 
 COMPACT_ABOVE_SHARDS = 16
+MAX_LOADED_BACKBONES = 3
 _backbones: dict[tuple, Any] = {}
 _backbones_lock = threading.Lock()
 
@@ -30,16 +32,19 @@ def feature_store(model_dir: Path, project_id: int) -> Any:
     return FeatureStore(ProjectLayout(model_dir, project_id).features_dir)
 
 
-def backbone_for(settings: Settings) -> Any:
-    """One backbone per process and configuration: loading weights costs seconds, a job should not pay it twice."""
+def backbone_for(settings: Settings, weights: str | None = None) -> Any:
+    """One backbone per process and configuration: loading weights costs seconds, a job should not pay it
+    twice. `weights` overrides BACKBONE_WEIGHTS (a project's fine-tuned checkpoint after a feature update);
+    only the last few backbones stay loaded."""
     from asvp_backend.features import create_backbone
 
-    key = (settings.backbone, settings.backbone_weights, settings.device, settings.image_size)
+    weights = weights or settings.backbone_weights
+    key = (settings.backbone, weights, settings.device, settings.image_size)
     with _backbones_lock:
         if key not in _backbones:
-            _backbones[key] = create_backbone(
-                settings.backbone, settings.backbone_weights, settings.device, settings.image_size
-            )
+            while len(_backbones) >= MAX_LOADED_BACKBONES:
+                _backbones.pop(next(iter(_backbones)))
+            _backbones[key] = create_backbone(settings.backbone, weights, settings.device, settings.image_size)
         return _backbones[key]
 
 
@@ -92,7 +97,8 @@ def extract_project(ctx: Any, retry_skipped: bool = False) -> dict[str, Any]:
     tasks = TaskSnapshot(settings.model_dir, pid).load()  # StateCorrupt if unreadable: never "no tasks"
     store = feature_store(settings.model_dir, pid)
     repaired = store.repair()  # a corrupt CURRENT, manifest or shard: drop what is lost, re-extract it below
-    backbone = backbone_for(settings)
+    state = runtime.store.require(pid)
+    backbone = backbone_for(settings, feature_weights(runtime.layout(pid), state.alignment))
 
     generation, new_generation = _target_generation(store, backbone)
     dropped = generation.drop([tid for tid in generation.task_ids().tolist() if tid not in tasks])
@@ -121,12 +127,16 @@ def extract_project(ctx: Any, retry_skipped: bool = False) -> dict[str, Any]:
     )
     if generation.shard_count() > COMPACT_ABOVE_SHARDS:
         generation.compact()  # one shard reads back as a zero-copy memory map in every round
-    if new_generation and not report.remaining:
+    activated = new_generation and not report.remaining
+    if activated:
         store.activate(generation.info.generation)  # a new generation serves only once it is complete
+        generation_served(runtime, pid, generation.info.generation)
     ctx.progress(len(items), len(items), stage="done", force=True)
     summary = {
         "generation": generation.info.generation,
+        "activated": activated,
         "backbone": backbone.name,
+        "weights": backbone.weights_source,
         "extracted": report.extracted,
         "remaining": report.remaining,
         "skipped": len(report.skipped) + len(unusable),

@@ -20,6 +20,7 @@ class JobKind:
     function: JobFunction
     doc: str
     time_limit: int | None  # seconds; None = JOB_TIMEOUT (the long GPU jobs)
+    lease: str  # kinds sharing a lease never run at once on a project (extract and finetune: one GPU job)
 
     def limit(self, job_timeout: int) -> int:
         return min(self.time_limit, job_timeout) if self.time_limit is not None else job_timeout
@@ -28,13 +29,14 @@ class JobKind:
 JOB_KINDS: dict[str, JobKind] = {}
 
 
-def register_job(name: str, queue: str, time_limit: int | None = None) -> Callable[[JobFunction], JobFunction]:
+def register_job(name: str, queue: str, time_limit: int | None = None,
+                 lease: str | None = None) -> Callable[[JobFunction], JobFunction]:
     if queue not in QUEUES:
         raise ValueError(f"unknown queue {queue!r}")
 
     def decorator(function: JobFunction) -> JobFunction:
         doc = (function.__doc__ or "").strip().splitlines()[0]
-        JOB_KINDS[name] = JobKind(name, queue, function, doc, time_limit)
+        JOB_KINDS[name] = JobKind(name, queue, function, doc, time_limit, lease or name)
         return function
 
     return decorator

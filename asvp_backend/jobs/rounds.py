@@ -11,7 +11,8 @@ Order of writes, so that a crash at any point leaves a consistent picture and a 
 4. the backend's state advances to the new version at once, so /versions and /setup list what Label
    Studio already follows;
 5. only then the slow bookkeeping: our older versions are deleted in Label Studio, old round folders are
-   pruned, and the cross-validated accuracy (bounded) is added to the round's record.
+   pruned, and the cross-validated accuracy (bounded) is added to the round's record;
+6. last, the alignment policy scores the labelled set and may queue a feature update (jobs/alignment.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from asvp_backend.artefacts import RankingArtefact, extend_ranking, proxy_path, prune_rounds, read_ranking, write_round
+from asvp_backend.jobs.alignment import after_round, pre_annotations
 from asvp_backend.jobs.context import JobContext
 from asvp_backend.jobs.extraction import feature_store
 from asvp_backend.labelstudio.label_config import ClassificationSpec
@@ -68,7 +70,7 @@ class RoundRanking:
     strategy: str
     proxy: Any  # None at cold start
     scores: np.ndarray  # (n,) lower = label first
-    labels: np.ndarray  # (n,) the proxy's label per pool task, "" at cold start
+    labels: np.ndarray  # (n,) the suggested label per pool task (the proxy's, or see pre_annotations), "" at cold start
 
 
 def load_inputs(generation: Any, tasks: dict[int, SyncedTask]) -> RoundInputs:
@@ -157,7 +159,7 @@ def run_round(ctx: JobContext) -> dict[str, Any]:
         now = time.perf_counter()
         timings[name] = round(now - clock, 4)
         clock = now
-        ctx.progress(step, 6, stage=name, force=True)
+        ctx.progress(step, 7, stage=name, force=True)
 
     generation = feature_store(settings.model_dir, pid).current(repair=True)
     if generation is None:
@@ -174,6 +176,11 @@ def run_round(ctx: JobContext) -> dict[str, Any]:
     device = proxy_device(settings.device)
     version = ModelVersion(generation.info.generation, state.round + 1)
     ranking = rank_pool(inputs, settings, version.round, device)
+    if ranking.proxy is not None:
+        ranking.labels, label_source = pre_annotations(layout, state, version.generation, inputs.x_pool,
+                                                       ranking.labels)
+    else:
+        label_source = {"source": None, "reason": "cold start: no label is suggested"}
     lap("train_and_rank", 2)
     write_round(layout, version, RankingArtefact(inputs.pool_ids, ranking.scores, ranking.labels), ranking.proxy)
     lap("save", 3)
@@ -195,6 +202,8 @@ def run_round(ctx: JobContext) -> dict[str, Any]:
         "cv_accuracy": None,
         "top_tasks": [int(inputs.pool_ids[r]) for r in pushed[:10]],
         "view_id": view_id,
+        "pre_annotations": label_source,
+        "alignment": None,
         "timings": timings,
     }
 
@@ -213,6 +222,9 @@ def run_round(ctx: JobContext) -> dict[str, Any]:
     lap("cleanup", 5)
     record["cv_accuracy"] = _cross_validate(ranking, inputs, settings, device)
     lap("cross_validate", 6)
+    alignment = after_round(ctx, inputs, version.generation, str(version))
+    record["alignment"] = {k: alignment.get(k) for k in ("decision", "reason", "logme", "logme_ped", "gain", "job")}
+    lap("alignment", 7)
     _amend_round(runtime, pid, version, record)
     log.info("project %s: round %s (%s) ranked %s tasks, pushed %s", pid, version, ranking.strategy,
              len(inputs.pool_ids), len(pushed))

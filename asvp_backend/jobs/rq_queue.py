@@ -15,7 +15,7 @@ from typing import Any
 
 from asvp_backend.jobs.leases import lease_holder
 from asvp_backend.jobs.queue import JobInfo, JobQueue, Submitted, new_job_id
-from asvp_backend.jobs.registry import QUEUES, job_kind
+from asvp_backend.jobs.registry import JOB_KINDS, QUEUES, job_kind
 from asvp_backend.jobs.status import JobStatus, parse_status
 
 log = logging.getLogger(__name__)
@@ -209,7 +209,8 @@ class RqJobQueue(JobQueue):
         is deferred, within milliseconds of starting; a holder's lease lapses LEASE_SECONDS after it died.)"""
         if started_at is None or time.time() - started_at.timestamp() < START_GRACE:
             return False
-        return lease_holder(self.redis, project, kind) != job_id
+        lease = JOB_KINDS[kind].lease if kind in JOB_KINDS else kind
+        return lease_holder(self.redis, project, lease) != job_id
 
     # ------------------------------------------------------------------ delayed jobs
     def promote_due(self) -> list[str]:

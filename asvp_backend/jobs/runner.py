@@ -1,6 +1,7 @@
 """The entry point every queued job runs through, on rq or in-process: lease, deadline, then the job.
 
-A job first takes its (project, kind) lease. If another job of that kind runs on the project, this one is
+A job first takes its (project, kind) lease (kinds may share one: `JobKind.lease`). If another job holding
+that lease runs on the project, this one is
 re-queued with a delay and returns at once, so it never holds a worker that other projects' jobs need
 (jobs/queue.py states the rule). The pending marker is cleared only once the lease is held.
 """
@@ -25,7 +26,7 @@ def run_job(runtime: Runtime, kind: str, project_id: int, job_id: str, params: d
             reporter: Reporter | None = None) -> Any:
     spec = job_kind(kind)
     queue = runtime.queue
-    lease = runtime.lease(project_id, kind, job_id)
+    lease = runtime.lease(project_id, spec.lease, job_id)
     if not lease.acquire():
         attempt = int(params.get("busy_attempt", 0))
         later = queue.defer(kind, project_id, job_id, {**params, "busy_attempt": attempt + 1}, defer_delay(attempt))

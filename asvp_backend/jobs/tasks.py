@@ -4,6 +4,8 @@ webhook payload, so a lost or forged webhook can neither lose nor inject a label
 The chain: `sync` reads every task and label, then queues `extract` (tasks without features), else a
 `round` (when due), else a `rescore` (new tasks the current round has not ranked). `extract` works in time
 slices and queues its own continuation, so one project's slow image server cannot hold the gpu queue.
+A round whose alignment decision fires queues `align` (a fine-tune), which queues `extract` of the next generation;
+once that generation serves, a round on it follows (jobs/alignment.py).
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import logging
 import time
 from typing import Any
 
+from asvp_backend.alignment.policy import AlignmentPolicy
 from asvp_backend.artefacts import round_versions_on_disk
+from asvp_backend.jobs.alignment import run_finetune
 from asvp_backend.jobs.context import JobContext
 from asvp_backend.jobs.extraction import extract_project, feature_store
 from asvp_backend.jobs.registry import register_job
@@ -125,6 +129,8 @@ def follow_up(ctx: JobContext, state: ProjectState | None, tasks: dict[int, Sync
     if generation is None or set(generation.missing(with_image)) - set(generation.skipped()) or force:
         runtime.queue.submit("extract", pid, reason="tasks without features", force_round=force)
         return "extract"
+    if (state.alignment.pending or {}).get("stage") == "extract":  # a feature update's extraction was cut off
+        runtime.queue.submit("extract", pid, reason="feature update")
     return _after_features(ctx, state, tasks, generation, force)
 
 
@@ -141,7 +147,7 @@ def _after_features(ctx: JobContext, state: ProjectState, tasks: dict[int, Synce
     return "none"
 
 
-@register_job("extract", queue="gpu")
+@register_job("extract", queue="gpu", lease="gpu")
 def extract(ctx: JobContext) -> dict[str, Any]:
     """Cache features for the project's tasks that lack them (and drop deleted tasks), one time slice."""
     runtime, pid = ctx.runtime, ctx.project_id
@@ -155,8 +161,21 @@ def extract(ctx: JobContext) -> dict[str, Any]:
     state = runtime.store.require(pid)
     tasks = TaskSnapshot(runtime.settings.model_dir, pid).load()
     generation = feature_store(runtime.settings.model_dir, pid).current(repair=True)
+    force = force or bool(summary.get("activated") and state.round)  # new features: rank with them at once
     summary["next"] = _after_features(ctx, state, tasks, generation, force) if generation is not None else "none"
     return summary
+
+
+@register_job("finetune", queue="gpu", lease="gpu")
+def finetune(ctx: JobContext) -> dict[str, Any]:
+    """Fine-tune the deliverable model on the labelled tasks with the policy's method (Start Training)."""
+    return run_finetune(ctx)
+
+
+@register_job("align", queue="gpu", lease="gpu")
+def align(ctx: JobContext) -> dict[str, Any]:
+    """Feature update: fine-tune (FT) on the labelled tasks, then re-extract every feature with it."""
+    return run_finetune(ctx)
 
 
 @register_job("round", queue="cpu", time_limit=2 * HOUR)
@@ -173,9 +192,15 @@ def rescore(ctx: JobContext) -> dict[str, Any]:
 
 @register_job("train", queue="cpu", time_limit=HOUR)
 def train(ctx: JobContext) -> dict[str, Any]:
-    """Start Training: sync with Label Studio, then retrain whatever the number of new labels."""
+    """Start Training: sync, retrain the proxy whatever the number of new labels, and fine-tune the
+    deliverable model with the policy's training method (features refresh only through the trigger)."""
     ctx.params["force_round"] = True
-    return sync(ctx)
+    summary = sync(ctx)
+    state = ctx.runtime.store.require(ctx.project_id)
+    method = AlignmentPolicy.from_settings(ctx.runtime.settings).method_for(state.generation)
+    summary["finetune"] = ctx.runtime.queue.submit("finetune", ctx.project_id, reason="Start Training",
+                                                   method=method).job_id
+    return summary
 
 
 @register_job("ping", queue="cpu", time_limit=600)

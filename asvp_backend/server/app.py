@@ -35,8 +35,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from asvp_backend import __version__
+from asvp_backend.alignment.summary import alignment_summary, generations_of, model_summary
 from asvp_backend.artefacts import round_versions_on_disk
 from asvp_backend.health import project_problems
+from asvp_backend.jobs.alignment import force_update
 from asvp_backend.jobs.queue import Submitted
 from asvp_backend.labelstudio.label_config import LabelConfigError, parse_label_config
 from asvp_backend.logs import install_secret_filter, secrets_of
@@ -466,7 +468,9 @@ def create_app(runtime: Runtime) -> FastAPI:
                 continue
             found.update(state.versions)
         ordered = sorted(found, key=_version_key, reverse=True)
-        return JSONResponse({"versions": ordered})
+        if project_id is None or state is None:
+            return JSONResponse({"versions": ordered})
+        return JSONResponse({"versions": ordered, "generations": generations_of(runtime.layout(project_id), state)})
 
     @app.get("/jobs")
     def jobs(project: str | None = Query(default=None), limit: int = Query(default=50, ge=1, le=500)) -> Any:
@@ -487,7 +491,24 @@ def create_app(runtime: Runtime) -> FastAPI:
         data.pop("label_config", None)
         data["model_version"] = str(state.version)
         data["problems"] = project_problems(runtime.layout(project_id), state)
+        data["alignment_summary"] = alignment_summary(state, runtime.settings)
         return JSONResponse(data)
+
+    @app.post("/projects/{project}/align")
+    def project_align(project: str) -> JSONResponse:
+        """Force a feature update now (what `asvp-backend align` does with workers on Redis)."""
+        project_id = parse_project_id(project)
+        if store.get(project_id) is None:
+            return JSONResponse({"detail": f"unknown project {project_id}"}, status_code=404)
+        return JSONResponse(force_update(runtime, project_id), status_code=202)
+
+    @app.get("/projects/{project}/model")
+    def project_model(project: str) -> JSONResponse:
+        project_id = parse_project_id(project)
+        state = store.get(project_id)
+        if state is None:
+            return JSONResponse({"detail": f"unknown project {project_id}"}, status_code=404)
+        return JSONResponse(model_summary(state, runtime.settings))
 
     @app.get("/metrics")
     def prometheus() -> PlainTextResponse:

@@ -54,14 +54,20 @@ class _QueueCollector:
 
     def collect(self) -> Iterator[Any]:
         jobs = CounterMetricFamily("asvp_jobs", "Job events by kind", labels=["event", "kind"])
+        decisions = CounterMetricFamily("asvp_alignment_decisions", "Feature-alignment decisions after rounds "
+                                        "(update, wait, off) and failed updates", labels=["decision"])
         waiting = GaugeMetricFamily("asvp_queue_length", "Jobs waiting in each queue", labels=["queue"])
         try:
             for key, count in sorted(self.job_counters().items()):
                 event, _, kind = key.partition(":")
-                jobs.add_metric([event, kind], count)
+                if kind == "alignment":
+                    decisions.add_metric([event.removeprefix("decision_")], count)
+                else:
+                    jobs.add_metric([event, kind], count)
             for name, length in sorted(self.queue_lengths().items()):
                 waiting.add_metric([name], length)
         except Exception as exc:  # a scrape must not fail because Redis hiccuped
             log.warning("metrics scrape incomplete: %s", exc)
         yield jobs
+        yield decisions
         yield waiting

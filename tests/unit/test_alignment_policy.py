@@ -97,3 +97,13 @@ def test_settings_build_the_policy_and_refuse_bad_values():
         Settings.from_env({"TRAINING_METHOD": "sgd"})
     with pytest.raises(ValueError, match="training method"):
         AlignmentPolicy(training_method="sgd")
+
+
+def test_a_round_on_an_unchanged_labelled_set_never_fires():
+    policy = AlignmentPolicy(threshold=1000, min_labels=0, min_new_labels=0)
+    same = policy.decide(generation=0, labelled=40, logme=0.1, logme_ped=0.2, previous=0.2, updates=0,
+                         labels_at_last_update=0, previous_labelled=40)
+    grown = policy.decide(generation=0, labelled=44, logme=0.1, logme_ped=0.2, previous=0.2, updates=0,
+                          labels_at_last_update=0, previous_labelled=40)
+    assert not same.fires and "did not grow" in same.reason
+    assert grown.fires

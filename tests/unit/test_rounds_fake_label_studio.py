@@ -91,8 +91,9 @@ def test_round_writes_in_order_and_the_state_advances_right_after_the_switch(sta
     calls = stack.fake.calls
     assert calls[:5] == ["delete_model_version", "import_predictions", "update_project", "ensure_ranking_view",
                          "state.update"]
-    # the slow bookkeeping comes after the state advanced; the cross-validated accuracy is amended last
-    assert calls[5:] == ["model_versions", "state.update"]
+    # the slow bookkeeping comes after the state advanced; the alignment decision is recorded, then the
+    # cross-validated accuracy and the decision are amended to the round last
+    assert calls[5:] == ["model_versions", "state.update", "state.update"]
     assert record["version"] == "asvp-g0-r1" and stack.state().round == 1
     assert stack.state().rounds[-1]["cv_accuracy"] is not None
 

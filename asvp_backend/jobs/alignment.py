@@ -1,0 +1,296 @@
+"""Alignment in the jobs layer: after each round, score the labelled set and record the policy's decision;
+the fine-tuning jobs (`align` for a feature update, `finetune` for the deliverable model on Start Training;
+two kinds, so that the queue's de-duplication never merges one into the other); and the hand-over of a
+fine-tuned backbone to the `extract` job.
+
+The order that keeps a project serving throughout a feature update:
+1. a round's decision fires: `pending` is set in the state (under the project's lock, so two rounds
+   cannot both fire) and an `align` job (a fine-tune for the feature update) is queued on the gpu queue;
+2. the fine-tuned checkpoint is written completely before the state names it (`feature_model`), then an
+   `extract` job fills generation g+1 with its backbone, while rounds go on with generation g;
+3. only a complete generation g+1 becomes current (features/store.py), `pending` is cleared and a round on
+   the new features follows. A worker killed at any step leaves generation g serving; the job is retried
+   (jobs/worker.py) and a `pending` older than twice JOB_TIMEOUT no longer blocks a new update.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from asvp_backend.alignment.policy import UPDATE, WAIT, AlignmentPolicy, Decision
+from asvp_backend.jobs.context import JobContext, JobTimeout
+from asvp_backend.layout import ProjectLayout
+from asvp_backend.state import AlignmentState, ProjectState, TaskSnapshot
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from asvp_backend.jobs.rounds import RoundInputs
+
+log = logging.getLogger(__name__)
+
+REFERENCE_ROWS = 10_000  # pool rows LogME-PED rescales by (method.md 5.2: the pool as the reference set)
+MAX_SCORED_LABELS = 50_000  # LogME's cost grows with the labels: score a seeded sample beyond this
+
+
+def pending_is_live(alignment: AlignmentState, job_timeout: int) -> bool:
+    """An update in progress; one stuck for twice JOB_TIMEOUT (its jobs failed for good) no longer counts."""
+    pending = alignment.pending
+    return pending is not None and time.time() - float(pending.get("since", 0)) < 2 * job_timeout
+
+
+def transferability(inputs: RoundInputs, seed: int) -> tuple[float | None, float | None, float]:
+    """LogME and LogME-PED of the labelled set on the round's features (None with fewer than two labelled
+    classes), and the seconds it took. The reference set is a seeded sample of the pool and labelled set."""
+    from asvp_backend.alignment.transferability import logme, logme_ped
+
+    started = time.perf_counter()
+    x, y = inputs.x_lab, inputs.y_lab
+    if len(set(y.tolist())) < 2:
+        return None, None, 0.0
+    rng = np.random.default_rng(seed)
+    if len(y) > MAX_SCORED_LABELS:
+        keep = np.sort(rng.choice(len(y), MAX_SCORED_LABELS, replace=False))
+        x, y = x[keep], y[keep]
+    pool_rows = min(len(inputs.x_pool), REFERENCE_ROWS)
+    rows = np.sort(rng.choice(len(inputs.x_pool), pool_rows, replace=False)) if pool_rows else np.zeros(0, int)
+    reference = np.concatenate([np.asarray(inputs.x_pool[rows], dtype=np.float32), x[:REFERENCE_ROWS]])
+    plain = logme(x, y)
+    ped = logme_ped(x, y, reference, seed=seed)
+    return float(plain), float(ped), time.perf_counter() - started
+
+
+def after_round(ctx: JobContext, inputs: RoundInputs, generation: int, version: str) -> dict[str, Any]:
+    """Score the round's labelled set, let the policy decide, record it, and queue a fine-tune when it
+    fires. Returns the decision record (also stored in the state)."""
+    runtime, pid = ctx.runtime, ctx.project_id
+    settings = runtime.settings
+    policy = AlignmentPolicy.from_settings(settings)
+    scores: tuple[float | None, float | None, float] = (None, None, 0.0)
+    if policy.enabled:
+        scores = transferability(inputs, settings.seed)
+    plain, ped, seconds = scores
+    labelled = len(inputs.y_lab)
+    record: dict[str, Any] = {}
+
+    def decide(current: ProjectState | None) -> ProjectState | None:
+        if current is None:
+            return None
+        alignment = current.alignment
+        last = alignment.last_score(generation)
+        decision = policy.decide(generation=generation, labelled=labelled, logme=plain, logme_ped=ped,
+                                 previous=last.get("logme_ped"), updates=alignment.updates,
+                                 labels_at_last_update=alignment.labels_at_last_update,
+                                 previous_labelled=last.get("labelled"))
+        if decision.fires and pending_is_live(alignment, settings.job_timeout):
+            decision = replace(decision, decision=WAIT, method=None,
+                               reason=f"{decision.reason}; but an update is already in progress "
+                                      f"({(alignment.pending or {}).get('stage')})")
+        if ped is not None and last.get("labelled") != labelled:
+            alignment.record_score({"round": version, "generation": generation, "labelled": labelled,
+                                    "logme": plain, "logme_ped": ped, "seconds": round(seconds, 3)})
+        record.clear()
+        record.update(decision.to_dict(), version=version, at=time.time(), seconds=round(seconds, 3))
+        alignment.record_decision(dict(record))
+        if decision.fires:
+            alignment.pending = {"stage": "finetune", "since": time.time(), "version": version,
+                                 "method": decision.method, "labelled": labelled}
+        return current
+
+    runtime.store.update(pid, decide)
+    runtime.queue.count(f"decision_{record.get('decision')}", "alignment")
+    if record.get("decision") == UPDATE:
+        record["job"] = runtime.queue.submit("align", pid, reason="features stalled (LogME-PED)",
+                                             method=record["method"]).job_id
+    log.info("project %s: alignment after %s: %s (%s)", pid, version, record.get("decision"), record.get("reason"))
+    return record
+
+
+def force_update(runtime: Any, pid: int) -> dict[str, Any]:
+    """`asvp-backend align --project N`: fine-tune and refresh the features now, whatever the scores say
+    (the cap and the minimums do not apply; an update in progress is replaced)."""
+    policy = AlignmentPolicy.from_settings(runtime.settings)
+    record: dict[str, Any] = {}
+
+    def force(current: ProjectState | None) -> ProjectState | None:
+        if current is None:
+            return None
+        labelled = current.rounds[-1]["labelled"] if current.rounds else 0
+        method = policy.method_for(current.generation + 1)
+        record.update(Decision(UPDATE, "forced by `asvp-backend align`", current.generation, labelled,
+                               method=method).to_dict(), version=str(current.version), at=time.time())
+        current.alignment.record_decision(dict(record))
+        current.alignment.pending = {"stage": "finetune", "since": time.time(), "version": str(current.version),
+                                     "method": method, "labelled": labelled, "forced": True}
+        return current
+
+    if runtime.store.update(pid, force) is None:
+        raise KeyError(pid)
+    record["job"] = runtime.queue.submit("align", pid, reason="forced feature update",
+                                         method=record["method"]).job_id
+    return record
+
+
+# ------------------------------------------------------------------------------------------ finetune job
+class TaskImages:
+    """The labelled tasks as the fine-tuning sees them (alignment.finetune.LabelledImages): each image is
+    fetched from Label Studio through the same guarded fetcher as extraction, once."""
+
+    def __init__(self, items: Sequence[tuple[int, str, str]], fetcher: Any) -> None:
+        self.items = list(items)  # (task id, image URL, label)
+        self.fetcher = fetcher
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def label(self, index: int) -> str:
+        return self.items[index][2]
+
+    def load(self, index: int) -> Image.Image:
+        task_id, url, _ = self.items[index]
+        return self.fetcher.load(url, task_id)
+
+
+def run_finetune(ctx: JobContext) -> dict[str, Any]:
+    """Fine-tune the backbone on the labelled tasks (FT or LP-FT), save the checkpoint, record the model;
+    for a feature update, hand its backbone to the extract job."""
+    from asvp_backend.alignment.checkpoint import save_checkpoint
+    from asvp_backend.alignment.finetune import FinetuneInterrupted, finetune, recipe_for
+    from asvp_backend.jobs.extraction import image_fetcher
+
+    runtime, pid = ctx.runtime, ctx.project_id
+    settings = runtime.settings
+    layout = runtime.layout(pid)
+    purpose = "align" if ctx.kind == "align" else "deliverable"  # two kinds, so one never swallows the other
+    state = runtime.store.require(pid)
+    method = str(ctx.params.get("method") or AlignmentPolicy.from_settings(settings).method_for(state.generation))
+    tasks = TaskSnapshot(settings.model_dir, pid).load()
+    items = [(tid, str(t.image), str(t.label)) for tid, t in sorted(tasks.items()) if t.label and t.image]
+    if len({label for _, _, label in items}) < 2:
+        _finish_pending(runtime, pid, purpose, None)
+        return {"status": "skipped", "reason": "fine-tuning needs labelled images of at least two classes"}
+    client = runtime.label_studio() if settings.label_studio_url else None
+    images = TaskImages(items, image_fetcher(settings, client))
+    recipe = recipe_for(method, len(items), epochs=settings.finetune_epochs,
+                        batch_size=settings.finetune_batch_size, seed=settings.seed)
+    try:
+        result = finetune(settings.backbone, settings.backbone_weights, images, recipe, device=settings.device,
+                          image_size=settings.image_size,
+                          progress=lambda done, total, stage: ctx.progress(done, total, stage=stage),
+                          should_stop=lambda: ctx.time_left() < 30)
+    except FinetuneInterrupted as exc:
+        _finish_pending(runtime, pid, purpose, None, failed=f"time limit: {exc}")
+        raise JobTimeout(f"finetune job for project {pid} ran past its time limit") from exc
+    except Exception as exc:
+        _finish_pending(runtime, pid, purpose, None, failed=f"{type(exc).__name__}: {exc}")
+        raise
+    model_id = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{method}-{len(items)}"
+    info = {"id": model_id, "purpose": purpose, "method": method, "labelled": len(items),
+            "trained_on_version": str(state.version), "at": time.time(), **_model_metrics(result.metrics)}
+    save_checkpoint(result, layout.checkpoint_dir(model_id), extra={"project": pid, **info})
+
+    def record(current: ProjectState | None) -> ProjectState | None:
+        if current is None:
+            return None
+        current.alignment.record_model(info)
+        if purpose == "align":
+            current.alignment.feature_model = model_id
+            current.alignment.updates += 1
+            current.alignment.labels_at_last_update = len(items)
+            current.alignment.pending = {**(current.alignment.pending or {}), "stage": "extract",
+                                         "model": model_id, "since": time.time()}
+        current.record_job(ctx.job_id)
+        return current
+
+    runtime.store.update(pid, record)
+    if purpose == "align":
+        info["next"] = runtime.queue.submit("extract", pid, reason="feature update", force_round=True).job_id
+    log.info("project %s: fine-tuned %s (%s, %s labels): held-out accuracy %s", pid, model_id, method,
+             len(items), info.get("holdout_accuracy"))
+    return info
+
+
+def _model_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    keys = ("holdout_accuracy", "holdout_size", "train_size", "skipped", "seconds", "images_per_second", "device",
+            "epochs")
+    return {k: metrics.get(k) for k in keys}
+
+
+def _finish_pending(runtime: Any, pid: int, purpose: str, model: str | None, failed: str | None = None) -> None:
+    """An update that cannot go on ends here, with its reason among the decisions."""
+    if purpose != "align":
+        return
+
+    def clear(current: ProjectState | None) -> ProjectState | None:
+        if current is None:
+            return None
+        if failed:
+            current.alignment.record_decision({"decision": "failed", "reason": failed, "at": time.time(),
+                                               "generation": current.generation, "model": model})
+        current.alignment.pending = None
+        return current
+
+    runtime.store.update(pid, clear)
+    if failed:
+        runtime.queue.count("decision_failed", "alignment")
+
+
+def feature_weights(layout: ProjectLayout, alignment: AlignmentState) -> str | None:
+    """The checkpoint whose backbone extracts the project's features (None: the configured pre-trained one)."""
+    from asvp_backend.alignment.checkpoint import CHECKPOINT_WEIGHTS
+
+    if alignment.feature_model is None:
+        return None
+    path = layout.checkpoint_dir(alignment.feature_model) / CHECKPOINT_WEIGHTS
+    if not path.is_file():  # method.md pitfall 3: a refresh must never silently use other weights
+        raise FileNotFoundError(f"the feature model {alignment.feature_model} has no checkpoint at {path}")
+    return str(path)
+
+
+def generation_served(runtime: Any, pid: int, generation: int) -> None:
+    """Extraction made `generation` current: the update (if one was pending) is complete."""
+
+    def done(current: ProjectState | None) -> ProjectState | None:
+        if current is None:
+            return None
+        alignment = current.alignment
+        if alignment.feature_model is not None:
+            alignment.generation_models[str(generation)] = alignment.feature_model
+        alignment.pending = None
+        return current
+
+    runtime.store.update(pid, done)
+
+
+# ------------------------------------------------------------------------------------ pre-annotations
+def pre_annotations(layout: ProjectLayout, state: ProjectState, generation: int, x_pool: np.ndarray,
+                    proxy_labels: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """The labels to pre-annotate with: the proxy's, or the fine-tuned model's when that model extracted
+    this generation (its head then scores the cached features, no image is read) and it is the more
+    accurate on held-out labels. The proxy's figure is the last cross-validated accuracy on the same
+    generation; with none yet, the model's held-out accuracy stands alone."""
+    model_id = state.alignment.generation_models.get(str(generation))
+    model = next((m for m in state.alignment.models if m.get("id") == model_id), None)
+    if model is None:
+        return proxy_labels, {"source": "proxy", "reason": "no fine-tuned model extracted these features"}
+    proxy_accuracy = next((r.get("cv_accuracy") for r in reversed(state.rounds)
+                           if r.get("generation") == generation and r.get("cv_accuracy") is not None), None)
+    model_accuracy = model.get("holdout_accuracy")
+    choice = {"model": model_id, "model_accuracy": model_accuracy, "proxy_accuracy": proxy_accuracy}
+    if model_accuracy is None or (proxy_accuracy is not None and proxy_accuracy >= model_accuracy):
+        return proxy_labels, {"source": "proxy", "reason": "the proxy is at least as accurate", **choice}
+    if not len(x_pool):
+        return proxy_labels, {"source": "model", "reason": "no unlabelled task", **choice}
+    from asvp_backend.alignment.checkpoint import load_checkpoint
+
+    fine_tuned = load_checkpoint(layout.checkpoint_dir(model["id"]), device="cpu")
+    probs = fine_tuned.head_proba(np.asarray(x_pool))
+    labels = np.asarray(fine_tuned.classes).astype(str)[probs.argmax(axis=1)]
+    return labels, {"source": "model", "reason": "the fine-tuned model is more accurate on held-out labels",
+                    **choice}

@@ -1,0 +1,185 @@
+"""Alignment in the jobs layer, against the fake Label Studio stack: decisions recorded after rounds with
+their scores, an update queued once, a failed fine-tune ending its update with a reason, a refreshed
+generation followed by a round, the pre-annotation source, and the state's round trip."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from asvp_backend.alignment.summary import alignment_summary, generations_of, model_summary
+from asvp_backend.features.store import GenerationInfo
+from asvp_backend.jobs.alignment import force_update, generation_served, pre_annotations, run_finetune
+from asvp_backend.jobs.rounds import run_round
+from asvp_backend.jobs.tasks import follow_up, sync
+from asvp_backend.layout import ProjectLayout
+from asvp_backend.state import AlignmentState, ProjectState, TaskSnapshot
+from tests.unit.test_rounds_fake_label_studio import DIM, PID, Stack, _vector
+
+FIRES = {"ALIGN_THRESHOLD": "1000", "ALIGN_MIN_LABELS": "4", "ALIGN_MIN_NEW_LABELS": "0"}
+
+
+def labelled_rounds(stack: Stack, batches: list[range]) -> list[dict]:
+    records = []
+    for ids in batches:
+        stack.label(ids)
+        sync(stack.ctx("sync"))
+        records.append(run_round(stack.ctx("round")))
+    return records
+
+
+def test_each_round_records_scores_and_a_decision(tmp_path):
+    stack = Stack(tmp_path)  # default policy: ALIGN_MIN_LABELS=500, so nothing fires here
+    records = labelled_rounds(stack, [range(1, 9), range(9, 17)])
+    alignment = stack.state().alignment
+    assert [d["decision"] for d in alignment.decisions] == ["wait", "wait"]
+    assert "nothing to compare" in alignment.decisions[0]["reason"]
+    second = alignment.decisions[1]
+    assert second["gain"] == pytest.approx(alignment.scores[1]["logme_ped"] - alignment.scores[0]["logme_ped"])
+    assert ("ALIGN_MIN_LABELS=500" if second["gain"] < 0 else ">= threshold") in second["reason"]
+    assert [s["labelled"] for s in alignment.scores] == [8, 16]
+    assert all(np.isfinite(s["logme_ped"]) and np.isfinite(s["logme"]) for s in alignment.scores)
+    assert records[1]["alignment"]["decision"] == "wait" and records[1]["alignment"]["logme_ped"] is not None
+    assert stack.state().rounds[-1]["alignment"]["decision"] == "wait"  # stored with the round
+    assert "align" not in stack.queued()
+
+
+def test_a_stall_queues_one_finetune_and_a_second_stall_waits_for_it(tmp_path):
+    stack = Stack(tmp_path, **FIRES)
+    labelled_rounds(stack, [range(1, 9), range(9, 13)])
+    state = stack.state()
+    last = state.alignment.decisions[-1]
+    assert last["decision"] == "update" and last["method"] == "ft" and last["gain"] is not None
+    assert state.alignment.pending["stage"] == "finetune"
+    assert stack.queued().count("align") == 1
+    labelled_rounds(stack, [range(13, 17)])
+    again = stack.state().alignment.decisions[-1]
+    assert again["decision"] == "wait" and "already in progress" in again["reason"]
+    assert stack.queued().count("align") == 1
+    summary = alignment_summary(stack.state(), stack.runtime.settings)
+    assert summary["pending"]["stage"] == "finetune" and summary["last_decision"] == again
+    counters = stack.queue.counters()
+    assert counters["decision_update:alignment"] == 1 and counters["decision_wait:alignment"] == 2
+
+
+def test_a_forced_round_on_the_same_labels_keeps_the_history(tmp_path):
+    stack = Stack(tmp_path, **FIRES)
+    labelled_rounds(stack, [range(1, 9)])
+    run_round(stack.ctx("round", force_round=True))  # Start Training: same 8 labels
+    alignment = stack.state().alignment
+    assert [d["decision"] for d in alignment.decisions] == ["wait", "wait"]
+    assert "did not grow" in alignment.decisions[-1]["reason"] and len(alignment.scores) == 1
+    assert "align" not in stack.queued()
+
+
+def test_align_off_is_plain_svpp(tmp_path):
+    stack = Stack(tmp_path, ALIGN="off", **FIRES)
+    labelled_rounds(stack, [range(1, 9), range(9, 13)])
+    alignment = stack.state().alignment
+    assert [d["decision"] for d in alignment.decisions] == ["off", "off"] and not alignment.scores
+    assert "align" not in stack.queued()
+
+
+def test_a_finetune_that_cannot_read_its_images_ends_the_update_with_the_reason(tmp_path):
+    stack = Stack(tmp_path, **FIRES)
+    labelled_rounds(stack, [range(1, 9), range(9, 13)])
+    assert stack.state().alignment.pending is not None
+    # the fake tasks' images live on an unresolvable host: every image is skipped, so no class is left
+    with pytest.raises(ValueError, match="class"):
+        run_finetune(stack.ctx("align", method="ft"))
+    alignment = stack.state().alignment
+    assert alignment.pending is None and alignment.feature_model is None and alignment.updates == 0
+    assert alignment.decisions[-1]["decision"] == "failed" and "ValueError" in alignment.decisions[-1]["reason"]
+    assert stack.queue.counters()["decision_failed:alignment"] == 1
+
+
+def test_finetune_needs_two_labelled_classes(tmp_path):
+    stack = Stack(tmp_path)
+    stack.fake.annotate(2, "cat")
+    sync(stack.ctx("sync"))
+    result = run_finetune(stack.ctx("finetune"))
+    assert result["status"] == "skipped" and "two classes" in result["reason"]
+
+
+def test_forced_update_records_the_decision_and_queues_the_finetune(tmp_path):
+    stack = Stack(tmp_path)
+    labelled_rounds(stack, [range(1, 9)])
+    record = force_update(stack.runtime, PID)
+    assert record["decision"] == "update" and record["method"] == "ft" and "asvp-backend align" in record["reason"]
+    assert stack.state().alignment.pending["forced"] is True
+    assert stack.queued().count("align") == 1
+
+
+def test_an_interrupted_feature_update_extraction_is_queued_again_by_the_next_sync(tmp_path):
+    stack = Stack(tmp_path)
+    labelled_rounds(stack, [range(1, 9)])
+
+    def extracting(current: ProjectState | None) -> ProjectState | None:
+        assert current is not None
+        current.alignment.pending = {"stage": "extract", "since": 1e12, "model": "m"}
+        return current
+
+    stack.runtime.store.update(PID, extracting)
+    before = stack.queued().count("extract")
+    follow_up(stack.ctx("sync"), stack.state(), TaskSnapshot(stack.runtime.settings.model_dir, PID).load())
+    assert stack.queued().count("extract") == before + 1
+
+
+def test_a_refreshed_generation_serves_and_the_next_round_ranks_on_it(tmp_path):
+    stack = Stack(tmp_path, **FIRES)
+    labelled_rounds(stack, [range(1, 9)])
+
+    def fine_tuned(current: ProjectState | None) -> ProjectState | None:
+        assert current is not None
+        current.alignment.feature_model = "m1"
+        current.alignment.pending = {"stage": "extract", "since": 1e12, "model": "m1"}
+        # no held-out figure: the proxy keeps pre-annotating (the model's head is tested with a real checkpoint)
+        current.alignment.record_model({"id": "m1", "labelled": 8, "holdout_accuracy": None, "at": 1.0,
+                                        "method": "ft"})
+        return current
+
+    stack.runtime.store.update(PID, fine_tuned)
+    g1 = stack.store.create_generation(GenerationInfo(1, "fake", "tuned", {}, DIM))
+    g1.append(list(range(1, 41)), np.stack([_vector(t) * 2 for t in range(1, 41)]))
+    stack.store.activate(1)
+    generation_served(stack.runtime, PID, 1)
+    state = stack.state()
+    assert state.alignment.pending is None and state.alignment.generation_models == {"1": "m1"}
+    record = run_round(stack.ctx("round", force_round=True))
+    assert record["version"] == "asvp-g1-r2" and stack.fake.project["model_version"] == "asvp-g1-r2"
+    # generation 1's history starts fresh: its first round has nothing to compare with
+    assert "generation 1" in stack.state().alignment.decisions[-1]["reason"]
+    listed = generations_of(ProjectLayout(stack.runtime.settings.model_dir, PID), stack.state())
+    assert [(g["generation"], g["current"], g["model"]) for g in listed] == [(0, False, None), (1, True, "m1")]
+    assert listed[1]["versions"] == ["asvp-g1-r2"]
+    assert model_summary(stack.state(), stack.runtime.settings)["current"]["id"] == "m1"
+
+
+def test_pre_annotations_come_from_the_more_accurate_model(tmp_path):
+    stack = Stack(tmp_path)
+    state = stack.state()
+    layout = ProjectLayout(stack.runtime.settings.model_dir, PID)
+    proxy_labels = np.array(["cat", "dog"])
+    labels, why = pre_annotations(layout, state, 0, np.zeros((2, DIM), np.float32), proxy_labels)
+    assert why["source"] == "proxy" and "no fine-tuned model" in why["reason"] and labels is proxy_labels
+    state.alignment.generation_models["1"] = "m1"
+    state.alignment.record_model({"id": "m1", "labelled": 8, "holdout_accuracy": 0.7, "at": 1.0})
+    state.record_round({"generation": 1, "cv_accuracy": 0.8})
+    labels, why = pre_annotations(layout, state, 1, np.zeros((2, DIM), np.float32), proxy_labels)
+    assert why == {"source": "proxy", "reason": "the proxy is at least as accurate", "model": "m1",
+                   "model_accuracy": 0.7, "proxy_accuracy": 0.8}
+
+
+def test_alignment_state_round_trips_and_old_states_still_load(tmp_path):
+    stack = Stack(tmp_path, **FIRES)
+    labelled_rounds(stack, [range(1, 9), range(9, 13)])
+    state = stack.state()
+    again = ProjectState.from_json(state.to_json())
+    assert again.alignment == state.alignment and isinstance(again.alignment, AlignmentState)
+    old = json.loads(state.to_json())
+    del old["alignment"]
+    old["score_history"] = []  # a state written before alignment existed
+    loaded = ProjectState.from_json(json.dumps(old))
+    assert loaded.alignment == AlignmentState() and loaded.round == state.round
