@@ -5,14 +5,14 @@
 
 PYTHON      ?= python3
 VENV_ROOT   ?= $(HOME)/.cache/asvp-backend
-REQ_HASH    := $(shell cat requirements.txt requirements-test.txt | sha256sum | cut -c1-12)
+REQ_HASH    := $(shell cat requirements-api.txt requirements.txt requirements-test.txt | sha256sum | cut -c1-12)
 VENV        ?= $(VENV_ROOT)/venv-$(REQ_HASH)
 LS_VERSION  := 1.23.2
 LS_VENV     ?= $(VENV_ROOT)/label-studio-$(LS_VERSION)
 BIN         := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test test-unit test-integration test-e2e lint venv ls-venv redis bench clean-venvs help
+.PHONY: run test test-unit test-integration test-e2e lint venv ls-venv redis test-tools bench clean-venvs help
 
 help:  ## show the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -42,11 +42,14 @@ $(LS_VENV)/.complete:
 redis:  ## make sure a Redis server answers on 127.0.0.1:6379
 	scripts/ensure-redis.sh
 
+test-tools:  ## Debian's chromium, chromium-driver and docker-compose, when missing (used by tests)
+	scripts/ensure-test-tools.sh
+
 lint: venv  ## ruff and mypy
 	$(BIN)/ruff check asvp_backend tests bench
 	$(BIN)/mypy
 
-test: venv ls-venv redis lint  ## every test: unit, integration (Redis, rq), e2e (Label Studio)
+test: venv ls-venv redis test-tools lint  ## every test: unit, integration (Redis, rq), e2e (Label Studio)
 	LS_VENV=$(LS_VENV) $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS) tests
 
 test-unit: venv  ## unit tests only
@@ -55,7 +58,7 @@ test-unit: venv  ## unit tests only
 test-integration: venv redis
 	$(BIN)/python -m pytest -q tests/integration $(PYTEST_ARGS)
 
-test-e2e: venv ls-venv redis
+test-e2e: venv ls-venv redis test-tools
 	LS_VENV=$(LS_VENV) $(BIN)/python -m pytest -q -ra tests/e2e $(PYTEST_ARGS)
 
 clean-venvs:  ## delete the cached environments

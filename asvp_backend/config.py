@@ -109,6 +109,7 @@ class Settings:
     model_dir: Path = _env("MODEL_DIR", _path, default=Path("data/models"))
     host: str = _env("HOST", _text, default="0.0.0.0")
     port: int = _env("PORT", _int_in(1, 65535), default=9090)
+    workers: int = _env("WORKERS", _int_in(1, 64), default=1)  # uvicorn worker processes, as Label Studio's examples
     log_level: str = _env("LOG_LEVEL", _choice("debug", "info", "warning", "error"), default="info")
     basic_auth_user: str | None = _env("BASIC_AUTH_USER", _text, default=None)
     basic_auth_pass: str | None = _env("BASIC_AUTH_PASS", _text, secret=True, default=None)
@@ -147,6 +148,9 @@ class Settings:
     training_method: str = _env("TRAINING_METHOD", _choice("auto", "ft", "lpft"), default="auto")
     finetune_epochs: int | None = _env("FINETUNE_EPOCHS", _int_in(1, 1000), default=None)  # None: scaled
     finetune_batch_size: int | None = _env("FINETUNE_BATCH_SIZE", _int_in(2, 4096), default=None)  # None: scaled
+    # Stopping signal: advice that labelling can stop once predictions on a fixed stop set are stable
+    stop_kappa: float = _env("STOP_KAPPA", _float_in(0.0, 1.0), default=0.99)
+    stop_rounds: int = _env("STOP_ROUNDS", _int_in(1, 100), default=3)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
