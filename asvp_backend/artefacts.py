@@ -24,12 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from asvp_backend.fsutil import fsync_dir
+from asvp_backend.fsutil import atomic_write_bytes, fsync_dir
 from asvp_backend.layout import ProjectLayout
 
 RANKING_FILE = "ranking.npz"
 PROXY_FILE = "proxy.pt"
 META_FILE = "round.json"
+STOP_FILE = "stop.npz"  # the round proxy's labels for the stop set (stopping.py)
 
 
 class ArtefactCorrupt(ValueError):
@@ -66,6 +67,24 @@ def _write_ranking(path: Path, ranking: RankingArtefact) -> None:
         os.fsync(fh.fileno())
 
 
+@dataclass(frozen=True)
+class StopPredictions:
+    """The round proxy's label for each stop-set task that still has features."""
+
+    task_ids: np.ndarray  # (n,) int64
+    labels: np.ndarray  # (n,) str
+
+    def by_task(self) -> dict[int, str]:
+        return dict(zip(self.task_ids.tolist(), self.labels.astype(str).tolist(), strict=True))
+
+
+def _write_stop(path: Path, stop: StopPredictions) -> None:
+    with open(path, "wb") as fh:
+        np.savez(fh, task_ids=stop.task_ids.astype(np.int64), labels=stop.labels.astype(str))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     with open(path, "w") as fh:
         json.dump(data, fh)
@@ -73,13 +92,16 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         os.fsync(fh.fileno())
 
 
-def write_round(layout: ProjectLayout, version: object, ranking: RankingArtefact, proxy: Any | None) -> Path:
+def write_round(layout: ProjectLayout, version: object, ranking: RankingArtefact, proxy: Any | None,
+                stop: StopPredictions | None = None) -> Path:
     """Write the round's folder completely, then make it visible under its version (see the invariant)."""
     target = layout.round_dir(version)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent))
     try:
         _write_ranking(tmp / RANKING_FILE, ranking)
+        if stop is not None:
+            _write_stop(tmp / STOP_FILE, stop)
         if proxy is not None:
             proxy.save(tmp / PROXY_FILE)  # atomic and fsynced by the proxy itself
         _write_json(tmp / META_FILE, {"version": str(version), "pool": int(len(ranking.task_ids))})
@@ -130,6 +152,34 @@ def read_ranking(layout: ProjectLayout, version: object) -> RankingArtefact | No
         return None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise ArtefactCorrupt(path, f"{type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+def read_stop_predictions(layout: ProjectLayout, version: object) -> StopPredictions | None:
+    """The version's stop-set predictions; None when it made none (cold start, older rounds, pruned)."""
+    path = layout.round_dir(version) / STOP_FILE
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return StopPredictions(data["task_ids"].astype(np.int64), data["labels"].astype(str))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise ArtefactCorrupt(path, f"{type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+def read_stop_set(layout: ProjectLayout) -> np.ndarray | None:
+    """The project's fixed stop set (task ids), None before it is drawn; ArtefactCorrupt when unreadable."""
+    path = layout.stop_set_file
+    try:
+        return np.asarray(json.loads(path.read_bytes())["task_ids"], dtype=np.int64)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ArtefactCorrupt(path, f"{type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+def write_stop_set(layout: ProjectLayout, task_ids: np.ndarray, seed: int) -> None:
+    payload = {"task_ids": [int(t) for t in task_ids.tolist()], "seed": int(seed)}
+    atomic_write_bytes(layout.stop_set_file, json.dumps(payload).encode())
 
 
 def proxy_path(layout: ProjectLayout, version: object) -> Path | None:

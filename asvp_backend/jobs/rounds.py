@@ -28,6 +28,7 @@ from asvp_backend.artefacts import RankingArtefact, extend_ranking, proxy_path, 
 from asvp_backend.jobs.alignment import after_round, pre_annotations
 from asvp_backend.jobs.context import JobContext
 from asvp_backend.jobs.extraction import feature_store
+from asvp_backend.jobs.stop_set import predict_stop_set
 from asvp_backend.labelstudio.label_config import ClassificationSpec
 from asvp_backend.layout import ProjectLayout
 from asvp_backend.state import ProjectState, SyncedTask, TaskSnapshot
@@ -181,8 +182,11 @@ def run_round(ctx: JobContext) -> dict[str, Any]:
                                                        ranking.labels)
     else:
         label_source = {"source": None, "reason": "cold start: no label is suggested"}
+    stop, stop_entry = predict_stop_set(layout, settings.seed, inputs.pool_ids, generation, ranking.proxy,
+                                        previous_version=state.version)
     lap("train_and_rank", 2)
-    write_round(layout, version, RankingArtefact(inputs.pool_ids, ranking.scores, ranking.labels), ranking.proxy)
+    write_round(layout, version, RankingArtefact(inputs.pool_ids, ranking.scores, ranking.labels), ranking.proxy,
+                stop=stop)
     lap("save", 3)
     client = runtime.label_studio()
     pushed, view_id = push_ranking(client, pid, state.spec, version, inputs.pool_ids, ranking, settings)
@@ -204,6 +208,7 @@ def run_round(ctx: JobContext) -> dict[str, Any]:
         "view_id": view_id,
         "pre_annotations": label_source,
         "alignment": None,
+        "stop": stop_entry,
         "timings": timings,
     }
 
