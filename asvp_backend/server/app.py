@@ -24,7 +24,7 @@ from urllib.parse import parse_qs
 from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from redis import Redis
@@ -58,8 +58,10 @@ from asvp_backend.server.schemas import (
     take_tasks,
     validate_body,
 )
+from asvp_backend.server.ui import ui_router
 from asvp_backend.server.webhooks import EVENT_TRIGGERS, IGNORED_EVENTS
 from asvp_backend.state import ProjectState, StateCorrupt
+from asvp_backend.stopping import StopRule
 from asvp_backend.versioning import ModelVersion
 
 log = logging.getLogger(__name__)
@@ -325,9 +327,12 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @app.get("/")
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health(request: Request) -> Any:
         """Always 200 (Label Studio disconnects a backend whose health check fails); `status` is DEGRADED
-        while Redis does not answer, and `redis` says why."""
+        while Redis does not answer, and `redis` says why. A browser asking for `/` (Accept: text/html) is
+        sent to the status page; Label Studio, curl and scripts (Accept: */* or JSON) get the JSON."""
+        if request.url.path == "/" and "text/html" in request.headers.get("accept", ""):
+            return RedirectResponse("/ui/", status_code=303)
         report: dict[str, Any] = {
             "status": "UP",
             "model_class": "asvp-backend",
@@ -492,6 +497,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         data["model_version"] = str(state.version)
         data["problems"] = project_problems(runtime.layout(project_id), state)
         data["alignment_summary"] = alignment_summary(state, runtime.settings)
+        data["stopping"] = StopRule.from_settings(runtime.settings).evaluate(state.rounds).to_dict()
         return JSONResponse(data)
 
     @app.post("/projects/{project}/align")
@@ -514,6 +520,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     def prometheus() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.include_router(ui_router(runtime))  # /ui/ and the JSON it reads; behind basic auth like the rest
     app.add_middleware(LimitsAndAuth, runtime=runtime, metrics=metrics)
     return app
 
