@@ -69,6 +69,8 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     from asvp_backend.alignment.summary import alignment_summary, model_summary
     from asvp_backend.health import project_problems
     from asvp_backend.runtime import build_runtime
+    from asvp_backend.status_table import format_status
+    from asvp_backend.stopping import StopRule
 
     runtime = build_runtime(settings, start_jobs=False)
     try:
@@ -82,6 +84,8 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
                 "rounds": len(state.rounds),
                 "alignment": alignment_summary(state, settings),
                 "model": model_summary(state, settings)["current"],
+                "pre_annotations": model_summary(state, settings)["pre_annotations"],
+                "stopping": StopRule.from_settings(settings).evaluate(state.rounds).to_dict(),
                 "problems": project_problems(runtime.layout(state.project_id), state),
             }
             for state in states
@@ -94,7 +98,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         if args.project is not None:
             projects = [p for p in projects if p["project"] == args.project]
         report = {"settings": settings.redacted(), "projects": projects, "jobs": jobs}
-        print(json.dumps(report, indent=2, default=str))
+        print(json.dumps(report, indent=2, default=str) if args.json else format_status(report))
     finally:
         runtime.close()
     return 0
@@ -353,9 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_simulate_parser(sub)
 
-    status = sub.add_parser("status", help="print projects, versions and recent jobs as JSON")
+    status = sub.add_parser("status", help="show projects, learning curve, stopping signal and recent jobs")
     status.add_argument("--project", type=int, default=None, help="only this project")
     status.add_argument("--jobs", type=int, default=20, help="how many recent jobs to show")
+    status.add_argument("--json", action="store_true", help="print the full report as JSON (for scripts)")
     return parser
 
 

@@ -159,7 +159,7 @@ def test_a_stalled_logme_ped_refreshes_the_features_even_through_a_killed_worker
     assert gens[1]["current"] and gens[1]["model"] == model_id and not gens[0]["current"]
     assert gens[0]["weights_hash"] != gens[1]["weights_hash"]
 
-    status = subprocess.run([sys.executable, "-m", "asvp_backend", "status", "--project", str(pid)],
+    status = subprocess.run([sys.executable, "-m", "asvp_backend", "status", "--project", str(pid), "--json"],
                             env=backend_env(**stack["env"]), cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert status.returncode == 0, status.stderr[-2000:]
     shown = json.loads(status.stdout)["projects"][0]["alignment"]

@@ -50,3 +50,31 @@ def test_extract_images_caches_real_features_and_skips_bad_files(tmp_path):
     assert "img" in out.stderr  # the progress bar
     again = json.loads(run_cli("extract", "--images", str(images), MODEL_DIR=str(tmp_path / "models")).stdout)
     assert again["extracted"] == 0  # resumes: nothing left to do
+
+
+def _project_with_rounds(model_dir: Path) -> None:
+    from asvp_backend.labelstudio.label_config import parse_label_config
+    from asvp_backend.state import FileStateStore, ProjectState
+    from tests.helpers import IMAGE_CONFIG
+
+    state = ProjectState.new(3, IMAGE_CONFIG, parse_label_config(IMAGE_CONFIG))
+    for n, (kappa, accuracy) in enumerate([(None, 0.8), (0.9, 0.9), (0.995, 0.9), (1.0, 0.9), (1.0, 0.901)], start=1):
+        state.advance_round()
+        state.record_round({"version": str(state.version), "labelled": 10 * n, "cv_accuracy": accuracy,
+                            "stop": {"kappa": kappa}})
+    FileStateStore(model_dir).update(3, lambda _: state)
+
+
+def test_status_is_a_readable_table_and_json_for_scripts(tmp_path):
+    _project_with_rounds(tmp_path)
+    out = run_cli("status", "--project", "3", MODEL_DIR=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "project 3"
+    assert any(line.split() == ["asvp-g0-r5", "50", "0.901", "1.0000"] for line in lines)
+    assert any(line.split()[:2] == ["stopping", "labelling"] and "can stop" in line for line in lines)
+    assert "jobs: embedded mode" in out.stdout
+    report = json.loads(run_cli("status", "--project", "3", "--json", MODEL_DIR=str(tmp_path)).stdout)
+    stopping = report["projects"][0]["stopping"]
+    assert stopping["can_stop"] and stopping["stable_rounds"] == 3
+    assert [h["kappa"] for h in stopping["history"]] == [None, 0.9, 0.995, 1.0, 1.0]
