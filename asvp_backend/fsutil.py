@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +36,30 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def published_dir(target: Path) -> Iterator[Path]:
+    """Build a folder that appears at `target` only complete: yields a hidden temporary folder beside it;
+    on success every file in it and the folder are fsynced, a previous `target` (a re-run after a crash)
+    is replaced, the folder is renamed into place and the parent fsynced. On an error nothing appears."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        for path in tmp.iterdir():
+            if path.is_file():
+                with open(path, "rb") as fh:
+                    os.fsync(fh.fileno())
+        fsync_dir(tmp)
+        if target.exists():
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        tmp.rename(target)
+        fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 @contextlib.contextmanager

@@ -14,7 +14,6 @@ import contextlib
 import csv
 import json
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from ..features.backbones import create_backbone
 from ..features.device import inference_context, prepare_input, resolve_device
 from ..features.extract import list_images
 from ..features.weights import WeightsMismatchError, WeightsUnavailableError
-from ..fsutil import fsync_dir
+from ..fsutil import fsync_dir, published_dir
 from ..labelstudio.images import ImageFetchError, LocalImageLoader
 from .finetune import FinetuneResult
 
@@ -49,23 +48,15 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing or unreadable; the message names the file and what is wrong."""
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
 def save_checkpoint(result: FinetuneResult, directory: Path, extra: dict[str, Any] | None = None) -> Path:
     """Write ``result`` as a checkpoint folder at ``directory`` (replacing one left by an earlier attempt);
     ``extra`` keys are added to model.json (e.g. the labelled-set size and feature generation)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with published_dir(directory) as tmp:  # a re-run after a crash replaces the earlier folder
         state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
         save_file(state, str(tmp / CHECKPOINT_WEIGHTS))
-        _fsync_file(tmp / CHECKPOINT_WEIGHTS)
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -77,18 +68,7 @@ def save_checkpoint(result: FinetuneResult, directory: Path, extra: dict[str, An
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             **(extra or {}),
         }
-        with open(tmp / CHECKPOINT_META, "w", encoding="utf-8") as fh:
-            json.dump(meta, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        fsync_dir(tmp)
-        if directory.exists():  # a re-run after a crash that followed the rename
-            shutil.rmtree(directory)
-        tmp.rename(directory)
-        fsync_dir(directory.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / CHECKPOINT_META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return directory
 
 

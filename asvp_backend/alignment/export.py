@@ -9,13 +9,11 @@ in a hidden folder beside the target, then renamed.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from asvp_backend.fsutil import fsync_dir
+from asvp_backend.fsutil import published_dir
 
 WEIGHTS, META = "model.safetensors", "model.json"
 
@@ -28,21 +26,8 @@ def export_model(source: Path, out: Path, extra: dict[str, Any], overwrite: bool
         raise FileExistsError(f"{out} exists and is not an empty folder (use --force to replace it)")
     meta = json.loads((source / META).read_text())
     meta.update(extra)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with published_dir(out) as tmp:
         shutil.copyfile(source / WEIGHTS, tmp / WEIGHTS)
         (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
         (tmp / "labels.txt").write_text("".join(f"{label}\n" for label in meta.get("classes", [])))
-        for path in tmp.iterdir():
-            with open(path, "rb+") as fh:
-                os.fsync(fh.fileno())
-        fsync_dir(tmp)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        tmp.rename(out)
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -279,7 +279,7 @@ def test_checkpoint_is_complete_before_it_is_visible(trained, tmp_path, monkeypa
         raise OSError("disk full")
 
     with monkeypatch.context() as m:
-        m.setattr(ckpt.json, "dump", torn)  # after the weights, before model.json
+        m.setattr(ckpt.json, "dumps", torn)  # after the weights, before model.json
         with pytest.raises(OSError, match="disk full"):
             save_checkpoint(trained, target)
     assert list(tmp_path.iterdir()) == []  # neither the target nor a hidden temporary folder
