@@ -4,6 +4,7 @@ fine-tuned model and classify images with it, and replay active learning offline
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import sys
@@ -21,27 +22,33 @@ log = logging.getLogger("asvp_backend")
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
-    from asvp_backend.runtime import build_runtime
-    from asvp_backend.server.app import create_app
+    from asvp_backend.server.factory import APP_FACTORY
 
-    runtime = build_runtime(settings)
+    if settings.workers > 1 and settings.embedded:
+        print(f"WORKERS={settings.workers} needs REDIS_URL: without it each process would run its own job queue "
+              "on the same files; use WORKERS=1, or set REDIS_URL and run `asvp-backend worker`", file=sys.stderr)
+        return 2
+    if settings.embedded and importlib.util.find_spec("torch") is None:  # the light `api` Docker image
+        print("without REDIS_URL the API runs the jobs itself and needs torch, which this installation lacks: set "
+              "REDIS_URL and run `asvp-backend worker` where torch is, or install requirements.txt", file=sys.stderr)
+        return 2
     log.info(
-        "serving on %s:%s (%s)",
+        "serving on %s:%s with %s worker process(es) (%s)",
         args.host or settings.host,
         args.port or settings.port,
+        settings.workers,
         "rq on Redis" if settings.redis_url else "embedded: in-process worker, state in MODEL_DIR",
     )
-    try:
-        uvicorn.run(
-            create_app(runtime),
-            host=args.host or settings.host,
-            port=args.port or settings.port,
-            log_level=settings.log_level,
-            access_log=args.access_log,
-            log_config=None,  # keep our handlers (and their secret filter) on uvicorn's loggers
-        )
-    finally:
-        runtime.close()
+    uvicorn.run(
+        APP_FACTORY,  # each worker process builds its own runtime (server/factory.py)
+        factory=True,
+        workers=settings.workers,
+        host=args.host or settings.host,
+        port=args.port or settings.port,
+        log_level=settings.log_level,
+        access_log=args.access_log,
+        log_config=None,  # keep our handlers (and their secret filter) on uvicorn's loggers
+    )
     return 0
 
 
@@ -133,14 +140,15 @@ def cmd_extract(settings: Settings, args: argparse.Namespace) -> int:
     from asvp_backend.jobs.tasks import sync_tasks
     from asvp_backend.runtime import build_runtime
 
-    if not settings.label_studio_url:
-        print("extract --project needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY", file=sys.stderr)
-        return 2
     runtime = build_runtime(settings, start_jobs=False)
     try:
         if runtime.store.get(args.project) is None:
             print(f"project {args.project} is not set up: connect the backend to it in Label Studio first",
                   file=sys.stderr)
+            return 2
+        if not runtime.has_label_studio(args.project):
+            print("extract --project needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY, or the token Label Studio "
+                  "sends when it connects the project", file=sys.stderr)
             return 2
         bar = _ProgressBar(f"project {args.project}")
         ctx = JobContext("extract", args.project, "cli", {"no_time_slice": True}, runtime, reporter=bar)

@@ -179,8 +179,8 @@ class Settings:
                 raise ConfigError(f"{env_name} must be one of {', '.join(known)}; got {value!r}")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise ConfigError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
-        if self.label_studio_url and not self.label_studio_api_key:
-            raise ConfigError("LABEL_STUDIO_API_KEY is required when LABEL_STUDIO_URL is set")
+        if self.label_studio_api_key and not self.label_studio_url:  # a token never goes to /setup's hostname
+            raise ConfigError("LABEL_STUDIO_URL is required when LABEL_STUDIO_API_KEY is set")
 
     @property
     def selection_batch(self) -> int:

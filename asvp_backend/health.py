@@ -1,4 +1,5 @@
-"""What is wrong with a project's files, in words: for `asvp-backend status` and `GET /projects/N`.
+"""What is wrong with a project's files (and its Label Studio connection), in words: for `asvp-backend status`
+and `GET /projects/N`.
 
 Cheap checks only (headers and sizes, never full reads), so a status page can call it on every refresh.
 Each problem names the file and what is wrong; the jobs repair what can be rebuilt (see decisions.md).
@@ -8,12 +9,16 @@ from __future__ import annotations
 
 from asvp_backend.artefacts import ArtefactCorrupt, read_ranking
 from asvp_backend.features import FeatureStore
+from asvp_backend.labelstudio import credentials
 from asvp_backend.layout import ProjectLayout
 from asvp_backend.state import ProjectState, StateCorrupt, TaskSnapshot
 
 
 def project_problems(layout: ProjectLayout, state: ProjectState) -> list[str]:
     problems = [str(problem) for problem in FeatureStore(layout.features_dir).verify()]
+    connection = credentials.problem(layout)
+    if connection:
+        problems.append(connection)
     try:
         TaskSnapshot(layout.model_dir, layout.project_id).load()
     except StateCorrupt as exc:

@@ -6,6 +6,7 @@ a file name, and moving a file is a one-line change:
     MODEL_DIR/projects/<id>/state.json        project state (embedded mode; Redis holds it otherwise)
                            /state.lock        flock serialising state writers
                            /tasks.json        the last sync's snapshot of tasks and labels
+                           /label-studio.json where to read the project (/setup's hostname and token, 0600)
                            /stop_set.json     the fixed stop set's task ids (stopping.py)
                            /features/         the feature store (generations of float16 shards)
                            /rounds/<version>/ one round's artefacts (ranking, proxy), see artefacts.py
@@ -44,6 +45,10 @@ class ProjectLayout:
     @property
     def stop_set_file(self) -> Path:
         return self.root / "stop_set.json"
+
+    @property
+    def label_studio_file(self) -> Path:
+        return self.root / "label-studio.json"
 
     @property
     def features_dir(self) -> Path:

@@ -88,16 +88,33 @@ class SecretFilter(logging.Filter):
         return args
 
 
-def install_secret_filter(secrets: Iterable[str], loggers: Iterable[str] = UVICORN_LOGGERS) -> SecretFilter:
-    """Put one SecretFilter on the root logger's handlers and on uvicorn's loggers and their handlers,
-    replacing any earlier SecretFilter (so calling it twice never masks twice or with stale secrets)."""
-    secret_filter = SecretFilter(secrets)
+_registered: set[str] = set()  # secrets learnt at run time (a project's token from /setup), kept across installs
+
+
+def register_secret(secret: str | None) -> None:
+    """Mask `secret` from now on in every installed filter (and in filters installed later)."""
+    if not secret or len(secret) < MIN_SECRET_LENGTH or secret in _registered:
+        return
+    _registered.add(secret)
+    for target in _filter_targets(UVICORN_LOGGERS):
+        for installed in [f for f in target.filters if isinstance(f, SecretFilter)]:
+            installed.secrets = sorted({*installed.secrets, secret}, key=len, reverse=True)
+
+
+def _filter_targets(loggers: Iterable[str]) -> list[logging.Filterer]:
     targets: list[logging.Filterer] = list(logging.getLogger().handlers)
     for name in loggers:
         logger = logging.getLogger(name)
         targets.append(logger)  # records created on this logger, whatever handlers uvicorn installs later
         targets.extend(logger.handlers)
-    for target in targets:
+    return targets
+
+
+def install_secret_filter(secrets: Iterable[str], loggers: Iterable[str] = UVICORN_LOGGERS) -> SecretFilter:
+    """Put one SecretFilter on the root logger's handlers and on uvicorn's loggers and their handlers,
+    replacing any earlier SecretFilter (so calling it twice never masks twice or with stale secrets)."""
+    secret_filter = SecretFilter([*secrets, *_registered])
+    for target in _filter_targets(loggers):
         for old in [f for f in target.filters if isinstance(f, SecretFilter)]:
             target.removeFilter(old)
         target.addFilter(secret_filter)

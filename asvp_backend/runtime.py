@@ -15,6 +15,8 @@ from asvp_backend.config import ConfigError, Settings
 from asvp_backend.jobs.inprocess import InProcessJobQueue
 from asvp_backend.jobs.leases import FileLease, Lease, RedisLease
 from asvp_backend.jobs.queue import JobQueue
+from asvp_backend.labelstudio import credentials
+from asvp_backend.labelstudio.credentials import Connection
 from asvp_backend.layout import ProjectLayout, queue_journal
 from asvp_backend.state import StateStore, create_state_store
 
@@ -28,19 +30,41 @@ class Runtime:
     store: StateStore
     queue: JobQueue
     redis: Any = None
-    _label_studio: Any = field(default=None, repr=False)
+    _label_studio: Any = field(default=None, repr=False)  # one client for every project (tests inject a fake)
+    _clients: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False)
 
-    def label_studio(self) -> Any:
-        """The Label Studio client; jobs need it, the API's hot paths do not."""
+    def label_studio(self, project_id: int | None = None) -> Any:
+        """The Label Studio client that reads `project_id`: the environment's, or the one /setup's hostname and
+        token make (labelstudio/credentials.py). Jobs need it, the API's hot paths do not."""
+        if self._label_studio is not None:
+            return self._label_studio
+        return self._client(self.label_studio_connection(project_id))
+
+    def label_studio_connection(self, project_id: int | None = None) -> Connection:
+        """Where and with which token `project_id` is read; ConfigError says what is missing."""
+        if project_id is None:
+            if not (self.settings.label_studio_url and self.settings.label_studio_api_key):
+                raise ConfigError("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are needed to read tasks")
+            return credentials.connection(self.settings, {}, 0)
+        return credentials.connection(self.settings, credentials.load(self.layout(project_id)), project_id)
+
+    def has_label_studio(self, project_id: int) -> bool:
+        """Whether jobs of `project_id` can reach Label Studio at all (else they work without it)."""
+        if self._label_studio is not None:
+            return True
+        try:
+            self.label_studio_connection(project_id)
+        except ConfigError:
+            return False
+        return True
+
+    def _client(self, conn: Connection) -> Any:
         from asvp_backend.labelstudio.client import LabelStudioClient
 
-        if self._label_studio is None:
-            if not self.settings.label_studio_url:
-                raise ConfigError("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are needed to read tasks")
-            self._label_studio = LabelStudioClient(
-                self.settings.label_studio_url, self.settings.label_studio_api_key or ""
-            )
-        return self._label_studio
+        key = (conn.url, conn.token)
+        if key not in self._clients:  # one per Label Studio and token: a PAT's access token is refreshed once
+            self._clients[key] = LabelStudioClient(conn.url, conn.token)
+        return self._clients[key]
 
     def layout(self, project_id: int) -> ProjectLayout:
         return ProjectLayout(self.settings.model_dir, project_id)

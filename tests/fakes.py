@@ -15,6 +15,7 @@ class InjectedFault(RuntimeError):
 
 class FakeLabelStudio:
     def __init__(self, label_config: str, tasks: list[dict[str, Any]]) -> None:
+        self.url = "http://ls.invalid"
         self.label_config = label_config
         self.tasks = {int(t["id"]): t for t in tasks}
         self.predictions: list[dict[str, Any]] = []

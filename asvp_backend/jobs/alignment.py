@@ -175,7 +175,7 @@ def run_finetune(ctx: JobContext) -> dict[str, Any]:
     if len({label for _, _, label in items}) < 2:
         _finish_pending(runtime, pid, purpose, None)
         return {"status": "skipped", "reason": "fine-tuning needs labelled images of at least two classes"}
-    client = runtime.label_studio() if settings.label_studio_url else None
+    client = runtime.label_studio(pid) if runtime.has_label_studio(pid) else None
     images = TaskImages(items, image_fetcher(settings, client))
     recipe = recipe_for(method, len(items), epochs=settings.finetune_epochs,
                         batch_size=settings.finetune_batch_size, seed=settings.seed)

@@ -60,7 +60,7 @@ def image_fetcher(settings: Settings, client: Any) -> Any:
     from asvp_backend.labelstudio.images import ImageFetcher
 
     return ImageFetcher(
-        label_studio_url=settings.label_studio_url,
+        label_studio_url=client.url if client is not None else settings.label_studio_url,
         auth_headers=client.auth_headers if client is not None else None,
         document_root=str(settings.local_files_document_root) if settings.local_files_document_root else None,
         allow_private_hosts=settings.allow_private_image_hosts,
@@ -117,7 +117,7 @@ def extract_project(ctx: Any, retry_skipped: bool = False) -> dict[str, Any]:
     report = extract_to_store(
         backbone,
         items,
-        image_fetcher(settings, runtime.label_studio() if settings.label_studio_url else None),
+        image_fetcher(settings, runtime.label_studio(pid) if runtime.has_label_studio(pid) else None),
         generation,
         batch_size=settings.extract_batch_size,
         num_workers=loader_workers(settings, backbone),

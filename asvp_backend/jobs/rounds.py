@@ -188,7 +188,7 @@ def run_round(ctx: JobContext) -> dict[str, Any]:
     write_round(layout, version, RankingArtefact(inputs.pool_ids, ranking.scores, ranking.labels), ranking.proxy,
                 stop=stop)
     lap("save", 3)
-    client = runtime.label_studio()
+    client = runtime.label_studio(pid)
     pushed, view_id = push_ranking(client, pid, state.spec, version, inputs.pool_ids, ranking, settings)
     lap("push", 4)
 
@@ -332,6 +332,6 @@ def rescore_new_tasks(ctx: JobContext) -> dict[str, Any]:
     ctx.check_deadline()
     extend_ranking(layout, state.version, RankingArtefact(ids, scores.astype(np.float32), labels))
     predictions = predictions_for(state.spec, state.version, ids, scores, labels)
-    runtime.label_studio().import_predictions(pid, predictions)
+    runtime.label_studio(pid).import_predictions(pid, predictions)
     log.info("project %s: scored %s new task(s) under %s", pid, len(ids), state.version)
     return {"status": "scored", "tasks": len(ids), "version": str(state.version), "strategy": strategy_name}

@@ -53,7 +53,7 @@ def sync_tasks(ctx: JobContext) -> tuple[dict[str, Any], dict[int, SyncedTask], 
     except StateCorrupt as exc:
         log.error("project %s: %s; rebuilding it from Label Studio", pid, exc)
         stored = None
-    client = runtime.label_studio()
+    client = runtime.label_studio(pid)
     project = client.get_project(pid)
     state = stored if stored is not None else _rebuild_state(ctx, project)
 

@@ -40,12 +40,18 @@ class LabelStudioClient:
         self.url = url.rstrip("/")
         self.timeout = timeout
         self._api_key = api_key  # kept only to mask it in error messages
-        self._sdk = LabelStudio(base_url=self.url, api_key=api_key, timeout=timeout)
+        try:
+            self._sdk = LabelStudio(base_url=self.url, api_key=api_key, timeout=timeout)
+        except Exception as exc:  # the SDK refuses an expired personal access token here
+            raise _token_error(exc) from None
         self._session = requests.Session()
 
     def auth_headers(self) -> dict[str, str]:
         """The Authorization header Label Studio expects (Token <legacy> or Bearer <access JWT>)."""
-        headers = self._sdk._client_wrapper.get_headers()
+        try:
+            headers = self._sdk._client_wrapper.get_headers()
+        except Exception as exc:  # refreshing a personal access token failed (refused, or no answer)
+            raise _token_error(exc) from None
         return {"Authorization": headers["Authorization"]}
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -150,6 +156,14 @@ class LabelStudioClient:
                 return int(view["id"])
         created = self.request("POST", "/api/dm/views/", json={"project": int(project_id), "data": data})
         return int(created["id"])
+
+
+def _token_error(exc: Exception) -> LabelStudioError:
+    """The SDK's ApiError or httpx error as ours: the status, never the body (it may quote the token)."""
+    status = getattr(exc, "status_code", None)
+    status = status if isinstance(status, int) else None
+    answer = f"HTTP {status}" if status is not None else type(exc).__name__
+    return LabelStudioError(f"personal access token refresh: {answer}", status)
 
 
 _UNLABELLED_FILTER = {

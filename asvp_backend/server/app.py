@@ -58,6 +58,7 @@ from asvp_backend.server.schemas import (
     take_tasks,
     validate_body,
 )
+from asvp_backend.server.setup_check import SetupCheck
 from asvp_backend.server.ui import ui_router
 from asvp_backend.server.webhooks import EVENT_TRIGGERS, IGNORED_EVENTS
 from asvp_backend.state import ProjectState, StateCorrupt
@@ -347,6 +348,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         return report
 
     known_projects: set[int] = set()  # projects seen by /setup or found in the store: the webhook's fast path
+    setup_check = SetupCheck(runtime)  # can the backend read the project's tasks? (reported, never refused)
 
     @app.post("/setup")
     async def setup(request: Request) -> JSONResponse:
@@ -379,7 +381,8 @@ def create_app(runtime: Runtime) -> FastAPI:
             state = store.update(project_id, lambda current: current if current is not None else fresh)
         assert state is not None
         known_projects.add(project_id)
-        return JSONResponse({"model_version": str(state.version), "status": "ok"})
+        connection = setup_check(project_id, body.hostname, body.access_token)
+        return JSONResponse({"model_version": str(state.version), "status": "ok", **connection})
 
     @app.post("/predict")
     async def predict(request: Request) -> JSONResponse:
@@ -415,7 +418,7 @@ def create_app(runtime: Runtime) -> FastAPI:
                 raise BadRequest(str(exc)) from None
             state = ProjectState.new(project_id, body.label_config, spec)
         outcome = predict_tasks(settings.model_dir, state, task_ids)
-        if settings.label_studio_url and store.exists(project_id):
+        if store.exists(project_id) and runtime.has_label_studio(project_id):
             if outcome.problem:  # the round's ranking is unreadable: a new round replaces it
                 queue.submit("round", project_id, reason=outcome.problem[:200], force_round=True)
             elif outcome.needs_sync(state):

@@ -34,7 +34,7 @@ def test_reads_label_studio_names():
             {"LABEL_STUDIO_URL": "localhost:8080", "LABEL_STUDIO_API_KEY": "k"},
             "LABEL_STUDIO_URL must be an http",
         ),
-        ({"LABEL_STUDIO_URL": "http://ls:8080"}, "LABEL_STUDIO_API_KEY is required"),
+        ({"LABEL_STUDIO_API_KEY": "k"}, "LABEL_STUDIO_URL is required"),
         ({"REDIS_URL": "localhost"}, "REDIS_URL must look like"),
         ({"BASIC_AUTH_USER": "u"}, "set together"),
         ({"EPSILON": "2"}, "EPSILON must be between"),
