@@ -209,10 +209,14 @@ def test_a_second_round_replaces_the_first_ranking(stack, project):
     ls.call("POST", f"/api/ml/{project['ml']}/train", json={})  # Start Training: one more round, forced
     third = wait_for(lambda: [r for r in backend_state(stack, pid)["rounds"] if r["round"] > second["round"]],
                      timeout=240, interval=1, what="the forced round")[-1]
-    versions = ls.call("GET", f"/api/projects/{pid}/model-versions/")
-    names = set(versions) if isinstance(versions, dict) else {v["model_version"] for v in versions}
-    assert third["version"] in names and second["version"] in names
-    assert first["version"] not in names, names  # older than the previous version: deleted
+
+    def names() -> set[str]:
+        versions = ls.call("GET", f"/api/projects/{pid}/model-versions/")
+        return set(versions) if isinstance(versions, dict) else {v["model_version"] for v in versions}
+
+    assert third["version"] in names() and second["version"] in names()
+    # older than the previous version: deleted, right after the round's state advanced (its slow cleanup)
+    wait_for(lambda: first["version"] not in names(), timeout=60, what=f"{first['version']} deleted")
     assert ls.call("GET", f"/api/projects/{pid}")["model_version"] == third["version"]
     for task in [t for t in ls.tasks(pid) if not t["annotations"]]:
         assert third["version"] in [p["model_version"] for p in task["predictions"]]
