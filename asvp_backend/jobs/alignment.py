@@ -173,8 +173,9 @@ def run_finetune(ctx: JobContext) -> dict[str, Any]:
     tasks = TaskSnapshot(settings.model_dir, pid).load()
     items = [(tid, str(t.image), str(t.label)) for tid, t in sorted(tasks.items()) if t.label and t.image]
     if len({label for _, _, label in items}) < 2:
-        _finish_pending(runtime, pid, purpose, None)
-        return {"status": "skipped", "reason": "fine-tuning needs labelled images of at least two classes"}
+        reason = "fine-tuning needs labelled images of at least two classes"
+        _finish_pending(runtime, pid, purpose, None, failed=reason)
+        return {"status": "skipped", "reason": reason}
     client = runtime.label_studio(pid) if runtime.has_label_studio(pid) else None
     images = TaskImages(items, image_fetcher(settings, client))
     recipe = recipe_for(method, len(items), epochs=settings.finetune_epochs,
