@@ -52,6 +52,7 @@ from asvp_backend.server.schemas import (
     WebhookRequest,
     check_tasks,
     gc_paused,
+    openapi_body,
     parse_json_object,
     parse_project_id,
     release_gradually,
@@ -350,7 +351,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     known_projects: set[int] = set()  # projects seen by /setup or found in the store: the webhook's fast path
     setup_check = SetupCheck(runtime)  # can the backend read the project's tasks? (reported, never refused)
 
-    @app.post("/setup")
+    @app.post("/setup", openapi_extra=openapi_body(SetupRequest))
     async def setup(request: Request) -> JSONResponse:
         raw = await read_body(request)
         return await run_in_threadpool(setup_from_body, raw)
@@ -384,7 +385,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         connection = setup_check(project_id, body.hostname, body.access_token)
         return JSONResponse({"model_version": str(state.version), "status": "ok", **connection})
 
-    @app.post("/predict")
+    @app.post("/predict", openapi_extra=openapi_body(PredictRequest))
     async def predict(request: Request) -> JSONResponse:
         raw = await read_body(request)
         return await run_in_threadpool(predict_from_body, raw)
@@ -427,7 +428,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         # rendered here, in the worker thread: FastAPI would encode a returned dict on the event loop
         return JSONResponse({"results": outcome.results})
 
-    @app.post("/webhook")
+    @app.post("/webhook", openapi_extra=openapi_body(WebhookRequest))
     async def webhook(request: Request) -> JSONResponse:
         # async on purpose: a burst of webhooks is answered on the event loop; only the rare call that
         # really enqueues a job goes to the thread pool (bench/results/api_cpu.md). The secret was checked
@@ -519,7 +520,7 @@ def create_app(runtime: Runtime) -> FastAPI:
             return JSONResponse({"detail": f"unknown project {project_id}"}, status_code=404)
         return JSONResponse(model_summary(state, runtime.settings))
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)  # documented as text, not JSON
     def prometheus() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

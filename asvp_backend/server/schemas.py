@@ -206,3 +206,24 @@ class WebhookRequest(BaseModel):
 
     action: str
     project: Any = None
+
+
+_PREDICT_TASKS = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "properties": {"id": {"type": "integer", "minimum": 1, "maximum": MAX_ID}, "data": {"type": "object"}},
+        "required": ["id"],
+    },
+}
+
+
+def openapi_body(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` for a route that reads its own body (to check limits first), so FastAPI cannot describe
+    it: without this, /docs showed no body and the schema-driven fuzzing (tests/unit/test_fuzz_api.py) sent
+    none. /predict's `tasks` are taken out before validation (take_tasks), so they are added here."""
+    schema = model.model_json_schema(by_alias=True)
+    if model is PredictRequest:
+        schema["properties"]["tasks"] = _PREDICT_TASKS
+        schema["required"] = [*schema.get("required", []), "tasks"]
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}

@@ -119,7 +119,11 @@ def ui_router(runtime: Runtime) -> APIRouter:
                            for tid, why in sorted(skipped.items())]
         return JSONResponse(body)
 
-    @router.post("/projects/{project}/jobs")
+    job_body = {"type": "object", "required": ["kind"],
+                "properties": {"kind": {"enum": sorted(JOB_KINDS)}, "retry_of": {"type": "string"}}}
+    job_request = {"requestBody": {"required": True, "content": {"application/json": {"schema": job_body}}}}
+
+    @router.post("/projects/{project}/jobs", openapi_extra=job_request)  # the body is read by hand: described here
     async def queue_job(project: str, request: Request) -> JSONResponse:
         """Queue a job of `kind` for the project (the page's Retry). JSON only: a cross-site form cannot
         send it, so a browser holding the basic-auth credentials cannot be made to queue jobs."""
