@@ -103,8 +103,9 @@ def after_round(ctx: JobContext, inputs: RoundInputs, generation: int, version: 
                                  "method": decision.method, "labelled": labelled}
         return current
 
-    runtime.store.update(pid, decide)
-    runtime.queue.count(f"decision_{record.get('decision')}", "alignment")
+    if runtime.store.update(pid, decide) is None:
+        return {}  # the project was removed meanwhile
+    runtime.queue.count(f"decision_{record['decision']}", "alignment")
     if record.get("decision") == UPDATE:
         record["job"] = runtime.queue.submit("align", pid, reason="features stalled (LogME-PED)",
                                              method=record["method"]).job_id
