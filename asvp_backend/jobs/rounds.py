@@ -140,10 +140,12 @@ def push_ranking(client: Any, pid: int, spec: ClassificationSpec, version: Model
     predictions = predictions_for(spec, version, pool_ids[rows], ranking.scores[rows], ranking.labels[rows])
     client.delete_model_version(pid, str(version))  # a re-run after a crash must not average two sets
     client.import_predictions(pid, predictions)
-    fields: dict[str, Any] = {"model_version": str(version)}
+    # every task labelled: no prediction of the version exists, and Label Studio refuses to follow it (400)
+    fields: dict[str, Any] = {"model_version": str(version)} if predictions else {}
     if settings.ls_sampling == "uncertainty":
         fields["sampling"] = UNCERTAINTY_SAMPLING
-    client.update_project(pid, **fields)
+    if fields:
+        client.update_project(pid, **fields)
     return rows, client.ensure_ranking_view(pid)
 
 

@@ -399,6 +399,8 @@ def create_app(runtime: Runtime) -> FastAPI:
             finally:
                 release_gradually(tasks)
 
+    last_states: dict[int, ProjectState] = {}  # per project, the state /predict last read: served while Redis restarts
+
     def serve_predictions(body: PredictRequest, tasks: list[Any]) -> JSONResponse:
         if body.project is None:
             raise BadRequest("project is required")
@@ -406,7 +408,17 @@ def create_app(runtime: Runtime) -> FastAPI:
         if len(tasks) > MAX_PREDICT_TASKS:
             raise BadRequest(f"at most {MAX_PREDICT_TASKS} tasks per request; send smaller batches")
         task_ids = [task["id"] for task in check_tasks(tasks)]
-        state = store.get(project_id)
+        redis_down = False
+        try:
+            state = store.get(project_id)
+        except (RedisConnectionError, RedisTimeoutError):
+            # Redis restarting: serve the last good state this process read (the ranking is on disk)
+            state, redis_down = last_states.get(project_id), True
+            if state is None:
+                raise
+        else:
+            if state is not None:
+                last_states[project_id] = state
         if state is None:
             if not body.label_config:
                 return JSONResponse(
@@ -419,7 +431,7 @@ def create_app(runtime: Runtime) -> FastAPI:
                 raise BadRequest(str(exc)) from None
             state = ProjectState.new(project_id, body.label_config, spec)
         outcome = predict_tasks(settings.model_dir, state, task_ids)
-        if store.exists(project_id) and runtime.has_label_studio(project_id):
+        if not redis_down and store.exists(project_id) and runtime.has_label_studio(project_id):
             if outcome.problem:  # the round's ranking is unreadable: a new round replaces it
                 queue.submit("round", project_id, reason=outcome.problem[:200], force_round=True)
             elif outcome.needs_sync(state):
