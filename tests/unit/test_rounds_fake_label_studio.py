@@ -18,7 +18,7 @@ from asvp_backend.labelstudio.label_config import parse_label_config
 from asvp_backend.layout import ProjectLayout
 from asvp_backend.prediction import predict_tasks
 from asvp_backend.runtime import Runtime
-from asvp_backend.state import FileStateStore, ProjectState
+from asvp_backend.state import FileStateStore, ProjectState, TaskSnapshot
 from tests.fakes import FakeLabelStudio, InjectedFault
 from tests.helpers import IMAGE_CONFIG
 
@@ -203,3 +203,17 @@ def test_set_based_cold_start_picks_one_batch_not_the_pushed_top(tmp_path):
     ranking = read_ranking(ProjectLayout(tmp_path, PID), "asvp-g0-r1")
     picked = np.sort(ranking.scores)[:6]
     assert np.all(picked < 0.5) and np.sum(ranking.scores < 0.5) == 6  # one batch of picks, then the rest
+
+
+def test_a_round_is_due_when_extraction_catches_up_with_labels_it_could_not_use(stack):
+    from asvp_backend.jobs.tasks import _labels_caught_up
+
+    stack.generation.drop(list(range(1, 9)))  # tasks 1-8 have no features yet
+    stack.label(range(1, 17))
+    sync(stack.ctx("sync"))
+    record = run_round(stack.ctx("round"))
+    assert record["labelled"] == 8  # the round trained on the 8 labelled tasks with features
+    tasks = TaskSnapshot(stack.runtime.settings.model_dir, PID).load()
+    assert not _labels_caught_up(stack.state(), tasks, stack.store.current(), retrain_every=4)
+    stack.add_features(range(1, 9))  # the extraction caught up: 8 more usable labels, no label changed
+    assert _labels_caught_up(stack.state(), tasks, stack.store.current(), retrain_every=4)
