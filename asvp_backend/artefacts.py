@@ -14,17 +14,15 @@ This module must not import torch: the API reads rankings and never loads a mode
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
-from asvp_backend.fsutil import atomic_write_bytes, fsync_dir
+from asvp_backend.fsutil import atomic_file, atomic_write_bytes, published_dir
 from asvp_backend.layout import ProjectLayout
 
 RANKING_FILE = "ranking.npz"
@@ -59,12 +57,9 @@ class RankingArtefact:
         )
 
 
-def _write_ranking(path: Path, ranking: RankingArtefact) -> None:
-    with open(path, "wb") as fh:
-        np.savez(fh, task_ids=ranking.task_ids.astype(np.int64), scores=ranking.scores.astype(np.float32),
-                 labels=ranking.labels.astype(str))
-        fh.flush()
-        os.fsync(fh.fileno())
+def _save_ranking(fh: IO[bytes], ranking: RankingArtefact) -> None:
+    np.savez(fh, task_ids=ranking.task_ids.astype(np.int64), scores=ranking.scores.astype(np.float32),
+             labels=ranking.labels.astype(str))
 
 
 @dataclass(frozen=True)
@@ -78,41 +73,20 @@ class StopPredictions:
         return dict(zip(self.task_ids.tolist(), self.labels.astype(str).tolist(), strict=True))
 
 
-def _write_stop(path: Path, stop: StopPredictions) -> None:
-    with open(path, "wb") as fh:
-        np.savez(fh, task_ids=stop.task_ids.astype(np.int64), labels=stop.labels.astype(str))
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    with open(path, "w") as fh:
-        json.dump(data, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def write_round(layout: ProjectLayout, version: object, ranking: RankingArtefact, proxy: Any | None,
                 stop: StopPredictions | None = None) -> Path:
-    """Write the round's folder completely, then make it visible under its version (see the invariant)."""
+    """Write the round's folder completely, then make it visible under its version (see the invariant);
+    a re-run of a round that crashed after saving replaces the earlier folder."""
     target = layout.round_dir(version)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent))
-    try:
-        _write_ranking(tmp / RANKING_FILE, ranking)
+    with published_dir(target) as tmp:
+        with open(tmp / RANKING_FILE, "wb") as fh:
+            _save_ranking(fh, ranking)
         if stop is not None:
-            _write_stop(tmp / STOP_FILE, stop)
+            with open(tmp / STOP_FILE, "wb") as fh:
+                np.savez(fh, task_ids=stop.task_ids.astype(np.int64), labels=stop.labels.astype(str))
         if proxy is not None:
-            proxy.save(tmp / PROXY_FILE)  # atomic and fsynced by the proxy itself
-        _write_json(tmp / META_FILE, {"version": str(version), "pool": int(len(ranking.task_ids))})
-        fsync_dir(tmp)
-        if target.exists():  # a re-run of a round that crashed after saving
-            shutil.rmtree(target)
-        tmp.rename(target)
-        fsync_dir(target.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            proxy.save(tmp / PROXY_FILE)
+        (tmp / META_FILE).write_text(json.dumps({"version": str(version), "pool": int(len(ranking.task_ids))}))
     return target
 
 
@@ -128,16 +102,8 @@ def extend_ranking(layout: ProjectLayout, version: object, extra: RankingArtefac
         np.concatenate([current.scores, extra.scores[keep].astype(np.float32)]),
         np.concatenate([current.labels.astype(str), extra.labels[keep].astype(str)]),
     )
-    folder = layout.round_dir(version)
-    fd, tmp = tempfile.mkstemp(prefix=f".{RANKING_FILE}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        _write_ranking(Path(tmp), merged)
-        os.replace(tmp, folder / RANKING_FILE)
-        fsync_dir(folder)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(layout.round_dir(version) / RANKING_FILE) as fh:
+        _save_ranking(fh, merged)
     return merged
 
 

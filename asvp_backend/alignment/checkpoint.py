@@ -10,11 +10,9 @@ feature extractor can embed with the fine-tuned backbone.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +31,7 @@ from ..features.backbones import create_backbone
 from ..features.device import inference_context, prepare_input, resolve_device
 from ..features.extract import list_images
 from ..features.weights import WeightsMismatchError, WeightsUnavailableError
-from ..fsutil import fsync_dir, published_dir
+from ..fsutil import atomic_file, published_dir
 from ..labelstudio.images import ImageFetchError, LocalImageLoader
 from .finetune import FinetuneResult
 
@@ -182,9 +180,6 @@ def classify_folder(
     root = Path(images_dir)
     files = list_images(root)
     loader = LocalImageLoader()
-    out_csv = Path(out_csv)
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_csv.name}.", suffix=".tmp", dir=out_csv.parent)
     failed = 0
 
     def load(path: Path) -> Image.Image | str:
@@ -195,34 +190,25 @@ def classify_folder(
         except Exception as e:  # a codec bug must not stop the folder
             return f"{type(e).__name__} while reading image"
 
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh, ThreadPoolExecutor(4) as pool:
-            writer = csv.writer(fh)
-            writer.writerow(["path", "label", "confidence", *(f"p_{c}" for c in model.classes), "error"])
-            for i in range(0, len(files), batch_size):
-                chunk = files[i : i + batch_size]
-                loaded = list(pool.map(load, chunk))
-                good = [im for im in loaded if isinstance(im, Image.Image)]
-                probs = iter(model.predict_proba(good))
-                for path, im in zip(chunk, loaded, strict=True):
-                    rel = path.relative_to(root).as_posix()
-                    if isinstance(im, str):
-                        failed += 1
-                        writer.writerow([rel, "", "", *([""] * len(model.classes)), im])
-                        continue
-                    p = next(probs)
-                    k = int(p.argmax())
-                    writer.writerow([rel, model.classes[k], f"{p[k]:.6f}", *(f"{v:.6f}" for v in p), ""])
-                if progress is not None:
-                    progress(min(i + batch_size, len(files)), len(files))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out_csv)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(out_csv.parent)
+    with atomic_file(Path(out_csv), "w", newline="", encoding="utf-8") as fh, ThreadPoolExecutor(4) as pool:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "confidence", *(f"p_{c}" for c in model.classes), "error"])
+        for i in range(0, len(files), batch_size):
+            chunk = files[i : i + batch_size]
+            loaded = list(pool.map(load, chunk))
+            good = [im for im in loaded if isinstance(im, Image.Image)]
+            probs = iter(model.predict_proba(good))
+            for path, im in zip(chunk, loaded, strict=True):
+                rel = path.relative_to(root).as_posix()
+                if isinstance(im, str):
+                    failed += 1
+                    writer.writerow([rel, "", "", *([""] * len(model.classes)), im])
+                    continue
+                p = next(probs)
+                k = int(p.argmax())
+                writer.writerow([rel, model.classes[k], f"{p[k]:.6f}", *(f"{v:.6f}" for v in p), ""])
+            if progress is not None:
+                progress(min(i + batch_size, len(files)), len(files))
     return {
         "images": len(files),
         "classified": len(files) - failed,

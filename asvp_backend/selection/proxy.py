@@ -15,7 +15,6 @@ from __future__ import annotations
 import inspect
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -25,6 +24,8 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from torch import nn
+
+from asvp_backend.fsutil import atomic_file
 
 FORMAT = "asvp-proxy"
 FORMAT_VERSION = 1
@@ -110,19 +111,9 @@ def _classes_from_meta(meta: dict[str, Any]) -> np.ndarray:
 
 
 def _atomic_torch_save(obj: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Write to a temporary file in the same directory, then ``os.replace``: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Readers never see half a file (fsutil.atomic_file)."""
+    with atomic_file(Path(path)) as fh:
+        torch.save(obj, fh)
 
 
 def _load_payload(path: str | os.PathLike[str], kind: str | None = None) -> dict[str, Any]:
