@@ -50,6 +50,18 @@ def backend_env(**extra: str) -> dict[str, str]:
     return env
 
 
+#: a small, fast e2e stack: the real Lite0 weights at 64 px, the logistic proxy, images decoded in the worker
+FAST_STACK = {"EXTRACT_WORKERS": "0", "EXTRACT_BATCH_SIZE": "8", "DEVICE": "cpu", "IMAGE_SIZE": "64",
+              "PROXY": "logistic"}
+
+
+def stack_env(label_studio: dict[str, str], redis_url: str, tmp: Path, **overrides: str) -> dict[str, str]:
+    """An e2e stack's settings: Redis, MODEL_DIR under `tmp`, the Label Studio connection and FAST_STACK;
+    `overrides` win."""
+    return {"REDIS_URL": redis_url, "MODEL_DIR": str(tmp / "models"), "LABEL_STUDIO_URL": label_studio["url"],
+            "LABEL_STUDIO_API_KEY": label_studio["token"], **FAST_STACK, **overrides}
+
+
 def start_worker(tmp: Path, name: str, **env: str) -> Process:
     return Process(
         name, [sys.executable, "-m", "asvp_backend", "worker", "--queues", "cpu,gpu"], backend_env(**env), tmp

@@ -13,7 +13,7 @@ import sys
 import pytest
 import requests
 
-from tests.conftest import ROOT, backend_env, start_backend, start_worker
+from tests.conftest import ROOT, backend_env, stack_env, start_backend, start_worker
 from tests.e2e.test_label_studio import annotate, backend_jobs, backend_state, wait_for_round
 from tests.helpers import IMAGE_CONFIG, LabelStudioAPI, free_port, png_bytes, wait_for
 from tests.integration.test_rq_leases import _kill_worker_and_horse
@@ -34,24 +34,16 @@ def stack(label_studio, redis_url, tmp_path_factory):
     redis.Redis.from_url(redis_url).flushdb()
     tmp = tmp_path_factory.mktemp("e2e-align")
     port = free_port()
-    env = {
-        "REDIS_URL": redis_url,
-        "MODEL_DIR": str(tmp / "models"),
-        "LABEL_STUDIO_URL": label_studio["url"],
-        "LABEL_STUDIO_API_KEY": label_studio["token"],
-        "RETRAIN_EVERY": "2",
-        "EXTRACT_WORKERS": "0",
-        "EXTRACT_BATCH_SIZE": "8",
-        "DEVICE": "cpu",
-        "IMAGE_SIZE": "64",  # the real Lite0 weights at a small input: the flow, not the accuracy, is tested
-        "PROXY": "logistic",
+    env = stack_env(
+        label_studio, redis_url, tmp,  # the real Lite0 weights at 64 px: the flow, not the accuracy, is tested
+        RETRAIN_EVERY="2",
         # any gain is below this threshold: the second scored round of a generation fires an update
-        "ALIGN_THRESHOLD": "1000",
-        "ALIGN_MIN_LABELS": "4",
-        "ALIGN_MIN_NEW_LABELS": "2",
-        "ALIGN_MAX_UPDATES": "1",
-        "FINETUNE_EPOCHS": "3",
-    }
+        ALIGN_THRESHOLD="1000",
+        ALIGN_MIN_LABELS="4",
+        ALIGN_MIN_NEW_LABELS="2",
+        ALIGN_MAX_UPDATES="1",
+        FINETUNE_EPOCHS="3",
+    )
     backend = start_backend(tmp, port, **env)
     worker = start_worker(tmp, "worker", **env)
     ls = LabelStudioAPI(label_studio["url"], label_studio["token"])

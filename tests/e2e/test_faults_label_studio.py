@@ -23,7 +23,7 @@ import requests
 
 from asvp_backend.jobs.leases import lease_holder
 from asvp_backend.jobs.rq_queue import RqJobQueue
-from tests.conftest import start_backend, start_worker
+from tests.conftest import stack_env, start_backend, start_worker
 from tests.e2e.test_label_studio import annotate, backend_jobs, backend_state
 from tests.helpers import IMAGE_CONFIG, LabelStudioAPI, TcpProxy, free_port, png_bytes, wait_for
 from tests.integration.test_rq_leases import _kill_worker_and_horse
@@ -89,19 +89,8 @@ def stack(label_studio, tmp_path_factory):
     redis_server = PrivateRedis(tmp / "redis")
     proxy = TcpProxy(int(label_studio["url"].rsplit(":", 1)[1]))
     port = free_port()
-    env = {
-        "REDIS_URL": redis_server.url,
-        "MODEL_DIR": str(tmp / "models"),
-        "LABEL_STUDIO_URL": proxy.url,  # every call of the backend to Label Studio goes through the proxy
-        "LABEL_STUDIO_API_KEY": label_studio["token"],
-        "RETRAIN_EVERY": "1",
-        "EXTRACT_WORKERS": "0",
-        "EXTRACT_BATCH_SIZE": "8",
-        "DEVICE": "cpu",
-        "IMAGE_SIZE": "64",
-        "PROXY": "logistic",
-        "ALIGN": "off",
-    }
+    # every call of the backend to Label Studio goes through the proxy
+    env = stack_env(label_studio, redis_server.url, tmp, LABEL_STUDIO_URL=proxy.url, RETRAIN_EVERY="1", ALIGN="off")
     state = {
         "ls": LabelStudioAPI(label_studio["url"], label_studio["token"]),
         "backend": f"http://127.0.0.1:{port}",

@@ -11,7 +11,7 @@ import sys
 import pytest
 import requests
 
-from tests.conftest import backend_env, start_worker
+from tests.conftest import backend_env, stack_env, start_worker
 from tests.e2e.test_label_studio import annotate
 from tests.helpers import IMAGE_CONFIG, LabelStudioAPI, free_port, png_bytes, wait_for
 from tests.processes import Process
@@ -31,21 +31,8 @@ def run(label_studio, redis_url, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e-secrets")
     password, webhook_secret, setup_token = (secrets.token_hex(16) for _ in range(3))
     port = free_port()
-    env = {
-        "REDIS_URL": redis_url,
-        "MODEL_DIR": str(tmp / "models"),
-        "LABEL_STUDIO_URL": label_studio["url"],
-        "LABEL_STUDIO_API_KEY": label_studio["token"],
-        "BASIC_AUTH_USER": USER,
-        "BASIC_AUTH_PASS": password,
-        "WEBHOOK_SECRET": webhook_secret,
-        "LOG_LEVEL": "debug",
-        "RETRAIN_EVERY": "2",
-        "EXTRACT_WORKERS": "0",
-        "DEVICE": "cpu",
-        "IMAGE_SIZE": "64",
-        "PROXY": "logistic",
-    }
+    env = stack_env(label_studio, redis_url, tmp, BASIC_AUTH_USER=USER, BASIC_AUTH_PASS=password,
+                    WEBHOOK_SECRET=webhook_secret, LOG_LEVEL="debug", RETRAIN_EVERY="2")
     backend = Process("backend", [sys.executable, "-m", "asvp_backend", "serve", "--host", "127.0.0.1", "--port",
                                   str(port), "--access-log"], backend_env(**env), tmp)
     url = f"http://127.0.0.1:{port}"

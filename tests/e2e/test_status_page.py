@@ -10,7 +10,7 @@ import time
 import pytest
 import requests
 
-from tests.conftest import ROOT, start_backend, start_worker
+from tests.conftest import ROOT, stack_env, start_backend, start_worker
 from tests.e2e.test_label_studio import annotate
 from tests.helpers import IMAGE_CONFIG, LabelStudioAPI, free_port, png_bytes, wait_for
 
@@ -32,20 +32,7 @@ def stack(label_studio, redis_url, tmp_path_factory):
     redis.Redis.from_url(redis_url).flushdb()
     tmp = tmp_path_factory.mktemp("e2e-ui")
     port = free_port()
-    env = {
-        "REDIS_URL": redis_url,
-        "MODEL_DIR": str(tmp / "models"),
-        "LABEL_STUDIO_URL": label_studio["url"],
-        "LABEL_STUDIO_API_KEY": label_studio["token"],
-        "BASIC_AUTH_USER": USER,
-        "BASIC_AUTH_PASS": PASSWORD,
-        "RETRAIN_EVERY": "2",
-        "EXTRACT_WORKERS": "0",
-        "EXTRACT_BATCH_SIZE": "8",
-        "DEVICE": "cpu",
-        "IMAGE_SIZE": "64",
-        "PROXY": "logistic",
-    }
+    env = stack_env(label_studio, redis_url, tmp, BASIC_AUTH_USER=USER, BASIC_AUTH_PASS=PASSWORD, RETRAIN_EVERY="2")
     backend = start_backend(tmp, port, **env)
     worker = start_worker(tmp, "worker", **env)
     api = requests.Session()
