@@ -15,8 +15,12 @@ on this and a false "stop" costs them accuracy:
           rounds is at most MIN_GAIN (0.005) above the best cv accuracy of every round before them (and
           at least one earlier round has a cv accuracy to compare with).
 
-(2) guards against a proxy that is stable but still learning a rare class the stop set barely holds. It is
-advice only: nothing stops, the page, `GET /projects/N` and `asvp-backend status` say so with the evidence.
+(2) guards against a proxy that is stable but still learning a rare class the stop set barely holds.
+
+Only rounds that trained on more labels than the round before them count. A round on an unchanged labelled set
+(Start Training pressed again, a refreshed ranking) predicts the stop set as its predecessor did, so its kappa of
+1.0 says nothing about what new labels change; counted, three presses of Start Training made "stable" advice.
+It is advice only: nothing stops, the page, `GET /projects/N` and `asvp-backend status` say so with the evidence.
 This module is pure (no torch, no I/O): the API evaluates it on every status request.
 """
 
@@ -66,6 +70,17 @@ class StopSignal:
         return asdict(self)
 
 
+def rounds_with_new_labels(history: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The rounds that trained on more labelled tasks than the last round kept before them (the first round
+    always counts; a round without a `labelled` count is kept, as older states have none)."""
+    kept: list[Mapping[str, Any]] = []
+    for record in history:
+        labelled, previous = record.get("labelled"), kept[-1].get("labelled") if kept else None
+        if labelled is None or previous is None or labelled > previous:
+            kept.append(record)
+    return kept
+
+
 @dataclass(frozen=True)
 class StopRule:
     kappa: float = 0.99
@@ -82,7 +97,7 @@ class StopRule:
         evidence = [
             {"version": r.get("version"), "labelled": r.get("labelled"), "kappa": (r.get("stop") or {}).get("kappa"),
              "cv_accuracy": r.get("cv_accuracy")}
-            for r in history
+            for r in rounds_with_new_labels(history)
         ]
         stable = 0
         for entry in reversed(evidence):

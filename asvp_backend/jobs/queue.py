@@ -9,6 +9,7 @@ re-queued with a delay (`defer`) and keeps the marker, so it stays the one waiti
 
 from __future__ import annotations
 
+import time
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
@@ -16,6 +17,7 @@ from typing import Any
 
 from asvp_backend.jobs.status import JobStatus
 
+SILENT_JOB_S = 600.0  # a running job that reported nothing for this long is not joined (Start Training)
 DEFER_DELAYS = (1, 2, 4, 8, 15)  # seconds; capped so a dead lease holder (30 s TTL) is followed within a minute
 
 
@@ -86,6 +88,20 @@ class JobQueue(ABC):
     @abstractmethod
     def queue_lengths(self) -> dict[str, int]:
         """Jobs waiting in each queue (cpu, gpu), for /metrics."""
+
+    def active(self, project_id: int, kinds: frozenset[str]) -> JobInfo | None:
+        """The newest job of one of `kinds` for the project that has not ended (waiting or running), if any.
+        Start Training uses it: a press while a fine-tune is queued or running joins it instead of queueing
+        another identical one."""
+        now = time.time()
+        for info in self.jobs(project_id, limit=200):  # newest first
+            if info.kind not in kinds or info.status.ended:
+                continue
+            heard = max((info.progress or {}).get("at") or 0.0, info.started_at or 0.0)
+            if info.status == JobStatus.STARTED and now - heard > SILENT_JOB_S:
+                continue  # its worker died without rq noticing yet: do not join it
+            return info
+        return None
 
     async def waiting_job(self, kind: str, project_id: int) -> str | None:
         """The id of a job of this kind that still waits for a worker, if any: the webhook's fast path."""

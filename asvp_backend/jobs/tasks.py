@@ -210,6 +210,10 @@ def train(ctx: JobContext) -> dict[str, Any]:
     ctx.params["force_round"] = True
     summary = sync(ctx)
     state = ctx.runtime.store.require(ctx.project_id)
+    under_way = ctx.runtime.queue.active(ctx.project_id, frozenset({"finetune"}))
+    if under_way is not None:  # pressed again meanwhile: one fine-tune of the same labels is enough
+        summary["finetune"], summary["finetune_joined"] = under_way.id, True
+        return summary
     method = AlignmentPolicy.from_settings(ctx.runtime.settings).method_for(state.generation)
     summary["finetune"] = ctx.runtime.queue.submit("finetune", ctx.project_id, reason="Start Training",
                                                    method=method).job_id

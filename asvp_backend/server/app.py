@@ -53,6 +53,7 @@ from asvp_backend.server.schemas import (
     check_tasks,
     gc_paused,
     openapi_body,
+    parse_extra_params,
     parse_json_object,
     parse_project_id,
     release_gradually,
@@ -61,7 +62,7 @@ from asvp_backend.server.schemas import (
 )
 from asvp_backend.server.setup_check import SetupCheck
 from asvp_backend.server.ui import ui_router
-from asvp_backend.server.webhooks import EVENT_TRIGGERS, IGNORED_EVENTS
+from asvp_backend.server.webhooks import EVENT_TRIGGERS, IGNORED_EVENTS, joined_message
 from asvp_backend.state import ProjectState, StateCorrupt
 from asvp_backend.stopping import StopRule
 from asvp_backend.versioning import ModelVersion
@@ -264,6 +265,13 @@ class RedisProbe:
         self._client.close()
 
 
+def _refusal_reason(exc: Exception) -> str:
+    if isinstance(exc, RequestValidationError):
+        return "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
+                         for e in exc.errors()[:10])
+    return str(exc)
+
+
 def _short_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc)[:100]}".rstrip(": ")
 
@@ -357,17 +365,30 @@ def create_app(runtime: Runtime) -> FastAPI:
         return await run_in_threadpool(setup_from_body, raw)
 
     def setup_from_body(raw: bytearray) -> JSONResponse:
-        body = validate_body(SetupRequest, parse_json_object(raw))
-        project_id = parse_project_id(body.project)
+        try:
+            body = validate_body(SetupRequest, parse_json_object(raw))
+            project_id = parse_project_id(body.project)
+            parse_extra_params(body.extra_params)  # checked, not used: nothing in them changes the backend
+        except (BadRequest, RequestValidationError) as exc:
+            # Label Studio shows only "400 Client Error" (or 422): the reason is in our log
+            log.warning("/setup refused: %s", _refusal_reason(exc))
+            raise
         try:
             spec = parse_label_config(body.label_config)
         except LabelConfigError as exc:
-            log.warning("project %s: label config refused: %s", project_id, exc)
+            log.warning("project %s: /setup refused the label config: %s", project_id, exc)
             return JSONResponse({"detail": str(exc), "status": "error"}, status_code=400)
+        why_sync: list[str] = []
 
         def remember(current: ProjectState | None) -> ProjectState:
+            why_sync.clear()  # the update may run again after a conflict
             if current is None:
+                why_sync.append("connected")
                 return ProjectState.new(project_id, body.label_config, spec)
+            if current.last_sync is None:
+                why_sync.append("connected, not synced yet")
+            elif current.label_config != body.label_config:
+                why_sync.append("label config changed")
             # never reset the counters a round has advanced (the label-studio-ml template bug)
             current.label_config, current.spec = body.label_config, spec
             return current
@@ -380,10 +401,16 @@ def create_app(runtime: Runtime) -> FastAPI:
             fresh = ProjectState.recovered(project_id, body.label_config, spec,
                                            round_versions_on_disk(runtime.layout(project_id)))
             state = store.update(project_id, lambda current: current if current is not None else fresh)
+            why_sync[:] = ["state rebuilt"]
         assert state is not None
         known_projects.add(project_id)
         connection = setup_check(project_id, body.hostname, body.access_token)
-        return JSONResponse({"model_version": str(state.version), "status": "ok", **connection})
+        reply = {"model_version": str(state.version), "status": "ok", **connection}
+        if why_sync and connection.get("label_studio", {}).get("tasks_readable"):
+            # ranked before the first task is opened: the sync queues extraction and the cold-start round
+            submitted = queue.submit("sync", project_id, reason=f"/setup: {why_sync[0]}")
+            reply["sync"] = {"job": submitted.job_id, "reason": why_sync[0]}
+        return JSONResponse(reply)
 
     @app.post("/predict", openapi_extra=openapi_body(PredictRequest))
     async def predict(request: Request) -> JSONResponse:
@@ -459,16 +486,23 @@ def create_app(runtime: Runtime) -> FastAPI:
                 metrics.webhooks.labels(action, "unknown_project").inc()
                 return JSONResponse({"status": "ignored", "reason": f"project {project_id} is not set up"})
             known_projects.add(project_id)
+        if trigger.joins:
+            under_way = await run_in_threadpool(queue.active, project_id, trigger.joins)
+            if under_way is not None:
+                metrics.webhooks.labels(action, "deduplicated").inc()
+                message = joined_message(under_way.kind, under_way.status.value, under_way.progress)
+                return JSONResponse({"status": "ok", "job": under_way.id, "deduplicated": True, "message": message})
         waiting = await queue.waiting_job(trigger.job, project_id)
         if waiting is not None:
             submitted = Submitted(waiting, deduplicated=True)
         else:
             submitted = await run_in_threadpool(queue.submit, trigger.job, project_id, trigger.reason)
         metrics.webhooks.labels(action, "deduplicated" if submitted.deduplicated else "queued").inc()
-        return JSONResponse(
-            {"status": "ok", "job": submitted.job_id, "deduplicated": submitted.deduplicated},
-            status_code=201 if not submitted.deduplicated else 200,
-        )
+        reply: dict[str, Any] = {"status": "ok", "job": submitted.job_id, "deduplicated": submitted.deduplicated}
+        if trigger.joins:
+            reply["message"] = ("Start Training queued: the backend reads the labels, retrains the ranking model "
+                                "and fine-tunes the backbone; progress on the status page (/ui/)")
+        return JSONResponse(reply, status_code=201 if not submitted.deduplicated else 200)
 
     @app.get("/versions")
     def versions(project: str | None = Query(default=None)) -> JSONResponse:

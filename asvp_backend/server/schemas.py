@@ -79,6 +79,8 @@ def parse_json_object(raw: bytes | bytearray) -> dict[str, Any]:
         raise invalid_body((), f"not valid JSON: {exc.msg} at position {exc.pos}") from None
     except RecursionError:
         raise invalid_body((), "JSON nested too deeply") from None
+    except ValueError as exc:  # an integer literal over Python's 4,300-digit limit, which json.loads refuses
+        raise BadRequest(f"not acceptable JSON: {str(exc)[:120]}") from None
     if not isinstance(data, dict):
         raise invalid_body((), "must be a JSON object")
     if _has_surrogate_escape(text):  # escapes are the only way left to write a surrogate
@@ -189,7 +191,23 @@ class SetupRequest(BaseModel):
     label_config: str = Field(alias="schema")
     hostname: str | None = None
     access_token: str | None = Field(default=None, repr=False)
-    extra_params: dict[str, Any] | None = None
+    extra_params: Any = Field(default=None, repr=False)  # see parse_extra_params
+
+
+def parse_extra_params(value: Any) -> dict[str, Any] | None:
+    """The model's "Extra params" as an object. Label Studio's Connect and Edit forms send the box's text as a
+    string, "" when empty; its REST API sends an object, or nothing. A text that is not a JSON object is a
+    400: the user typed something meant for us that we cannot read."""
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError):
+            raise BadRequest('extra_params must be a JSON object such as {"key": "value"} (it is not JSON)') from None
+    if value is None or isinstance(value, dict):
+        return value
+    raise BadRequest(f"extra_params must be a JSON object, not {type(value).__name__}")
 
 
 class PredictRequest(BaseModel):

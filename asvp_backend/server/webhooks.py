@@ -10,6 +10,22 @@ from dataclasses import dataclass
 class Trigger:
     job: str
     reason: str
+    joins: frozenset[str] = frozenset()  # an event while a job of these kinds is queued or running joins it
+
+
+TRAINING_JOBS = frozenset({"train", "finetune"})
+
+
+def joined_message(kind: str, status: str, progress: dict | None) -> str:
+    """What Label Studio shows after Start Training ("Request Sent! Response: ...") when the press joined a
+    training already under way."""
+    doing = "queued"
+    if status == "started":
+        doing = "running"
+        if progress and progress.get("total"):
+            doing += f" ({progress.get('stage') or kind} {progress.get('done')}/{progress.get('total')})"
+    return (f"Start Training is already {doing}; this press joins it. Labels added since it started go into the "
+            "next Start Training.")
 
 
 # PROJECT_UPDATED is deliberately absent: our own model_version PATCH emits it, and training on it would
@@ -21,7 +37,7 @@ EVENT_TRIGGERS: dict[str, Trigger] = {
     "ANNOTATIONS_DELETED": Trigger("sync", "annotations deleted"),
     "TASKS_CREATED": Trigger("sync", "tasks created"),
     "TASKS_DELETED": Trigger("sync", "tasks deleted"),
-    "START_TRAINING": Trigger("train", "Start Training pressed"),
+    "START_TRAINING": Trigger("train", "Start Training pressed", joins=TRAINING_JOBS),
 }
 
 IGNORED_EVENTS = {"PROJECT_UPDATED", "PROJECT_CREATED", "PROJECT_DELETED", "LABEL_LINK_CREATED",

@@ -77,7 +77,19 @@ def test_a_drop_in_kappa_resets_the_run():
     history = rounds([None, 0.995, 0.999, 0.98, 0.999, 1.0], [0.8, 0.9, 0.9, 0.9, 0.9, 0.9])
     signal = RULE.evaluate(history)
     assert not signal.can_stop and signal.stable_rounds == 2
-    assert RULE.evaluate(history + rounds([None, 1.0], [0.9, 0.9])[1:]).can_stop
+    one_more = {"version": "asvp-g0-r7", "labelled": 70, "cv_accuracy": 0.9, "stop": {"kappa": 1.0}}
+    assert RULE.evaluate([*history, one_more]).can_stop
+
+
+def test_rounds_without_new_labels_do_not_count_toward_stopping():
+    history = rounds([None, 0.9, 0.995], [0.80, 0.90, 0.902])
+    same_labels = [{**history[-1], "version": f"asvp-g0-r{4 + i}", "stop": {"kappa": 1.0}} for i in range(3)]
+    signal = RULE.evaluate(history + same_labels)  # Start Training pressed three times, no label in between
+    assert not signal.can_stop and signal.stable_rounds == 1
+    assert [h["version"] for h in signal.history] == ["asvp-g0-r1", "asvp-g0-r2", "asvp-g0-r3"]
+    more = [{"version": "asvp-g0-r7", "labelled": 40, "cv_accuracy": 0.9, "stop": {"kappa": 0.999}},
+            {"version": "asvp-g0-r8", "labelled": 50, "cv_accuracy": 0.9, "stop": {"kappa": 1.0}}]
+    assert RULE.evaluate(history + same_labels + more).can_stop
 
 
 def test_a_round_without_kappa_breaks_the_run():
