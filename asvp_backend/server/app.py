@@ -439,8 +439,9 @@ def create_app(runtime: Runtime) -> FastAPI:
         try:
             state = store.get(project_id)
         except (RedisConnectionError, RedisTimeoutError):
-            # Redis restarting: serve the last good state this process read (the ranking is on disk)
-            state, redis_down = last_states.get(project_id), True
+            # Redis down: serve the last good state this process read, else the newest round on the shared
+            # volume with the label config Label Studio sends along (a fresh API process has read nothing)
+            state, redis_down = last_states.get(project_id) or state_from_disk(project_id, body.label_config), True
             if state is None:
                 raise
         else:
@@ -466,6 +467,24 @@ def create_app(runtime: Runtime) -> FastAPI:
                 queue.submit("sync", project_id, reason="predict asked for tasks no sync has seen")
         # rendered here, in the worker thread: FastAPI would encode a returned dict on the event loop
         return JSONResponse({"results": outcome.results})
+
+    def state_from_disk(project_id: int, label_config: str | None) -> ProjectState | None:
+        """What /predict serves while Redis is down in a process that never read the project: the newest
+        complete round folder (rounds are published whole, so any one found is servable) and the label config
+        of the request. None when either is missing."""
+        if not label_config:
+            return None
+        try:
+            spec = parse_label_config(label_config)
+        except LabelConfigError:
+            return None
+        state = ProjectState.recovered(project_id, label_config, spec,
+                                       round_versions_on_disk(runtime.layout(project_id)))
+        if not state.round:
+            return None
+        log.warning("project %s: Redis is down; serving round %s from the shared volume", project_id, state.version)
+        last_states[project_id] = state  # once per process and outage, not on every request
+        return state
 
     @app.post("/webhook", openapi_extra=openapi_body(WebhookRequest))
     async def webhook(request: Request) -> JSONResponse:

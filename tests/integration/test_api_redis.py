@@ -86,3 +86,31 @@ def test_health_says_ok_with_redis_up(tmp_path, redis_url):
     body = client.get("/health").json()
     assert body["status"] == "UP" and body["redis"] == "ok" and body["queue"] == "rq"
     assert client.get("/versions").status_code == 200  # read-only: other tests share this database
+
+
+def test_a_fresh_api_process_serves_predictions_from_the_shared_volume_while_redis_is_down(tmp_path):
+    """A second API process (WORKERS=2) that never read the project answered 503 to every /predict while the
+    round's ranking sat readable on the shared volume."""
+    import numpy as np
+
+    from asvp_backend.artefacts import RankingArtefact, write_round
+    from asvp_backend.layout import ProjectLayout
+    from asvp_backend.versioning import ModelVersion
+
+    ranking = RankingArtefact(np.array([11, 12]), np.array([0.2, 0.7]), np.array(["cat", "dog"]))
+    write_round(ProjectLayout(tmp_path, 1), ModelVersion(0, 1), ranking, None)  # the round, on the shared volume
+    client = client_for(tmp_path, f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    body = {"project": "1.1", "label_config": IMAGE_CONFIG, "tasks": [{"id": 11, "data": {}}, {"id": 99, "data": {}}]}
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200, response.text
+    first, unknown = response.json()["results"]
+    assert first["model_version"] == "asvp-g0-r1" and first["score"] == pytest.approx(0.2)
+    assert first["result"][0]["value"]["choices"] == ["cat"]
+    assert unknown["score"] is None
+    assert client.get("/health").json()["status"] == "DEGRADED"
+    # once read, the process keeps serving it, like a state it read from Redis
+    again = client.post("/predict", json={**body, "label_config": None}).json()
+    assert again["results"][0]["score"] == pytest.approx(0.2)
+    # without a label config (an API user's call) there is nothing to format a result with: still a 503
+    write_round(ProjectLayout(tmp_path, 2), ModelVersion(0, 1), ranking, None)
+    assert client.post("/predict", json={**body, "project": 2, "label_config": None}).status_code == 503
