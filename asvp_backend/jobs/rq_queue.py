@@ -37,6 +37,11 @@ if v and string.sub(v, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. '|' then
   redis.call('set', KEYS[1], ARGV[2], 'EX', ARGV[3]) return 1 end
 return 0
 """
+_REPLACE_IF_SAME = """
+local v = redis.call('get', KEYS[1])
+if v == ARGV[1] then redis.call('set', KEYS[1], ARGV[2], 'EX', ARGV[3]) return 1 end
+return 0
+"""
 
 
 def pending_key(kind: str, project_id: int) -> str:
@@ -67,17 +72,24 @@ class RqJobQueue(JobQueue):
 
     # ------------------------------------------------------------------ submitting
     def submit(self, kind: str, project_id: int, reason: str = "", **params: Any) -> Submitted:
+        from rq.job import Job
+
         job_kind(kind)  # unknown kinds fail here, not in a worker
         key = pending_key(kind, project_id)
         job_id = new_job_id(kind, project_id)
         marker = f"{job_id}|{time.time():.3f}"
-        if not self.redis.set(key, marker, nx=True, ex=self.PENDING_TTL):
-            waiting = self._waiting_sync(kind, project_id)
+        while not self.redis.set(key, marker, nx=True, ex=self.PENDING_TTL):
+            seen = self.redis.get(key)
+            if seen is None:
+                continue  # cleared meanwhile: SET NX again
+            waiting = self._waiting(seen, self.redis.hget(Job.key_for(_text(seen).partition("|")[0]), "status"))
             if waiting is not None:
                 self.count("deduplicated", kind)
                 return Submitted(waiting, deduplicated=True)
-            # the marker outlived its job (a worker died, or rq expired the job): take it over
-            self.redis.set(key, marker, ex=self.PENDING_TTL)
+            # the marked job started (or outlived its worker): take the marker over, but only if no other
+            # submitter took it first; two that both saw a started job would otherwise queue two waiting jobs
+            if self.redis.eval(_REPLACE_IF_SAME, 1, key, seen, marker, self.PENDING_TTL):
+                break
         self._enqueue(kind, project_id, job_id, reason, params, delay=0.0)
         self.count("submitted", kind)
         return Submitted(job_id, deduplicated=False)

@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from asvp_backend.jobs.rq_queue import RqJobQueue
+from asvp_backend.jobs.rq_queue import RqJobQueue, pending_key
 from asvp_backend.labelstudio.label_config import parse_label_config
 from asvp_backend.state import ProjectState, RedisStateStore
 from tests.conftest import start_worker
@@ -22,6 +22,34 @@ def test_a_burst_of_submissions_queues_one_job(clean_redis):
     assert not other.deduplicated and other.job_id != submitted[0].job_id
     jobs = queue.jobs(5)
     assert [(j.kind, j.status, j.reason) for j in jobs] == [("sync", "queued", "burst")]
+
+
+def test_submitters_that_all_see_a_started_job_queue_one_waiting_job(clean_redis):
+    """The CI flood found three unfinished syncs: every submitter that saw the marked job already started
+    took the marker over and queued its own. Now only the first takeover wins; the rest join it."""
+    from rq.job import Job
+
+    queue = RqJobQueue(clean_redis)
+    for attempt in range(5):  # a race: several rounds, each with a freshly started job
+        running = queue.submit("sync", 7, reason=f"running {attempt}")
+        clean_redis.hset(Job.key_for(running.job_id), "status", "started")  # as rq marks it when it starts
+        barrier = threading.Barrier(16)
+        results: list = []
+
+        def submit(barrier=barrier, results=results) -> None:
+            barrier.wait()
+            results.append(queue.submit("sync", 7, reason="flood"))
+
+        threads = [threading.Thread(target=submit) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        fresh = [s for s in results if not s.deduplicated]
+        assert len(fresh) == 1, [s.job_id for s in fresh]
+        assert {s.job_id for s in results} == {fresh[0].job_id}
+        clean_redis.hset(Job.key_for(fresh[0].job_id), "status", "finished")  # the next round starts clean
+        clean_redis.delete(pending_key("sync", 7))
 
 
 def test_a_real_worker_runs_jobs_reports_progress_and_failures(clean_redis, redis_url, tmp_path):
