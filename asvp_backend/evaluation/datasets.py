@@ -14,7 +14,10 @@ Accuracy is always measured on held-out images: the data set's own test split wh
 stratified 20% split (``Dataset.test_split`` says which, and the report repeats it). Images come back as PIL
 RGB (grey ones are replicated to three channels, as the backbones expect). Bad paths, labels or files raise
 ``ValueError`` / ``FileNotFoundError`` naming the path, at load time where it is cheap to check (every file
-of a folder or CSV exists) and at read time otherwise, never a traceback from deep inside PIL.
+of a folder or CSV exists) and at read time otherwise, never a traceback from deep inside PIL. With
+``skip_unreadable`` (what ``simulate`` asks for), every image of a folder or CSV data set that will be used
+is decoded once at load time, and one that cannot be (truncated, not an image) is left out of both splits
+and listed with its reason in ``Dataset.skipped``, instead of failing the run halfway.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import csv
 import gzip
 import hashlib
 import json
+import os
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,8 +63,17 @@ class ArrayImages:
         return Image.fromarray(self.pixels[index]).convert("RGB")
 
 
+class UnreadableImageError(ValueError):
+    """An image file that exists but cannot be decoded; ``path`` and a short ``reason``."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"cannot read image {path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
 class FileImages:
-    """Image files on disk; an unreadable one raises ValueError naming its path."""
+    """Image files on disk; an unreadable one raises UnreadableImageError (a ValueError) naming its path."""
 
     def __init__(self, paths: list[Path]) -> None:
         self.paths = paths
@@ -70,9 +84,13 @@ class FileImages:
             with Image.open(path) as img:
                 return img.convert("RGB")
         except FileNotFoundError:
-            raise FileNotFoundError(f"image file is missing: {path}") from None
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            raise ValueError(f"cannot read image {path}: {exc}") from None
+            missing = FileNotFoundError(f"image file is missing: {path}")
+            missing.filename = str(path)
+            raise missing from None
+        except UnidentifiedImageError:
+            raise UnreadableImageError(path, "not a recognised image format") from None
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:  # truncated or corrupt (PIL's own words)
+            raise UnreadableImageError(path, f"corrupt or truncated image ({exc})") from None
 
 
 class _Rows:
@@ -118,10 +136,12 @@ class Dataset:
     test: Split
     test_split: str  # OWN_SPLIT | SEEDED_SPLIT
     key: str  # fingerprint of the items and labels: feature caches and resumed runs depend on it
+    skipped: tuple[tuple[str, str], ...] = ()  # (image, reason) of unreadable images left out (skip_unreadable)
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name, "classes": list(self.classes), "train": len(self.train), "test": len(self.test),
-                "test_split": self.test_split, "key": self.key}  # fmt: skip
+                "test_split": self.test_split, "key": self.key,
+                "skipped": [{"image": image, "reason": reason} for image, reason in self.skipped]}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -132,6 +152,7 @@ class _Raw:
     train: Split
     test: Split | None
     identity: str  # where the items come from (resolved path, package), part of the key
+    files: bool = False  # images are files, which may be unreadable (array data sets are checked when loaded)
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -203,7 +224,7 @@ def load_folder(arg: str | None) -> _Raw:
         return Split(labels, FileImages([p for p, _ in items]))
 
     test = split(groups["test"]) if own else None
-    return _Raw(classes, split(groups["train"]), test, f"folder:{root}")
+    return _Raw(classes, split(groups["train"]), test, f"folder:{root}", files=True)
 
 
 def load_csv(arg: str | None) -> _Raw:
@@ -240,7 +261,8 @@ def load_csv(arg: str | None) -> _Raw:
     def split(group: list[tuple[Path, str]]) -> Split:
         return Split(np.array([index[label] for _, label in group], dtype=np.int64), FileImages([p for p, _ in group]))
 
-    return _Raw(classes, split(items["train"]), split(items["test"]) if items["test"] else None, f"csv:{path}")
+    return _Raw(classes, split(items["train"]), split(items["test"]) if items["test"] else None, f"csv:{path}",
+                files=True)  # fmt: skip
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -316,9 +338,31 @@ def _fingerprint(identity: str, options: Mapping[str, object], train: Split, tes
     return h.hexdigest()[:16]
 
 
-def load_dataset(spec: str, subset: int | None = None, test_subset: int | None = None, seed: int = 0) -> Dataset:
+def _readable(split: Split) -> tuple[Split, list[tuple[str, str]]]:
+    """``split`` without the items whose image cannot be decoded, and (image, reason) for each of those."""
+
+    def problem(index: int) -> tuple[str, str] | None:
+        try:
+            split.image(index)
+        except UnreadableImageError as exc:
+            return exc.path, exc.reason
+        except FileNotFoundError as exc:
+            return str(exc.filename or exc), "file is missing"
+        return None
+
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="image-check") as pool:
+        problems = list(pool.map(problem, range(len(split))))
+    bad = [p for p in problems if p is not None]
+    if not bad:
+        return split, []
+    return split.take(np.array([i for i, p in enumerate(problems) if p is None], dtype=np.int64)), bad
+
+
+def load_dataset(spec: str, subset: int | None = None, test_subset: int | None = None, seed: int = 0,
+                 skip_unreadable: bool = False) -> Dataset:  # fmt: skip
     """Load ``spec``; hold out a seeded stratified 20% when it has no test split of its own; then take seeded
-    stratified subsets of ``subset`` train and ``test_subset`` test items (None: all)."""
+    stratified subsets of ``subset`` train and ``test_subset`` test items (None: all). ``skip_unreadable``:
+    decode each image of a folder or CSV data set once and leave out those that cannot be (``skipped``)."""
     kind, _, arg = spec.partition(":")
     loader = DATASETS.get(kind.strip().lower())
     if loader is None:
@@ -336,7 +380,15 @@ def load_dataset(spec: str, subset: int | None = None, test_subset: int | None =
         train = train.take(stratified_sample(train.labels, subset, seed))
     if test_subset is not None:
         test = test.take(stratified_sample(test.labels, test_subset, seed + 1))
+    skipped: list[tuple[str, str]] = []
+    if skip_unreadable and raw.files:
+        train, bad_train = _readable(train)
+        test, bad_test = _readable(test)
+        skipped = bad_train + bad_test
     if len(test) == 0:
         raise ValueError(f"{spec}: the test split is empty")
-    options = {"subset": subset, "test_subset": test_subset, "seed": seed, "test_split": description}
-    return Dataset(spec, raw.classes, train, test, description, _fingerprint(raw.identity, options, train, test))
+    options: dict[str, object] = {"subset": subset, "test_subset": test_subset, "seed": seed, "test_split": description}
+    if skipped:  # other items: another experiment (and keys of data sets without skips stay what they were)
+        options["unreadable"] = sorted(image for image, _ in skipped)
+    return Dataset(spec, raw.classes, train, test, description, _fingerprint(raw.identity, options, train, test),
+                   tuple(skipped))  # fmt: skip

@@ -279,6 +279,13 @@ def render_markdown(results: dict[str, Any]) -> str:
            if cfg["eval"] == "proxy" else "(FT or LP-FT per the training-method policy, trained on each round's labels)."),  # noqa: E501
         "",
     ]  # fmt: skip
+    skipped = data.get("skipped") or []
+    if skipped:
+        lines += [f"**{len(skipped)} unreadable image(s) skipped** (in neither the pool nor the test split):", ""]
+        lines += [f"- `{entry['image']}`: {entry['reason']}" for entry in skipped[:20]]
+        if len(skipped) > 20:
+            lines.append(f"- and {len(skipped) - 20} more (results.json lists them all)")
+        lines.append("")
     if not results["complete"]:
         lines += ["**Incomplete**: some runs have not finished all rounds; rerun the same command to continue.", ""]
     head = ["method", "labels", "final accuracy"]

@@ -666,7 +666,11 @@ class Simulation:
         from tqdm import tqdm
 
         cfg = self.config
-        self.dataset = dataset = load_dataset(cfg.dataset, cfg.subset, cfg.test_subset, cfg.data_seed)
+        # an unreadable image (truncated, not an image) is left out with its reason, never a failed run
+        self.dataset = dataset = load_dataset(cfg.dataset, cfg.subset, cfg.test_subset, cfg.data_seed,
+                                              skip_unreadable=True)  # fmt: skip
+        for image, reason in dataset.skipped:
+            log.warning("skipped unreadable image %s: %s", image, reason)
         if cfg.initial > len(dataset.train):
             raise ValueError(f"--initial {cfg.initial} exceeds the {len(dataset.train)} train items")
         self.out.mkdir(parents=True, exist_ok=True)

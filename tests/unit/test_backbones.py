@@ -204,6 +204,7 @@ def test_extract_to_store_records_skips_and_shards(tiny, tmp_path, num_workers):
     report = extract_to_store(
         tiny, items, fetcher, gen, batch_size=2, num_workers=num_workers, shard_size=2,
         progress=lambda d, t: calls.append((d, t)),
+        fetch_concurrency=1,  # without worker processes, batches are built as fetches complete: keep input order
     )  # fmt: skip
     assert report.extracted == 5
     assert set(report.skipped) == {98, 99} and "unsupported" in report.skipped[98]

@@ -155,6 +155,7 @@ def test_an_aborted_run_keeps_what_it_embedded(tiny, generation, tmp_path):
         extract_items(
             tiny, items, LocalImageLoader(), generation, batch_size=2, num_workers=0,
             flush_every=10**6, flush_seconds=10**6, progress=abort_after_three_batches,
+            fetch_concurrency=1,  # results in input order
         )  # fmt: skip
     assert _reader(generation).task_ids().tolist() == [100, 101, 102, 103, 104, 105]
 
@@ -173,23 +174,35 @@ def test_should_stop_ends_the_run_between_batches_and_reports_what_is_left(tiny,
 
     report = extract_items(
         tiny, items, LocalImageLoader(), generation, batch_size=2, num_workers=0, should_stop=stop_after_two_batches,
+        fetch_concurrency=1,  # one fetch at a time: results arrive in input order
     )  # fmt: skip
-    assert (report.extracted, report.remaining) == (3, 7)
+    # Two batches, then what was fetched ahead while they were embedded (at most two batches and the fetch in
+    # flight): kept, not wasted. No fetch starts after the stop.
+    assert 3 <= report.extracted <= 3 + 5 and report.extracted + 1 + report.remaining == len(items)
     assert report.skipped == {99: "file not found"}
     reader = _reader(generation)
-    assert reader.task_ids().tolist() == [100, 101, 102] and reader.skipped() == report.skipped
+    assert reader.task_ids().tolist() == list(range(100, 100 + report.extracted))
+    assert reader.skipped() == report.skipped
     # Resuming with the ids still missing finishes the job.
     todo = [(tid, url) for tid, url in items if tid in set(reader.missing([t for t, _ in items])) and tid != 99]
     rest = extract_items(tiny, todo, LocalImageLoader(), generation, batch_size=2, num_workers=0)
-    assert (rest.extracted, rest.remaining) == (7, 0)
+    assert (rest.extracted, rest.remaining) == (report.remaining, 0)
 
 
 def test_should_stop_is_not_asked_after_the_last_batch(tiny, generation, tmp_path):
-    items = _image_files(tmp_path / "imgs", 4)
+    items = _image_files(tmp_path / "imgs", 6)
+    asked: list[int] = []
+
+    def stop() -> bool:
+        asked.append(1)
+        return True
+
+    report = extract_items(tiny, items[:2], LocalImageLoader(), generation, batch_size=2, num_workers=0,
+                           should_stop=stop)  # fmt: skip
+    assert (report.extracted, report.remaining) == (2, 0) and not asked
     report = extract_items(
-        tiny, items, LocalImageLoader(), generation, batch_size=2, num_workers=0, should_stop=lambda: True,
+        tiny, items[2:], LocalImageLoader(), generation, batch_size=2, num_workers=0, should_stop=stop,
+        fetch_concurrency=1,
     )  # fmt: skip
-    assert (report.extracted, report.remaining) == (2, 2)
-    report = extract_items(tiny, items[2:], LocalImageLoader(), generation, batch_size=2, num_workers=0,
-                           should_stop=lambda: True)  # fmt: skip
-    assert (report.extracted, report.remaining) == (2, 0)
+    assert len(asked) == 1  # asked once, after the first batch; the fetches in flight then still arrive
+    assert 2 <= report.extracted <= 4 and report.extracted + report.remaining == 4  # up to two batches fetched ahead

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -117,3 +118,72 @@ def test_default_budget_follows_the_read_timeout():
     assert ImageFetcher(timeout=10)._deadline().seconds == 30
     assert ImageFetcher(timeout=1)._deadline().seconds == 6
     assert ImageFetcher(timeout=1, total_timeout=2.5)._deadline().reason == "timed out after 2.5s"
+
+
+# ------------------------------------------------------------------------- local files (issue 17, finding 8)
+
+
+def _finishes(call, seconds: float = 2.0):
+    """Run ``call`` on a daemon thread; its result or exception, or a failure if it is still blocked (a FIFO
+    opened for reading without a writer blocks forever: the test must fail, not hang)."""
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["value"] = call()
+        except BaseException as e:  # noqa: BLE001 (handed to the test)
+            out["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still blocked after {seconds}s"
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def test_local_files_read_only_regular_files(tmp_path):
+    """A FIFO, a directory or a device under LOCAL_FILES_DOCUMENT_ROOT is refused at once with its reason; before,
+    a FIFO blocked the read with no deadline at all."""
+    import os
+
+    from asvp_backend.labelstudio.images import LocalImageLoader
+
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    (tmp_path / "ok.png").write_bytes(PNG)
+    fetcher = ImageFetcher(document_root=str(tmp_path), total_timeout=TOTAL)
+    cases = {"pipe.png": "not a regular file", "folder.png": "path is a directory", "zero.png": "not a regular file"}
+    for name, reason in cases.items():
+        url = f"/data/local-files/?d={name}"
+        for call in (partial(fetcher.load, url), partial(fetcher.fetch_bytes, url),
+                     partial(LocalImageLoader().load, str(tmp_path / name))):  # fmt: skip
+            start = time.monotonic()
+            with pytest.raises(ImageFetchError, match=reason):
+                _finishes(call)
+            assert time.monotonic() - start < 0.5
+    assert _finishes(lambda: fetcher.load("/data/local-files/?d=ok.png")).size == (32, 32)
+
+
+def test_a_local_read_is_under_the_image_deadline(tmp_path, monkeypatch):
+    """A regular file that reads slowly (a network mount) is cut at the deadline between reads of 1 MiB."""
+    import os
+
+    from asvp_backend.labelstudio import images
+
+    (tmp_path / "slow.png").write_bytes(PNG + b"\0" * (8 * images._FILE_CHUNK))
+    real_read = os.read
+
+    def slow_read(fd: int, n: int) -> bytes:
+        if n == images._FILE_CHUNK:
+            time.sleep(0.4)
+        return real_read(fd, n)
+
+    monkeypatch.setattr(images.os, "read", slow_read)
+    fetcher = ImageFetcher(document_root=str(tmp_path), total_timeout=TOTAL)
+    start = time.monotonic()
+    with pytest.raises(ImageFetchError, match="timed out after 1.5s"):
+        _finishes(lambda: fetcher.load("/data/local-files/?d=slow.png"), seconds=5)
+    assert time.monotonic() - start < TOTAL + SLACK

@@ -219,6 +219,32 @@ def test_folder_dataset(tmp_path: Path):
             broken.train.image(i) if i in rows else broken.test.image(i)
 
 
+def test_a_truncated_image_is_skipped_with_its_reason_and_reported(tmp_path: Path):
+    """Issue 17, finding 10: one truncated PNG in a folder data set aborted the whole simulate run."""
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for k, name in enumerate(("cat", "dog")):
+        (root / name).mkdir(parents=True)
+        for i in range(10):
+            pixels = np.clip(80 * k + rng.normal(100, 40, (16, 16, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    whole = (root / "dog" / "3.png").read_bytes()
+    (root / "dog" / "3.png").write_bytes(whole[: len(whole) // 2])  # cut inside the pixel data
+    (root / "cat" / "9.png").write_bytes(b"<html>not an image</html>")
+    out = tmp_path / "out"
+    code = main(["--dataset", f"folder:{root}", "--methods", "random", "--initial", "4", "--budget-per-round", "2",
+                 "--rounds", "1", "--seeds", "1", "--eval", "proxy", "--backbone", "test_efficientnet", "--weights",
+                 "random", "--image-size", "32", "--device", "cpu", "--no-progress", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    data = json.loads((out / "results.json").read_text())["dataset"]
+    reasons = {Path(entry["image"]).relative_to(root).as_posix(): entry["reason"] for entry in data["skipped"]}
+    assert set(reasons) == {"dog/3.png", "cat/9.png"}
+    assert "truncated" in reasons["dog/3.png"] and reasons["cat/9.png"] == "not a recognised image format"
+    assert data["train"] + data["test"] == 18  # the 18 readable images, in one split or the other
+    report = (out / "report.md").read_text()
+    assert "2 unreadable image(s) skipped" in report and "dog/3.png" in report
+
+
 def test_folder_with_own_split(tmp_path: Path):
     write_images(tmp_path / "train")
     write_images(tmp_path / "test", per_class=1)
