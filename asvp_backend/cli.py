@@ -73,13 +73,18 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    from asvp_backend.alignment.summary import alignment_summary, model_summary
+    from asvp_backend.alignment.summary import alignment_summary, damaged_models, model_summary
     from asvp_backend.health import project_problems
+    from asvp_backend.learning import learning_summary
     from asvp_backend.runtime import build_runtime
     from asvp_backend.status_table import format_status
     from asvp_backend.stopping import StopRule
 
     runtime = build_runtime(settings, start_jobs=False)
+
+    def project_jobs(project_id: int) -> list[dict[str, Any]]:  # embedded: they live in the serving process
+        return [j.to_dict() for j in runtime.queue.jobs(project_id, limit=50)] if settings.redis_url else []
+
     try:
         states, corrupt = runtime.store.readable()
         projects: list[dict[str, Any]] = [
@@ -94,6 +99,8 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
                 "pre_annotations": model_summary(state, settings)["pre_annotations"],
                 "stopping": StopRule.from_settings(settings).evaluate(state.rounds).to_dict(),
                 "problems": project_problems(runtime.layout(state.project_id), state),
+                "learning": learning_summary(state, project_jobs(state.project_id),
+                                             damaged_models(runtime.layout(state.project_id), state)),
             }
             for state in states
         ]
@@ -219,8 +226,8 @@ def cmd_align(settings: Settings, args: argparse.Namespace) -> int:
     from asvp_backend.runtime import build_runtime
 
     if not settings.redis_url:
-        print("embedded mode: the serving process runs the jobs; ask it with "
-              f"POST /projects/{args.project}/align", file=sys.stderr)
+        print("embedded mode: the serving process runs the jobs; ask it with curl -X POST -H "
+              f"'Content-Type: application/json' http://localhost:9090/projects/{args.project}/align", file=sys.stderr)
         return 2
     runtime = build_runtime(settings, start_jobs=False)
     try:
@@ -233,10 +240,14 @@ def cmd_align(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+EXPORT_WORSE = 3  # `export`'s exit status when the model lost to the proxy (and --even-if-worse was not given)
+
+
 def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from asvp_backend.alignment.export import export_model
+    from asvp_backend.alignment.export import WorseThanProxy, export_model
+    from asvp_backend.alignment.summary import damaged_models
     from asvp_backend.layout import ProjectLayout
     from asvp_backend.runtime import build_runtime
 
@@ -249,20 +260,35 @@ def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
         print(f"project {args.project} is not set up", file=sys.stderr)
         return 2
     models = {m["id"]: m for m in state.alignment.models}
-    chosen = models.get(args.model) if args.model else state.alignment.current_model()
+    alignment = state.alignment
+    layout = ProjectLayout(settings.model_dir, args.project)
+    damaged = damaged_models(layout, state)
+    chosen = models.get(args.model) if args.model else alignment.newest_model(damaged)
     if chosen is None:
-        print(f"project {args.project} has no fine-tuned model{' ' + args.model if args.model else ''}: press "
-              "Start Training in Label Studio (or wait for a feature update) first", file=sys.stderr)
+        whole = "whole " if damaged and not args.model else ""
+        print(f"project {args.project} has no {whole}fine-tuned model{' ' + args.model if args.model else ''}: "
+              "press Start Training in Label Studio (or wait for a feature update) first", file=sys.stderr)
         return 2
-    source = ProjectLayout(settings.model_dir, args.project).checkpoint_dir(chosen["id"])
+    source = layout.checkpoint_dir(chosen["id"])
     try:
+        if chosen.get("verdict") == "proxy" and not args.even_if_worse:  # also checked on the checkpoint itself
+            reason = (chosen.get("comparison") or {}).get("reason", "the proxy is the better model")
+            raise WorseThanProxy(f"not exporting {chosen['id']}: {reason}. Label more and press Start Training "
+                                 "again, or pass --even-if-worse to write it anyway")
         out = export_model(source, Path(args.out), {"project": args.project, "model_version": str(state.version)},
-                           overwrite=args.force)
+                           overwrite=args.force, even_if_worse=args.even_if_worse)
+    except WorseThanProxy as exc:
+        print(str(exc), file=sys.stderr)
+        return EXPORT_WORSE
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
         print(str(exc), file=sys.stderr)
         return 2
+    comparison = chosen.get("comparison") or {}
     print(json.dumps({"model": chosen["id"], "out": str(out), "holdout_accuracy": chosen.get("holdout_accuracy"),
-                      "method": chosen.get("method"), "labelled": chosen.get("labelled")}, indent=2))
+                      "method": chosen.get("method"), "labelled": chosen.get("labelled"),
+                      "verdict": chosen.get("verdict"), "model_accuracy": comparison.get("model_accuracy"),
+                      "proxy_accuracy": comparison.get("proxy_accuracy"), "n": comparison.get("n"),
+                      "even_if_worse": chosen.get("verdict") == "proxy"}, indent=2))
     return 0
 
 
@@ -354,7 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--project", type=int, required=True, help="a Label Studio project this backend serves")
     export.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty)")
     export.add_argument("--model", default=None, help="a model id from GET /projects/N/model (default: current)")
-    export.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    export.add_argument("--force", action="store_true",
+                        help="replace an earlier export in --out (never any other folder)")
+    export.add_argument("--even-if-worse", action="store_true", help="write a model that lost to the proxy on the "
+                        "same held-out labels (refused otherwise, exit status 3)")
 
     predict = sub.add_parser("predict", help="classify a folder of images with an exported model (CSV out)")
     predict.add_argument("--model", required=True, help="a folder written by `asvp-backend export`")

@@ -7,6 +7,7 @@ Each problem names the file and what is wrong; the jobs repair what can be rebui
 
 from __future__ import annotations
 
+from asvp_backend.alignment.summary import damaged_models
 from asvp_backend.artefacts import ArtefactCorrupt, read_ranking
 from asvp_backend.features import FeatureStore
 from asvp_backend.labelstudio import credentials
@@ -29,4 +30,6 @@ def project_problems(layout: ProjectLayout, state: ProjectState) -> list[str]:
                 problems.append(f"{layout.round_dir(state.version)} is missing (the next round replaces it)")
         except ArtefactCorrupt as exc:
             problems.append(f"{exc} (a new round is queued by /predict)")
+    problems += [f"model {model}: {problem} (not served or exported; Start Training writes a new one)"
+                 for model, problem in damaged_models(layout, state).items()]
     return problems

@@ -1,4 +1,5 @@
-"""Per-project state: label config, version counters, last sync, score history, rounds.
+"""Per-project state: label config, version counters, last sync, score history, rounds, and what the
+status page shows of them (the project's title, how labellers treated the pre-annotations, config changes).
 
 Two interchangeable stores behind one small interface: Redis when REDIS_URL is set (the API and every
 worker see the same state), otherwise JSON files under MODEL_DIR (the embedded default). Every change is a
@@ -16,7 +17,7 @@ import json
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ MAX_JOB_IDS = 100
 
 MAX_DECISIONS = 200
 MAX_MODELS = 50
+MAX_CONFIG_CHANGES = 50
 
 
 @dataclass
@@ -74,12 +76,57 @@ class AlignmentState:
         """The last scored round on `generation` (what the next round's gain is measured from); {} if none."""
         return next((score for score in reversed(self.scores) if score.get("generation") == generation), {})
 
-    def current_model(self) -> dict[str, Any] | None:
-        """The deliverable: the model trained on the most labels, the more accurate one on a tie (models
-        trained on different label sets are not compared by accuracy: more labels win)."""
-        if not self.models:
+    def current_model(self, damaged: Collection[str] = ()) -> dict[str, Any] | None:
+        """The deliverable: the newest model, i.e. the one trained on the most labels (on a tie, one the proxy
+        did not beat, then the more accurate; models trained on different label sets are not compared by
+        accuracy: more labels win). None when no model exists, or when that model lost to the proxy on the
+        same held-out labels (`verdict` "proxy", jobs/alignment.py judge_against_proxy): the proxy is then the
+        better model, and no worse model is named as the deliverable. `damaged`: ids of models whose
+        checkpoint files are not whole (alignment/integrity.py); they are passed over."""
+        newest = self.newest_model(damaged)
+        return None if newest is None or newest.get("verdict") == "proxy" else newest
+
+    def newest_model(self, damaged: Collection[str] = ()) -> dict[str, Any] | None:
+        """The model trained on the most labels, whatever its verdict (`export --even-if-worse` writes it),
+        among those not `damaged`."""
+        whole = [m for m in self.models if m.get("id") not in damaged]
+        if not whole:
             return None
-        return max(self.models, key=lambda m: (m.get("labelled", 0), m.get("holdout_accuracy") or 0.0, m["at"]))
+        return max(whole, key=lambda m: (m.get("labelled", 0), m.get("verdict") != "proxy",
+                                               m.get("holdout_accuracy") or 0.0, m["at"]))
+
+
+@dataclass
+class AcceptanceState:
+    """How labellers treated the served pre-annotations (the definition: learning.py), counted by the sync.
+
+    `by_version` holds, per model version that served them, how many were accepted as-is and how many
+    corrected; `accepted` and `corrected` are the totals (kept when old versions are trimmed). Each Label
+    Studio annotation counts once: `last_annotation` is the highest annotation id counted, and only higher
+    ids count. Annotation ids only grow, so two syncs that see the same annotations (a sync and Start
+    Training's sync at once, a retried sync) cannot count one twice; the price is that an annotation whose
+    id is below one already counted when it first appears (a transaction committed late) is not counted.
+    """
+
+    by_version: dict[str, dict[str, int]] = field(default_factory=dict)
+    accepted: int = 0
+    corrected: int = 0
+    last_annotation: int | None = None
+
+    def record(self, reviews: Iterable[tuple[int, str, bool]]) -> int:
+        """Count (annotation id, model version, accepted as-is) reviews not counted yet; returns how many."""
+        floor = self.last_annotation if self.last_annotation is not None else -1
+        fresh = sorted(r for r in reviews if r[0] > floor)
+        for _, version, accepted in fresh:
+            counts = self.by_version.setdefault(version, {"accepted": 0, "corrected": 0})
+            key = "accepted" if accepted else "corrected"
+            counts[key] += 1
+            setattr(self, key, getattr(self, key) + 1)
+        if fresh:
+            self.last_annotation = fresh[-1][0]
+        for version in list(self.by_version)[:-MAX_ROUNDS]:  # the oldest first: insertion order
+            del self.by_version[version]
+        return len(fresh)
 
 
 @dataclass
@@ -96,6 +143,9 @@ class ProjectState:
     job_ids: list[str] = field(default_factory=list)
     alignment: AlignmentState = field(default_factory=AlignmentState)
     updated_at: float = field(default_factory=time.time)
+    title: str | None = None  # the Label Studio project's title, as the last sync read it
+    acceptance: AcceptanceState = field(default_factory=AcceptanceState)
+    config_changes: list[dict[str, Any]] = field(default_factory=list)  # oldest first (config_change)
 
     @property
     def version(self) -> ModelVersion:
@@ -127,6 +177,12 @@ class ProjectState:
         self.job_ids.append(job_id)
         del self.job_ids[:-MAX_JOB_IDS]
 
+    def record_config_change(self, change: dict[str, Any] | None) -> None:
+        """Keep an entry made by `config_change` (None: nothing changed, nothing kept)."""
+        if change is not None:
+            self.config_changes.append(change)
+            del self.config_changes[:-MAX_CONFIG_CHANGES]
+
     def to_json(self) -> str:
         data = asdict(self)
         data["spec"]["labels"] = list(self.spec.labels)
@@ -141,7 +197,8 @@ class ProjectState:
             spec = data.pop("spec")
             spec["labels"] = tuple(spec["labels"])
             alignment = AlignmentState(**data.pop("alignment", None) or {})
-            return cls(spec=ClassificationSpec(**spec), alignment=alignment, **data)
+            acceptance = AcceptanceState(**data.pop("acceptance", None) or {})  # absent in older states
+            return cls(spec=ClassificationSpec(**spec), alignment=alignment, acceptance=acceptance, **data)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise StateCorrupt(where, f"{type(exc).__name__}: {str(exc)[:200]}") from None
 
@@ -168,6 +225,29 @@ class ProjectState:
             if newest.round > 0:
                 state.advance_to(newest)
         return state
+
+
+def config_change(old_spec: ClassificationSpec | None, new_spec: ClassificationSpec, *, source: str = "sync",
+                  at: float | None = None) -> dict[str, Any] | None:
+    """The entry `ProjectState.record_config_change` keeps when a sync or /setup sees a label config that
+    serves differently: when, from where, the classes added and removed, the classes now, and which other
+    parts of the spec changed (`other`: from_name, to_name, image_key; "aliases" when a kept class is written
+    differently; "order" when the same classes are listed in another order). None when the spec is the same:
+    an edit of the layout or of whitespace changes nothing the backend does."""
+    if old_spec is None or old_spec == new_spec:
+        return None
+    old, new = list(old_spec.labels), list(new_spec.labels)
+    other = [name for name in ("from_name", "to_name", "image_key")
+             if getattr(old_spec, name) != getattr(new_spec, name)]
+    old_written = dict(zip(old, old_spec.result_values, strict=True))
+    new_written = dict(zip(new, new_spec.result_values, strict=True))
+    if any(old_written[c] != new_written[c] for c in old if c in new_written):
+        other.append("aliases")
+    if set(old) == set(new) and old != new:
+        other.append("order")
+    return {"at": time.time() if at is None else at, "source": source,
+            "added": [c for c in new if c not in old], "removed": [c for c in old if c not in new],
+            "classes": new, "other": other}
 
 
 class ProjectNotFound(KeyError):

@@ -25,8 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from asvp_backend.alignment.checkpoint import CHECKPOINT_WEIGHTS, save_checkpoint  # noqa: E402
+from asvp_backend.alignment.checkpoint import save_checkpoint  # noqa: E402
 from asvp_backend.alignment.finetune import finetune, recipe_for  # noqa: E402
+from asvp_backend.alignment.integrity import CHECKPOINT_WEIGHTS  # noqa: E402
 from asvp_backend.evaluation.datasets import load_dataset, stratified_sample  # noqa: E402
 from asvp_backend.features.backbones import create_backbone  # noqa: E402
 from asvp_backend.features.extract import extract_items, generation_info  # noqa: E402

@@ -5,7 +5,8 @@ Invariant: a checkpoint folder is complete before it is visible. It is written i
 every file and the folder are fsynced, and one rename makes it appear, so a crash leaves either no checkpoint
 or a whole one, never a folder that a refresh could half-read (method.md section 11, pitfall 3). The weights
 are plain timm layout, so ``create_backbone(name, weights=<folder>/model.safetensors)`` loads them too and the
-feature extractor can embed with the fine-tuned backbone.
+feature extractor can embed with the fine-tuned backbone. model.json records the weights' size and SHA-256;
+loading checks them first (alignment/integrity.py), so a damaged file is a CheckpointError naming it.
 """
 
 from __future__ import annotations
@@ -34,9 +35,8 @@ from ..features.weights import WeightsMismatchError, WeightsUnavailableError
 from ..fsutil import atomic_file, published_dir
 from ..labelstudio.images import ImageFetchError, LocalImageLoader
 from .finetune import FinetuneResult
+from .integrity import CHECKPOINT_META, CHECKPOINT_WEIGHTS, checkpoint_problem, weights_record
 
-CHECKPOINT_WEIGHTS = "model.safetensors"
-CHECKPOINT_META = "model.json"
 FORMAT = "asvp-model"
 FORMAT_VERSION = 1
 _FORWARD_BATCH = 64
@@ -65,6 +65,7 @@ def save_checkpoint(result: FinetuneResult, directory: Path, extra: dict[str, An
             "metrics": _jsonable(result.metrics),
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             **(extra or {}),
+            "weights": weights_record(tmp / CHECKPOINT_WEIGHTS),
         }
         (tmp / CHECKPOINT_META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return directory
@@ -147,6 +148,9 @@ def load_checkpoint(directory: Path, device: str = "cpu") -> FineTunedModel:
     """Load a checkpoint folder written by ``save_checkpoint`` onto ``device`` ('cpu' | 'cuda' | 'auto')."""
     directory = Path(directory)
     meta = read_meta(directory)
+    problem = checkpoint_problem(directory, full=True)
+    if problem:
+        raise CheckpointError(problem)
     weights = directory / CHECKPOINT_WEIGHTS
     pre = _preprocessing(meta)
     dev = resolve_device(device)  # outside the try: a missing GPU is not a checkpoint problem

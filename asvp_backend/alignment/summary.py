@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+from asvp_backend.alignment.integrity import checkpoint_problem
 from asvp_backend.alignment.policy import AlignmentPolicy
 from asvp_backend.layout import ProjectLayout
 from asvp_backend.state import ProjectState
@@ -29,14 +31,31 @@ def alignment_summary(state: ProjectState, settings: Any) -> dict[str, Any]:
     }
 
 
+def damaged_models(layout: ProjectLayout, state: ProjectState) -> dict[str, str]:
+    """{model id: what is wrong} for every listed model whose checkpoint folder is not whole (cheap checks:
+    sizes and headers). Such a model is never current, never the deliverable and never exported."""
+    damaged = {}
+    for model in state.alignment.models:
+        problem = checkpoint_problem(layout.checkpoint_dir(model["id"]))
+        if problem:
+            damaged[model["id"]] = problem
+    return damaged
+
+
 def model_summary(state: ProjectState, settings: Any) -> dict[str, Any]:
-    """Which fine-tuned model is the deliverable, how it scored, and what pre-annotates the tasks now."""
-    current = state.alignment.current_model()
+    """Which fine-tuned model is the deliverable, how it scored against the proxy, and what pre-annotates the
+    tasks now. `current` never names a model that lost to the proxy (AlignmentState.current_model) or whose
+    checkpoint is damaged (`damaged`, by id); `deliverable` says which of the two is the better model, with
+    both figures."""
+    damaged = damaged_models(ProjectLayout(settings.model_dir, state.project_id), state)
+    current = state.alignment.current_model(damaged)
     last_round = state.rounds[-1] if state.rounds else {}
     return {
         "project": state.project_id,
         "model_version": str(state.version),
         "current": current,
+        "deliverable": deliverable(state, damaged),
+        "damaged": damaged,
         "pre_annotations": last_round.get("pre_annotations"),
         "proxy": {"name": last_round.get("proxy"), "cv_accuracy": last_round.get("cv_accuracy"),
                   "labelled": last_round.get("labelled"), "version": last_round.get("version")} if last_round else None,
@@ -44,6 +63,28 @@ def model_summary(state: ProjectState, settings: Any) -> dict[str, Any]:
         "next_training_method": AlignmentPolicy.from_settings(settings).method_for(state.generation),
         "export": f"asvp-backend export --project {state.project_id} --out DIR" if current else None,
     }
+
+
+def deliverable(state: ProjectState, damaged: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """What a person should ship: `source` "model" (the fine-tuned model beat the proxy, or was not compared
+    with it), "proxy" (the newest fine-tuned model lost to the proxy on the same held-out labels) or None (no
+    fine-tuned model yet); `reason` says why, with both accuracies and their n when they were compared.
+    Models in `damaged` (id: problem) are passed over."""
+    damaged = damaged or {}
+    newest = state.alignment.newest_model(damaged)
+    if newest is None:
+        if damaged:
+            return {"source": None, "model": None,
+                    "reason": "no whole fine-tuned model: " + "; ".join(damaged.values())[:300]}
+        return {"source": None, "model": None, "reason": "no fine-tuned model yet (Start Training fine-tunes one)"}
+    comparison = dict(newest.get("comparison") or {})
+    figures = {k: comparison.get(k) for k in ("model_accuracy", "proxy_accuracy", "n", "proxy")}
+    verdict = newest.get("verdict")
+    if verdict == "proxy":
+        return {"source": "proxy", "model": newest["id"], **figures,
+                "reason": f"{comparison.get('reason')}; `asvp-backend export` refuses it without --even-if-worse"}
+    reason = comparison.get("reason") or "not compared with the proxy (trained before models were judged)"
+    return {"source": "model", "model": newest["id"], **figures, "reason": reason}
 
 
 def generations_of(layout: ProjectLayout, state: ProjectState) -> list[dict[str, Any]]:

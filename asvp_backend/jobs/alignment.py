@@ -159,8 +159,9 @@ class TaskImages:
 
 
 def run_finetune(ctx: JobContext) -> dict[str, Any]:
-    """Fine-tune the backbone on the labelled tasks (FT or LP-FT), save the checkpoint, record the model;
-    for a feature update, hand its backbone to the extract job."""
+    """Fine-tune the backbone on the labelled tasks (FT or LP-FT), judge it against the proxy on its held-out
+    labels, save the checkpoint, record the model with the verdict; for a feature update, hand its backbone
+    to the extract job (whatever the verdict: the update is about the features, not the deliverable)."""
     from asvp_backend.alignment.checkpoint import save_checkpoint
     from asvp_backend.alignment.finetune import FinetuneInterrupted, finetune, recipe_for
     from asvp_backend.jobs.extraction import image_fetcher
@@ -179,12 +180,16 @@ def run_finetune(ctx: JobContext) -> dict[str, Any]:
         return {"status": "skipped", "reason": reason}
     client = runtime.label_studio(pid) if runtime.has_label_studio(pid) else None
     images = TaskImages(items, image_fetcher(settings, client))
+    # the step floor (alignment/finetune.py recipe_for) holds unless FINETUNE_EXACT_EPOCHS says otherwise
+    insist = settings.finetune_exact_epochs
     recipe = recipe_for(method, len(items), epochs=settings.finetune_epochs,
-                        batch_size=settings.finetune_batch_size, seed=settings.seed)
+                        batch_size=settings.finetune_batch_size, seed=settings.seed, insist=insist)
+    if settings.finetune_epochs is not None and recipe.epochs > settings.finetune_epochs:
+        log.info("project %s: FINETUNE_EPOCHS=%s raised to %s epochs by the step floor", pid,
+                 settings.finetune_epochs, recipe.epochs)
     try:
         result = finetune(settings.backbone, settings.backbone_weights, images, recipe, device=settings.device,
-                          image_size=settings.image_size,
-                          progress=lambda done, total, stage: ctx.progress(done, total, stage=stage),
+                          image_size=settings.image_size, progress=_stage_progress(ctx),
                           should_stop=lambda: ctx.time_left() < 30)
     except FinetuneInterrupted as exc:
         _finish_pending(runtime, pid, purpose, None, failed=f"time limit: {exc}")
@@ -192,9 +197,19 @@ def run_finetune(ctx: JobContext) -> dict[str, Any]:
     except Exception as exc:
         _finish_pending(runtime, pid, purpose, None, failed=f"{type(exc).__name__}: {exc}")
         raise
+    ctx.progress(0, 1, stage=JUDGING, force=True)
+    try:
+        comparison = judge_against_proxy(settings, pid, items, result.holdout_indices, result.holdout_predictions)
+    except Exception as exc:  # a missing or damaged feature store must not throw the fine-tune away
+        log.warning("project %s: the fine-tuned model could not be compared with the proxy", pid, exc_info=True)
+        comparison = {"verdict": UNJUDGED, "reason": f"no comparison with the proxy ({type(exc).__name__}: "
+                                                    f"{str(exc)[:200]})"}
+    ctx.progress(1, 1, stage=JUDGING, force=True)
     model_id = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{method}-{len(items)}"
     info = {"id": model_id, "purpose": purpose, "method": method, "labelled": len(items),
-            "trained_on_version": str(state.version), "at": time.time(), **_model_metrics(result.metrics)}
+            "trained_on_version": str(state.version), "at": time.time(), **_model_metrics(result.metrics),
+            "verdict": comparison["verdict"], "comparison": comparison}
+    ctx.check_fence()  # a job whose lease was lost writes nothing more (jobs/fencing.py)
     save_checkpoint(result, layout.checkpoint_dir(model_id), extra={"project": pid, **info})
 
     def record(current: ProjectState | None) -> ProjectState | None:
@@ -213,15 +228,93 @@ def run_finetune(ctx: JobContext) -> dict[str, Any]:
     runtime.store.update(pid, record)
     if purpose == "align":
         info["next"] = runtime.queue.submit("extract", pid, reason="feature update", force_round=True).job_id
-    log.info("project %s: fine-tuned %s (%s, %s labels): held-out accuracy %s", pid, model_id, method,
-             len(items), info.get("holdout_accuracy"))
+    log.info("project %s: fine-tuned %s (%s, %s labels): %s", pid, model_id, method, len(items),
+             comparison["reason"])
     return info
 
 
 def _model_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    keys = ("holdout_accuracy", "holdout_size", "train_size", "skipped", "seconds", "images_per_second", "device",
-            "epochs")
+    keys = ("holdout_accuracy", "holdout_size", "lp_holdout_accuracy", "train_size", "skipped", "seconds",
+            "images_per_second", "device", "epochs", "ft_steps")
     return {k: metrics.get(k) for k in keys}
+
+
+def _stage_progress(ctx: JobContext) -> Any:
+    """finetune's progress as the job's: every step of every stage ("ft" 22/250), throttled by the context
+    except the first report of a stage, so a page sees each stage begin."""
+    last = {"stage": ""}
+
+    def report(done: int, total: int, stage: str) -> None:
+        ctx.progress(done, total, stage=stage, force=stage != last["stage"])
+        last["stage"] = stage
+
+    return report
+
+
+# ------------------------------------------------------------------------------ the verdict against the proxy
+MODEL, PROXY, UNJUDGED = "model", "proxy", "unjudged"
+JUDGING = "comparing with the proxy"
+
+
+def judge_against_proxy(settings: Any, pid: int, items: Sequence[tuple[int, str, str]], held: Sequence[int],
+                        predictions: Sequence[str]) -> dict[str, Any]:
+    """The fine-tuned model against the proxy on the same held-out labelled tasks: both never trained on them.
+
+    `held` are indices into `items` (task id, URL, label) that the fine-tune held out, `predictions` the
+    fine-tuned model's class for each. The proxy is the rounds' kind (PROXY, SEED), fitted on the cached
+    features of the current generation of every other labelled task, and scored on the held-out tasks that
+    have features; the model is scored on the same tasks. The verdict is "model" only when the model is the
+    more accurate: on a tie the proxy, which is already there, stays the better model. "unjudged" when there
+    is nothing to compare on (no held-out slice, no features, fewer than two classes to fit the proxy on).
+    On a generation extracted by a fine-tuned backbone, that backbone may have trained on the held-out tasks,
+    which favours the proxy (`proxy_generation` says which features were used)."""
+    from asvp_backend.jobs.extraction import feature_store
+    from asvp_backend.jobs.rounds import proxy_device
+    from asvp_backend.selection import create_proxy
+
+    if not held:
+        return {"verdict": UNJUDGED, "reason": "not compared with the proxy: no held-out labels (fewer than 10 "
+                                               "readable labelled images)", "n": 0}
+    generation = feature_store(settings.model_dir, pid).current(repair=True)
+    if generation is None:
+        return {"verdict": UNJUDGED, "reason": "not compared with the proxy: no cached features", "n": 0}
+    held_set = set(held)
+    ids = np.array([tid for tid, _, _ in items], dtype=np.int64)
+    labels = np.array([label for _, _, label in items], dtype=object)
+    train_pos = np.array([i for i in range(len(items)) if i not in held_set], dtype=np.int64)
+    test_pos = np.asarray(held, dtype=np.int64)
+    found_train, x_train = generation.lookup(ids[train_pos])
+    found_test, x_test = generation.lookup(ids[test_pos])
+    y_train = labels[train_pos][found_train]
+    record: dict[str, Any] = {"n": int(found_test.sum()), "held_out": len(held), "proxy": settings.proxy,
+                              "proxy_generation": generation.info.generation, "proxy_trained_on": len(y_train)}
+    if not record["n"] or len(set(y_train.tolist())) < 2:
+        return {**record, "verdict": UNJUDGED,
+                "reason": "not compared with the proxy: too few held-out or training tasks have features"}
+    proxy = create_proxy(settings.proxy, device=proxy_device(settings.device), seed=settings.seed)
+    proxy.fit(np.asarray(x_train, dtype=np.float32), y_train)
+    truth = labels[test_pos][found_test]
+    proxy_right = np.asarray(proxy.predict(np.asarray(x_test, dtype=np.float32))) == truth
+    model_right = np.asarray(predictions, dtype=object)[found_test] == truth
+    model_accuracy, proxy_accuracy = float(model_right.mean()), float(proxy_right.mean())
+    verdict = MODEL if model_accuracy > proxy_accuracy else PROXY
+    record.update(verdict=verdict, model_accuracy=model_accuracy, proxy_accuracy=proxy_accuracy,
+                  model_only=int((model_right & ~proxy_right).sum()),
+                  proxy_only=int((proxy_right & ~model_right).sum()))
+    record["reason"] = verdict_text(record)
+    return record
+
+
+def verdict_text(comparison: dict[str, Any]) -> str:
+    """One sentence with both figures, for the page, the CLI and the log."""
+    verdict = comparison.get("verdict")
+    if verdict not in (MODEL, PROXY):
+        return str(comparison.get("reason") or "not compared with the proxy")
+    figures = (f"{comparison['model_accuracy']:.3f} for the fine-tuned model vs {comparison['proxy_accuracy']:.3f} "
+               f"for the proxy ({comparison.get('proxy')}) on the same {comparison['n']} held-out labels")
+    if verdict == MODEL:
+        return f"the fine-tuned model beats the proxy: {figures}"
+    return f"the proxy is the better model: {figures}"
 
 
 def _finish_pending(runtime: Any, pid: int, purpose: str, model: str | None, failed: str | None = None) -> None:
@@ -245,7 +338,7 @@ def _finish_pending(runtime: Any, pid: int, purpose: str, model: str | None, fai
 
 def feature_weights(layout: ProjectLayout, alignment: AlignmentState) -> str | None:
     """The checkpoint whose backbone extracts the project's features (None: the configured pre-trained one)."""
-    from asvp_backend.alignment.checkpoint import CHECKPOINT_WEIGHTS
+    from asvp_backend.alignment.integrity import CHECKPOINT_WEIGHTS
 
     if alignment.feature_model is None:
         return None
@@ -289,9 +382,13 @@ def pre_annotations(layout: ProjectLayout, state: ProjectState, generation: int,
         return proxy_labels, {"source": "proxy", "reason": "the proxy is at least as accurate", **choice}
     if not len(x_pool):
         return proxy_labels, {"source": "model", "reason": "no unlabelled task", **choice}
-    from asvp_backend.alignment.checkpoint import load_checkpoint
+    from asvp_backend.alignment.checkpoint import CheckpointError, load_checkpoint
 
-    fine_tuned = load_checkpoint(layout.checkpoint_dir(model["id"]), device="cpu")
+    try:
+        fine_tuned = load_checkpoint(layout.checkpoint_dir(model["id"]), device="cpu")
+    except CheckpointError as exc:  # a damaged checkpoint is a problem on the status page, not a failed round
+        return proxy_labels, {"source": "proxy", "reason": f"the fine-tuned model is damaged: {exc}"[:300],
+                              **choice}
     probs = fine_tuned.head_proba(np.asarray(x_pool))
     labels = np.asarray(fine_tuned.classes).astype(str)[probs.argmax(axis=1)]
     return labels, {"source": "model", "reason": "the fine-tuned model is more accurate on held-out labels",

@@ -2,9 +2,13 @@
 
 One static HTML file (static/status.html, vanilla JS, no build step, nothing from the internet) serves
 both the project list (`/ui/`) and a project (`/ui/projects/N`); it polls JSON routes that scripts can
-use too. Every value is inserted as text, never as HTML, and a Content-Security-Policy that allows only
-the page's own script and style (by hash) stops any injected markup from running. The routes sit behind
-the app's basic auth like every route but /health and /webhook.
+use too, and `GET /projects/N/learning` answers "is it learning?" (learning.py holds its definitions). Every
+value is inserted as text, never as HTML, and a Content-Security-Policy that allows only the page's own
+script and style (by hash) stops any injected markup from running. The routes sit behind the app's basic
+auth like every route but /health and /webhook.
+
+Task links go to LABEL_STUDIO_URL, else to the address Label Studio sent to /setup (the embedded default
+has no LABEL_STUDIO_URL): a person's browser opens Label Studio where Label Studio says it lives.
 """
 
 from __future__ import annotations
@@ -21,8 +25,11 @@ from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 
+from asvp_backend.alignment.summary import damaged_models
 from asvp_backend.artefacts import ArtefactCorrupt, read_ranking
 from asvp_backend.jobs.registry import JOB_KINDS
+from asvp_backend.labelstudio import credentials
+from asvp_backend.learning import acceptance_summary, learning_summary, round_accuracy
 from asvp_backend.runtime import Runtime
 from asvp_backend.server.schemas import parse_project_id
 from asvp_backend.state import StateCorrupt, TaskSnapshot
@@ -30,6 +37,8 @@ from asvp_backend.stopping import StopRule
 
 PAGE = "status.html"
 MAX_NEXT = 200
+JOBS_READ = 100  # the project's newest jobs the learning summary looks through for a running fine-tune
+_HTTP_URL = re.compile(r"https?://[^\s/?#@]+(/[^\s?#]*)?", flags=re.I)
 
 
 def _page() -> tuple[str, str]:
@@ -50,6 +59,15 @@ def task_url(label_studio_url: str | None, project_id: int, task_id: int) -> str
     if not label_studio_url:
         return None
     return f"{label_studio_url.rstrip('/')}/projects/{int(project_id)}/data?task={int(task_id)}"
+
+
+def label_studio_address(runtime: Runtime, project_id: int) -> str | None:
+    """Where a person opens the project in Label Studio: LABEL_STUDIO_URL, else the hostname Label Studio
+    sent to /setup (kept in the project's connection record); None when neither is an http(s) address."""
+    if runtime.settings.label_studio_url:
+        return runtime.settings.label_studio_url
+    hostname = credentials.load(runtime.layout(project_id)).get("hostname")
+    return hostname if isinstance(hostname, str) and _HTTP_URL.fullmatch(hostname) else None
 
 
 def ui_router(runtime: Runtime) -> APIRouter:
@@ -73,15 +91,30 @@ def ui_router(runtime: Runtime) -> APIRouter:
         """Every project served, with what the list page shows; a corrupt one is listed with its problem."""
         states, corrupt = store.readable()
         rule = StopRule.from_settings(settings)
-        listed: list[dict[str, Any]] = [
-            {"project": s.project_id, "model_version": str(s.version), "labels": list(s.spec.labels),
-             "rounds": len(s.rounds), "last_sync": s.last_sync,
-             "cv_accuracy": s.rounds[-1].get("cv_accuracy") if s.rounds else None,
-             "can_stop": rule.evaluate(s.rounds).can_stop}
-            for s in states
-        ]
+        listed: list[dict[str, Any]] = []
+        for s in states:
+            accuracy = round_accuracy(s.rounds[-1]) if s.rounds else {}
+            accepted = acceptance_summary({}, s.acceptance.accepted, s.acceptance.corrected)["overall"]
+            listed.append({"project": s.project_id, "title": s.title, "model_version": str(s.version),
+                           "labels": list(s.spec.labels), "rounds": len(s.rounds), "last_sync": s.last_sync,
+                           "cv_accuracy": accuracy.get("cv_accuracy"), "cv_n": accuracy.get("cv_n"),
+                           "cv_interval": accuracy.get("cv_interval"), "pre_annotations_accepted": accepted,
+                           "can_stop": rule.evaluate(s.rounds).can_stop})
         listed += [{"project": pid, "problem": problem} for pid, problem in sorted(corrupt.items())]
         return JSONResponse({"projects": sorted(listed, key=lambda p: p["project"])})
+
+    @router.get("/projects/{project}/learning")
+    def learning(project: str) -> JSONResponse:
+        """Is it learning? Title and classes, accuracy per round with its 95% interval and what it is measured
+        on, pre-annotations accepted as-is vs corrected per round and overall, label-config changes, and the
+        deliverable model with any fine-tune in progress (learning.py defines each)."""
+        project_id = parse_project_id(project)
+        state = store.get(project_id)
+        if state is None:
+            return JSONResponse({"detail": f"unknown project {project_id}"}, status_code=404)
+        jobs = [info.to_dict() for info in runtime.queue.jobs(project_id, limit=JOBS_READ)]
+        damaged = damaged_models(runtime.layout(project_id), state)
+        return JSONResponse(learning_summary(state, jobs, damaged))
 
     @router.get("/projects/{project}/next")
     def next_tasks(project: str, limit: int = Query(default=20, ge=1, le=MAX_NEXT)) -> JSONResponse:
@@ -94,6 +127,7 @@ def ui_router(runtime: Runtime) -> APIRouter:
         if state is None:
             return JSONResponse({"detail": f"unknown project {project_id}"}, status_code=404)
         layout = runtime.layout(project_id)
+        address = label_studio_address(runtime, project_id)
         body: dict[str, Any] = {"model_version": str(state.version), "tasks": [], "skipped": [], "problem": None}
         try:
             ranking = read_ranking(layout, state.version) if state.round else None
@@ -107,7 +141,7 @@ def ui_router(runtime: Runtime) -> APIRouter:
                 if tid in labelled:
                     continue
                 body["tasks"].append({"id": tid, "score": round(float(score), 6), "label": str(label) or None,
-                                      "url": task_url(settings.label_studio_url, project_id, tid)})
+                                      "url": task_url(address, project_id, tid)})
                 if len(body["tasks"]) >= limit:
                     break
         try:
@@ -115,7 +149,7 @@ def ui_router(runtime: Runtime) -> APIRouter:
             skipped = generation.skipped() if generation is not None else {}
         except (FeatureStoreError, OSError, ValueError) as exc:
             skipped, body["problem"] = {}, body["problem"] or f"{type(exc).__name__}: {str(exc)[:200]}"
-        body["skipped"] = [{"id": tid, "reason": why, "url": task_url(settings.label_studio_url, project_id, tid)}
+        body["skipped"] = [{"id": tid, "reason": why, "url": task_url(address, project_id, tid)}
                            for tid, why in sorted(skipped.items())]
         return JSONResponse(body)
 

@@ -1,6 +1,7 @@
 """Alignment in the jobs layer, against the fake Label Studio stack: decisions recorded after rounds with
 their scores, an update queued once, a failed fine-tune ending its update with a reason, a refreshed
-generation followed by a round, the pre-annotation source, and the state's round trip."""
+generation followed by a round, the pre-annotation source, the state's round trip, and the verdict of a
+fine-tuned model against the proxy on the same held-out labels (a model the proxy beat is no deliverable)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ import pytest
 
 from asvp_backend.alignment.summary import alignment_summary, generations_of, model_summary
 from asvp_backend.features.store import GenerationInfo
-from asvp_backend.jobs.alignment import force_update, generation_served, pre_annotations, run_finetune
+from asvp_backend.jobs.alignment import (
+    force_update,
+    generation_served,
+    judge_against_proxy,
+    pre_annotations,
+    run_finetune,
+)
 from asvp_backend.jobs.rounds import run_round
 from asvp_backend.jobs.tasks import follow_up, sync
 from asvp_backend.layout import ProjectLayout
@@ -183,3 +190,120 @@ def test_alignment_state_round_trips_and_old_states_still_load(tmp_path):
     old["score_history"] = []  # a state written before alignment existed
     loaded = ProjectState.from_json(json.dumps(old))
     assert loaded.alignment == AlignmentState() and loaded.round == state.round
+
+
+# ------------------------------------------------------------------ the fine-tuned model against the proxy
+def _items(labelling) -> list[tuple[int, str, str]]:
+    return [(t, f"http://images.invalid/{t}.png", labelling(t)) for t in range(1, 41)]
+
+
+def test_the_verdict_scores_both_models_on_the_same_held_out_tasks(tmp_path):
+    stack = Stack(tmp_path)  # features: even tasks around +3, odd ones around -3
+    settings = stack.runtime.settings
+    held = list(range(10))  # tasks 1..10; the proxy fits the other 30
+    items = _items(lambda t: "cat" if t % 2 == 0 else "dog")  # labels the features separate
+    truth = [items[i][2] for i in held]
+    tie = judge_against_proxy(settings, PID, items, held, truth)
+    assert tie["verdict"] == "proxy" and tie["model_accuracy"] == tie["proxy_accuracy"] == 1.0  # a tie: the proxy
+    assert tie["n"] == 10 and tie["proxy_trained_on"] == 30 and tie["proxy"] == "logistic"
+    assert tie["reason"] == ("the proxy is the better model: 1.000 for the fine-tuned model vs 1.000 for the proxy "
+                             "(logistic) on the same 10 held-out labels")
+    worse = judge_against_proxy(settings, PID, items, held, ["cat"] * 10)
+    assert worse["verdict"] == "proxy" and worse["model_accuracy"] == 0.5 and worse["proxy_only"] == 5
+    items = _items(lambda t: "cat" if t % 4 < 2 else "dog")  # labels the features cannot tell apart
+    truth = [items[i][2] for i in held]
+    win = judge_against_proxy(settings, PID, items, held, truth)
+    assert win["verdict"] == "model" and win["model_accuracy"] == 1.0 > win["proxy_accuracy"]
+    assert win["model_only"] == round(10 * (1 - win["proxy_accuracy"])) and win["proxy_only"] == 0
+    assert win["reason"].startswith("the fine-tuned model beats the proxy: 1.000 for the fine-tuned model vs")
+    none = judge_against_proxy(settings, PID, items, [], [])
+    assert none["verdict"] == "unjudged" and "no held-out labels" in none["reason"]
+
+
+def test_held_out_tasks_without_features_are_left_out_of_both_scores(tmp_path):
+    stack = Stack(tmp_path)  # features for tasks 1..40 only
+    items = _items(lambda t: "cat" if t % 2 == 0 else "dog") + [(41, "u", "dog"), (42, "u", "cat")]
+    held = [40, 41, 0, 1]  # tasks 41 and 42 (no features), 1 and 2
+    judged = judge_against_proxy(stack.runtime.settings, PID, items, held, ["cat", "dog", "dog", "cat"])
+    assert judged["held_out"] == 4 and judged["n"] == 2 and judged["model_accuracy"] == 1.0
+
+
+class PatternFetcher:
+    """Images for the fake tasks: red stripes for even task ids (labelled cat), blue for odd ones (dog)."""
+
+    def load(self, url: str, task_id: int):
+        from PIL import Image, ImageDraw
+
+        img = Image.new("RGB", (48, 48), (20, 20, 20))
+        draw = ImageDraw.Draw(img)
+        for k in range(0, 48, 8):
+            box = [0, k, 48, k + 3] if task_id % 2 == 0 else [k, 0, k + 3, 48]
+            draw.rectangle(box, fill=(220, 40, 40) if task_id % 2 == 0 else (40, 40, 220))
+        return img
+
+
+TINY_FINETUNE = {"BACKBONE": "test_efficientnet", "BACKBONE_WEIGHTS": "random", "IMAGE_SIZE": "32",
+                 "FINETUNE_EPOCHS": "1", "FINETUNE_BATCH_SIZE": "8"}
+
+
+def test_start_training_records_the_verdict_and_a_model_the_proxy_beat_is_not_the_deliverable(tmp_path,
+                                                                                              monkeypatch):
+    from asvp_backend.alignment.export import WorseThanProxy, export_model
+
+    monkeypatch.setattr("asvp_backend.jobs.extraction.image_fetcher", lambda settings, client: PatternFetcher())
+    monkeypatch.setattr("asvp_backend.alignment.finetune.MIN_STEPS", 12)  # the real floor (150) takes too long here
+    stack = Stack(tmp_path, **TINY_FINETUNE)
+    stack.label(range(1, 41))
+    sync(stack.ctx("sync"))
+    reports: list[dict] = []
+    ctx = stack.ctx("finetune")
+    ctx.reporter = reports.append
+    info = run_finetune(ctx)
+    # FINETUNE_EPOCHS=1 is 4 steps over 32 training images: the (patched) step floor makes it 3 epochs, 12 steps
+    assert info["epochs"] == 3 and info["ft_steps"] == 12 and info["holdout_size"] == 8
+    stages = [r["stage"] for r in reports]
+    assert {"loading", "lp", "ft", "evaluating", "comparing with the proxy"} <= set(stages)
+    assert any(r["stage"] == "ft" and r["total"] == 12 and 0 < r["done"] < 12 for r in reports)  # "ft 5/12"
+    comparison = info["comparison"]
+    # the fake features separate the two classes perfectly: the proxy cannot be beaten, at best tied
+    assert comparison["proxy_accuracy"] == 1.0 and comparison["n"] == 8 and info["verdict"] == "proxy"
+    state = stack.state()
+    (model,) = state.alignment.models
+    assert model["verdict"] == "proxy" and model["comparison"] == comparison
+    assert state.alignment.current_model() is None and state.alignment.newest_model() == model
+    summary = model_summary(state, stack.runtime.settings)
+    assert summary["current"] is None and summary["export"] is None
+    best = summary["deliverable"]
+    assert best["source"] == "proxy" and best["model"] == model["id"] and best["n"] == 8
+    assert best["proxy_accuracy"] == 1.0 and best["model_accuracy"] == comparison["model_accuracy"]
+    assert best["reason"].startswith("the proxy is the better model: ") and "--even-if-worse" in best["reason"]
+    source = ProjectLayout(stack.runtime.settings.model_dir, PID).checkpoint_dir(model["id"])
+    assert json.loads((source / "model.json").read_text())["verdict"] == "proxy"
+    with pytest.raises(WorseThanProxy, match="the proxy is the better model.*--even-if-worse"):
+        export_model(source, tmp_path / "out", {"project": PID})
+    assert not (tmp_path / "out").exists()
+    out = export_model(source, tmp_path / "out", {"project": PID}, even_if_worse=True)
+    assert json.loads((out / "model.json").read_text())["exported_even_if_worse"] is True
+
+
+def test_the_deliverable_is_the_newest_model_unless_the_proxy_beat_it():
+    alignment = AlignmentState()
+    state_models = [
+        {"id": "old", "labelled": 20, "at": 1.0, "holdout_accuracy": 0.9},  # before verdicts existed: unjudged
+        {"id": "m30", "labelled": 30, "at": 2.0, "holdout_accuracy": 0.8, "verdict": "model",
+         "comparison": {"verdict": "model", "model_accuracy": 0.8, "proxy_accuracy": 0.7, "n": 10, "proxy": "mlp",
+                        "reason": "the fine-tuned model beats the proxy: ..."}},
+    ]
+    for m in state_models:
+        alignment.record_model(m)
+    assert alignment.current_model()["id"] == "m30"
+    lost = {"id": "m50", "labelled": 50, "at": 3.0, "holdout_accuracy": 0.7, "verdict": "proxy",
+            "comparison": {"verdict": "proxy", "model_accuracy": 0.7, "proxy_accuracy": 0.9, "n": 10, "proxy": "mlp",
+                           "reason": "the proxy is the better model: ..."}}
+    alignment.record_model(lost)
+    assert alignment.current_model() is None and alignment.newest_model()["id"] == "m50"
+    alignment.record_model({**lost, "id": "m50b", "verdict": "model", "at": 4.0, "holdout_accuracy": 0.6})
+    assert alignment.current_model()["id"] == "m50b"  # same labels: the one the proxy did not beat
+    old = AlignmentState()
+    old.record_model(state_models[0])
+    assert old.current_model()["id"] == "old"

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from tests.helpers import png_bytes
+from tests.unit.test_export_safety import write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,3 +79,34 @@ def test_status_is_a_readable_table_and_json_for_scripts(tmp_path):
     stopping = report["projects"][0]["stopping"]
     assert stopping["can_stop"] and stopping["stable_rounds"] == 3
     assert [h["kappa"] for h in stopping["history"]] == [None, 0.9, 0.995, 1.0, 1.0]
+
+
+def test_export_refuses_a_model_the_proxy_beat_unless_asked(tmp_path):
+    from asvp_backend.labelstudio.label_config import parse_label_config
+    from asvp_backend.layout import ProjectLayout
+    from asvp_backend.state import FileStateStore, ProjectState
+    from tests.helpers import IMAGE_CONFIG
+
+    reason = ("the proxy is the better model: 0.600 for the fine-tuned model vs 0.900 for the proxy (mlp) on the "
+              "same 10 held-out labels")
+    comparison = {"verdict": "proxy", "model_accuracy": 0.6, "proxy_accuracy": 0.9, "n": 10, "proxy": "mlp",
+                  "reason": reason}
+    model = {"id": "m50", "labelled": 50, "at": 1.0, "method": "lpft", "holdout_accuracy": 0.6, "verdict": "proxy",
+             "comparison": comparison}
+    state = ProjectState.new(3, IMAGE_CONFIG, parse_label_config(IMAGE_CONFIG))
+    state.alignment.record_model(model)
+    FileStateStore(tmp_path).update(3, lambda _: state)
+    write_checkpoint(ProjectLayout(tmp_path, 3).checkpoint_dir("m50"), model)
+    out = tmp_path / "export"
+    refused = run_cli("export", "--project", "3", "--out", str(out), MODEL_DIR=str(tmp_path))
+    assert refused.returncode == 3 and "Traceback" not in refused.stderr
+    assert f"not exporting m50: {reason}" in refused.stderr and "--even-if-worse" in refused.stderr
+    assert not out.exists()
+    named = run_cli("export", "--project", "3", "--out", str(out), "--model", "m50", MODEL_DIR=str(tmp_path))
+    assert named.returncode == 3 and not out.exists()
+    forced = run_cli("export", "--project", "3", "--out", str(out), "--even-if-worse", MODEL_DIR=str(tmp_path))
+    assert forced.returncode == 0, forced.stderr
+    report = json.loads(forced.stdout)
+    assert report["verdict"] == "proxy" and report["even_if_worse"] is True
+    assert (report["model_accuracy"], report["proxy_accuracy"], report["n"]) == (0.6, 0.9, 10)
+    assert json.loads((out / "model.json").read_text())["exported_even_if_worse"] is True
