@@ -7,7 +7,9 @@ process-global runtime.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,13 +34,26 @@ class Runtime:
     redis: Any = None
     _label_studio: Any = field(default=None, repr=False)  # one client for every project (tests inject a fake)
     _clients: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False)
+    fence: Callable[[], None] | None = field(default=None, repr=False)  # a job's lease check (fenced())
 
     def label_studio(self, project_id: int | None = None) -> Any:
         """The Label Studio client that reads `project_id`: the environment's, or the one /setup's hostname and
-        token make (labelstudio/credentials.py). Jobs need it, the API's hot paths do not."""
-        if self._label_studio is not None:
-            return self._label_studio
-        return self._client(self.label_studio_connection(project_id))
+        token make (labelstudio/credentials.py). Jobs need it, the API's hot paths do not. In a job's runtime
+        (`fenced`) its writes check the job's lease first."""
+        client = self._label_studio if self._label_studio is not None else self._client(
+            self.label_studio_connection(project_id))
+        if self.fence is None:
+            return client
+        from asvp_backend.jobs.fencing import FencedLabelStudio
+
+        return FencedLabelStudio(client, self.fence)
+
+    def fenced(self, fence: Callable[[], None]) -> Runtime:
+        """This runtime as one job sees it: the same parts, but every state write and Label Studio write
+        calls `fence` (the job's lease check, raising LeaseLost) right before it (jobs/fencing.py)."""
+        from asvp_backend.jobs.fencing import FencedStateStore
+
+        return dataclasses.replace(self, store=FencedStateStore(self.store, fence), fence=fence)
 
     def label_studio_connection(self, project_id: int | None = None) -> Connection:
         """Where and with which token `project_id` is read; ConfigError says what is missing."""
@@ -72,7 +87,7 @@ class Runtime:
     def lease(self, project_id: int, kind: str, holder: str) -> Lease:
         """The right to run `kind` on the project (jobs/leases.py): Redis across workers, flock in-process."""
         if self.redis is not None:
-            return RedisLease(self.redis, project_id, kind, holder)
+            return RedisLease(self.redis, project_id, kind, holder, seconds=self.settings.lease_seconds)
         return FileLease(self.layout(project_id).lease_file(kind))
 
     def close(self) -> None:

@@ -1,4 +1,5 @@
-"""What a job function gets: its project, the runtime, a deadline and a way to report progress."""
+"""What a job function gets: its project, the runtime, a deadline, a way to report progress, and its lease
+(whose fence stops a job that lost it: jobs/fencing.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from asvp_backend.jobs.leases import LeaseLost
+
 if TYPE_CHECKING:
+    from asvp_backend.jobs.leases import Lease
     from asvp_backend.runtime import Runtime
+
+__all__ = ["JobContext", "JobTimeout", "LeaseLost", "Reporter"]
 
 Reporter = Callable[[dict[str, Any]], None]
 
@@ -28,12 +34,15 @@ class JobContext:
     runtime: Runtime
     reporter: Reporter | None = None
     deadline: float | None = None  # time.monotonic() value; None = no limit
+    lease: Lease | None = None  # the job's lease (run_job); None: nothing to fence (the CLI, tests)
     _last_report: float = field(default=0.0)
 
     def progress(self, done: int, total: int, stage: str = "", force: bool = False) -> None:
         """Record progress; throttled to two writes a second so a fast loop does not hammer Redis.
-        Every report is also a deadline checkpoint."""
+        Every report is also a deadline checkpoint, and stops a job whose lease is known to be lost."""
         self.check_deadline()
+        if self.lease is not None:
+            self.lease.raise_if_lost()
         now = time.monotonic()
         if not force and done < total and now - self._last_report < 0.5:
             return
@@ -47,3 +56,10 @@ class JobContext:
     def check_deadline(self) -> None:
         if self.deadline is not None and time.monotonic() > self.deadline:
             raise JobTimeout(f"{self.kind} job for project {self.project_id} ran past its time limit")
+
+    def check_fence(self) -> None:
+        """Raise LeaseLost unless the job still holds its lease with the fencing token it took. Call it right
+        before a write that matters; the job's state store and Label Studio client do it themselves
+        (run_job gives the job a fenced runtime), so job code calls it only before file artefacts."""
+        if self.lease is not None:
+            self.lease.check()

@@ -66,6 +66,7 @@ def image_fetcher(settings: Settings, client: Any) -> Any:
         allow_private_hosts=settings.allow_private_image_hosts,
         timeout=min(10.0, settings.image_timeout),
         total_timeout=settings.image_timeout,
+        decode_budget_mb=settings.decode_budget_mb,
     )
 
 
@@ -101,6 +102,7 @@ def extract_project(ctx: Any, retry_skipped: bool = False) -> dict[str, Any]:
     backbone = backbone_for(settings, feature_weights(runtime.layout(pid), state.alignment))
 
     generation, new_generation = _target_generation(store, backbone)
+    ctx.check_fence()  # a job whose lease was lost writes nothing more (jobs/fencing.py)
     dropped = generation.drop([tid for tid in generation.task_ids().tolist() if tid not in tasks])
     if retry_skipped:
         generation.clear_skips()
@@ -129,6 +131,7 @@ def extract_project(ctx: Any, retry_skipped: bool = False) -> dict[str, Any]:
         generation.compact()  # one shard reads back as a zero-copy memory map in every round
     activated = new_generation and not report.remaining
     if activated:
+        ctx.check_fence()
         store.activate(generation.info.generation)  # a new generation serves only once it is complete
         generation_served(runtime, pid, generation.info.generation)
     ctx.progress(len(items), len(items), stage="done", force=True)
