@@ -12,13 +12,16 @@ LS_VENV     ?= $(VENV_ROOT)/label-studio-$(LS_VERSION)
 BIN         := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test test-unit test-integration test-e2e lint venv ls-venv redis test-tools bench clean-venvs help
+.PHONY: run test test-unit test-integration test-e2e lint venv venv-path ls-venv label-studio redis test-tools bench clean-venvs help
 
 help:  ## show the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 run: venv  ## serve the backend on port 9090 (embedded mode unless REDIS_URL is set)
 	$(BIN)/asvp-backend serve
+
+venv-path:  ## print where the backend's virtual environment is (./asvp-backend uses it)
+	@echo $(VENV)
 
 venv: $(VENV)/.complete  ## create the backend's virtual environment
 	@$(BIN)/pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored" || true
@@ -31,6 +34,11 @@ $(VENV)/.complete:  # the hash in $(VENV) tracks the requirements; mtimes of a f
 	touch $@
 
 ls-venv: $(LS_VENV)/.complete  ## Label Studio $(LS_VERSION) in its own environment (for the e2e tests)
+
+LS_PORT     ?= 8080
+label-studio: ls-venv  ## start Label Studio $(LS_VERSION) on port 8080 with the three settings a local backend needs
+	LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true ML_BLOCK_LOCAL_IP=false SSRF_PROTECTION_ENABLED=false \
+	  $(LS_VENV)/bin/label-studio start --no-browser --port $(LS_PORT)
 
 $(LS_VENV)/.complete:
 	rm -rf $(LS_VENV)

@@ -8,7 +8,9 @@ option cannot happen (a pitfall of the reference code).
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -41,6 +43,16 @@ def _int_in(low: int, high: int | None = None) -> Callable[[str, str], int]:
         return value
 
     return parse
+
+
+def _retrain_every(name: str, raw: str) -> int | str:
+    """`auto` or a number of labels (>= 1)."""
+    if raw.strip().lower() == "auto":
+        return "auto"
+    try:
+        return _int_in(1)(name, raw)
+    except ConfigError:
+        raise ConfigError(f"{name} must be auto or an integer >= 1, got {raw!r}") from None
 
 
 def _float_in(low: float, high: float) -> Callable[[str, str], float]:
@@ -81,6 +93,29 @@ def _redis_url(name: str, raw: str) -> str:
     return value
 
 
+_HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*")
+
+
+def _host_list(name: str, raw: str) -> tuple[str, ...]:
+    """Comma-separated host names as the Host header carries them, without scheme or port: `api.example.com`,
+    `.example.com` (the domain and every subdomain, as in Django's ALLOWED_HOSTS), an IP address, or `*`."""
+    entries: list[str] = []
+    for item in raw.split(","):
+        entry = item.strip().lower()
+        if not entry:
+            continue
+        try:
+            ipaddress.ip_address(entry.strip("[]"))
+            is_ip = True
+        except ValueError:
+            is_ip = False
+        if entry != "*" and not is_ip and not _HOST_NAME.fullmatch(entry.removeprefix(".")):
+            raise ConfigError(f"{name} takes host names without scheme or port, comma-separated, such as "
+                              f"asvp.example.com,.example.org (or * for any host); got {item.strip()!r}")
+        entries.append(entry.strip("[]") if is_ip else entry)
+    return tuple(entries)
+
+
 def _text(name: str, raw: str) -> str:
     return raw.strip()
 
@@ -114,10 +149,16 @@ class Settings:
     basic_auth_user: str | None = _env("BASIC_AUTH_USER", _text, default=None)
     basic_auth_pass: str | None = _env("BASIC_AUTH_PASS", _text, secret=True, default=None)
     webhook_secret: str | None = _env("WEBHOOK_SECRET", _text, secret=True, default=None)
+    # Host names the API answers to besides localhost, IP addresses, single-label names (compose services), names
+    # under .local, .internal, .localhost, .home.arpa and this machine's name: the DNS-rebinding guard
+    # (server/guards.py); "*" allows any
+    allowed_hosts: tuple[str, ...] = _env("ALLOWED_HOSTS", _host_list, default=())
     max_body_bytes: int = _env("MAX_BODY_BYTES", _int_in(1024), default=64 * 2**20)
     # Queue: rq on Redis when set, otherwise an in-process worker (the embedded default)
     redis_url: str | None = _env("REDIS_URL", _redis_url, default=None)
     job_timeout: int = _env("JOB_TIMEOUT", _int_in(10), default=6 * 3600)
+    # a running job's lease lapses this long after its worker stops renewing it (died, paused, starved)
+    lease_seconds: float = _env("LEASE_SECONDS", _float_in(1.0, 3600.0), default=30.0)
     # Features
     backbone: str = _env("BACKBONE", _text, default="tf_efficientnet_lite0")
     backbone_weights: str = _env("BACKBONE_WEIGHTS", _text, default="auto")
@@ -129,12 +170,16 @@ class Settings:
     extract_slice_seconds: int = _env("EXTRACT_SLICE_SECONDS", _int_in(10), default=600)
     fetch_concurrency: int = _env("FETCH_CONCURRENCY", _int_in(1, 64), default=8)
     image_timeout: float = _env("IMAGE_TIMEOUT", _float_in(1.0, 600.0), default=30.0)
+    # MiB of image decoding at once per process, across fetch threads (labelstudio/images.py::DecodeBudget)
+    decode_budget_mb: int = _env("DECODE_BUDGET_MB", _int_in(16, 1_048_576), default=1024)
     # Selection
     strategy: str = _env("STRATEGY", _text, default="margin")
     cold_start_strategy: str = _env("COLD_START_STRATEGY", _text, default="typiclust")
     proxy: str = _env("PROXY", _text, default="mlp")
     epsilon: float = _env("EPSILON", _float_in(0.0, 1.0), default=0.0)
-    retrain_every: int = _env("RETRAIN_EVERY", _int_in(1), default=10)
+    # labels between rounds: a number, or "auto" (jobs/rounds.py::labels_between_rounds: every label on small
+    # projects, up to every 10 on large ones); read it through `retrain_every` or the round's own rule
+    retrain_cadence: int | str = _env("RETRAIN_EVERY", _retrain_every, default="auto")
     batch_size: int | None = _env("BATCH_SIZE", _int_in(1), default=None)  # None: RETRAIN_EVERY
     push_top_k: int = _env("PUSH_TOP_K", _int_in(1), default=2000)
     ls_sampling: str = _env("LS_SAMPLING", _choice("uncertainty", "keep"), default="uncertainty")
@@ -148,6 +193,8 @@ class Settings:
     training_method: str = _env("TRAINING_METHOD", _choice("auto", "ft", "lpft"), default="auto")
     finetune_epochs: int | None = _env("FINETUNE_EPOCHS", _int_in(1, 1000), default=None)  # None: scaled
     finetune_batch_size: int | None = _env("FINETUNE_BATCH_SIZE", _int_in(2, 4096), default=None)  # None: scaled
+    # FINETUNE_EPOCHS is raised to reach 150 optimiser steps (alignment/finetune.py MIN_STEPS); true: exactly
+    finetune_exact_epochs: bool = _env("FINETUNE_EXACT_EPOCHS", _bool, default=False)
     # Stopping signal: advice that labelling can stop once predictions on a fixed stop set are stable
     stop_kappa: float = _env("STOP_KAPPA", _float_in(0.0, 1.0), default=0.99)
     stop_rounds: int = _env("STOP_ROUNDS", _int_in(1, 100), default=3)
@@ -183,8 +230,15 @@ class Settings:
             raise ConfigError("LABEL_STUDIO_URL is required when LABEL_STUDIO_API_KEY is set")
 
     @property
+    def retrain_every(self) -> int:
+        """The fewest labels between two rounds: RETRAIN_EVERY, or 1 under `auto`, whose number depends on
+        the project's size; a sync then queues a round at every label and the round job applies the rule."""
+        return self.retrain_cadence if isinstance(self.retrain_cadence, int) else 1
+
+    @property
     def selection_batch(self) -> int:
-        """What set-based strategies pick per round: the batch labelled before the next one."""
+        """What set-based strategies pick per round: the batch labelled before the next one (a round under
+        RETRAIN_EVERY=auto passes its own)."""
         return self.batch_size if self.batch_size is not None else self.retrain_every
 
     @property

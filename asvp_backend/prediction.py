@@ -2,9 +2,13 @@
 
 The label and score come from the current round's ranking (artefacts.py): the proxy's label as a
 pre-annotation and the round's score, lower = label first. The API reads a small NumPy file and never
-imports torch. A task the ranking does not hold gets an empty result with a null score; the outcome says
-which tasks those are, so the caller can decide whether a sync is needed (only for tasks the last sync has
-not seen: known tasks are already on their way through extraction and scoring).
+imports torch. A task the ranking does not hold gets an empty result with a null score under the version
+`<current>-unranked`, never under the current version itself: Label Studio stores what /predict answers, and
+its uncertainty sampling orders the current version's predictions by score with NULL first on SQLite, so an
+unranked task opened once jumped ahead of the backend's top pick (and kept a second, empty prediction of the
+version after the rescore added its real one). The outcome says which tasks those are, so the caller can
+decide whether a sync is needed (only for tasks the last sync has not seen: known tasks are already on their
+way through extraction and scoring).
 """
 
 from __future__ import annotations
@@ -68,8 +72,11 @@ def load_round(model_dir: Path, project_id: int, version: str) -> RoundLookup | 
     return lookup
 
 
+UNRANKED_SUFFIX = "-unranked"
+
+
 def empty_prediction(version: str) -> dict[str, Any]:
-    return {"result": [], "score": None, "model_version": version}
+    return {"result": [], "score": None, "model_version": f"{version}{UNRANKED_SUFFIX}"}
 
 
 def predict_tasks(model_dir: Path, state: ProjectState, task_ids: list[int]) -> PredictOutcome:

@@ -18,6 +18,7 @@ Order of writes, so that a crash at any point leaves a consistent picture and a 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,8 @@ from asvp_backend.jobs.extraction import feature_store
 from asvp_backend.jobs.stop_set import predict_stop_set
 from asvp_backend.labelstudio.label_config import ClassificationSpec
 from asvp_backend.layout import ProjectLayout
+from asvp_backend.learning import accuracy_fields
+from asvp_backend.prediction import UNRANKED_SUFFIX
 from asvp_backend.state import ProjectState, SyncedTask, TaskSnapshot
 from asvp_backend.versioning import ModelVersion
 
@@ -41,9 +44,36 @@ CV_MAX_LABELS = 1000  # the cross-validation subsamples to this many labels: a b
 CV_FOLDS = 3
 
 
+AUTO_SECONDS_PER_LABEL = 3.0  # RETRAIN_EVERY=auto: a quick annotator's time on one image (single choice)
+AUTO_MAX_LABELS = 10  # ... and never fewer rounds than the former default, RETRAIN_EVERY=10
+
+
+def labels_between_rounds(setting: int | str, round_seconds: float | None) -> int:
+    """RETRAIN_EVERY for the next round: a number as it is set; `auto` (the default): after as many labels
+    as the last round, with the sync before it, took periods of AUTO_SECONDS_PER_LABEL (at least 1, at most
+    AUTO_MAX_LABELS; 1 before any round was timed). A round's cost grows with the project's size (its sync
+    re-reads every task, its push and the deletion of an old version are per prediction) and with the proxy
+    (an MLP fits four times per round on a CPU): bench/results/cadence_cpu.md. So a project whose round takes
+    at most ~3 s is re-ranked after every label, and the rounds of an annotator who labels an image per ~3 s
+    or slower never queue behind each other."""
+    if isinstance(setting, int):
+        return setting
+    if round_seconds is None:
+        return 1
+    return min(AUTO_MAX_LABELS, max(1, math.ceil(round_seconds / AUTO_SECONDS_PER_LABEL - 1e-9)))
+
+
+def last_round_seconds(state: ProjectState) -> float | None:
+    """What the last round cost with the sync before it (its recorded timings), or None when untimed."""
+    timings = (state.rounds[-1].get("timings") or {}) if state.rounds else {}
+    if not timings:
+        return None
+    return float(sum(timings.values())) + float((state.last_sync or {}).get("seconds") or 0.0)
+
+
 def round_due(labelled: int, labels_at_last_round: int, rounds_done: int, retrain_every: int, force: bool) -> bool:
     """The one rule for when a round runs: on Start Training, for the first ranking, and then whenever
-    RETRAIN_EVERY labels were added (or removed) since the last round."""
+    `retrain_every` labels (`labels_between_rounds`) were added (or removed) since the last round."""
     return force or rounds_done == 0 or abs(labelled - labels_at_last_round) >= retrain_every
 
 
@@ -91,11 +121,12 @@ def load_inputs(generation: Any, tasks: dict[int, SyncedTask]) -> RoundInputs:
     )
 
 
-def rank_pool(inputs: RoundInputs, settings: Any, round_no: int, device: str) -> RoundRanking:
+def rank_pool(inputs: RoundInputs, settings: Any, round_no: int, device: str, batch: int | None = None) -> RoundRanking:
     """Train the proxy (from two labelled classes on) and let the strategy score every pool task.
 
-    Set-based strategies pick the batch labelled before the next round (BATCH_SIZE), not the whole pushed
-    top: TypiClust then makes one cluster per pick, and the rest is ranked by the proxy's uncertainty."""
+    Set-based strategies pick the batch labelled before the next round (`batch`, default BATCH_SIZE), not
+    the whole pushed top: TypiClust then makes one cluster per pick, and the rest is ranked by the proxy's
+    uncertainty."""
     from asvp_backend.selection import SelectionInput, create_proxy, create_strategy
 
     n = len(inputs.pool_ids)
@@ -113,7 +144,8 @@ def rank_pool(inputs: RoundInputs, settings: Any, round_no: int, device: str) ->
     scores: np.ndarray = np.zeros(0)
     if n:
         pool = SelectionInput(inputs.x_pool, probs, inputs.x_lab, proxy)
-        scores = np.asarray(strategy.rank(pool, min(n, settings.selection_batch)).scores, dtype=np.float64)
+        picks = settings.selection_batch if batch is None else batch
+        scores = np.asarray(strategy.rank(pool, min(n, picks)).scores, dtype=np.float64)
     return RoundRanking(strategy_name, proxy, scores, labels)
 
 
@@ -170,23 +202,27 @@ def run_round(ctx: JobContext) -> dict[str, Any]:
     tasks = TaskSnapshot(settings.model_dir, pid).load()
     labelled_now = sum(1 for t in tasks.values() if t.label is not None)
     force = bool(ctx.params.get("force_round"))
-    if not round_due(labelled_now, state.labels_at_last_round, len(state.rounds), settings.retrain_every, force):
+    every = labels_between_rounds(settings.retrain_cadence, last_round_seconds(state))
+    if not round_due(labelled_now, state.labels_at_last_round, len(state.rounds), every, force):
         # checked again here, under the round's lease: two syncs in a row must not make two rounds
-        return {"status": "skipped", "reason": "no round due (labels unchanged since the last round)"}
+        return _not_due(ctx, state, generation, tasks, abs(labelled_now - state.labels_at_last_round), every)
     inputs = load_inputs(generation, tasks)
     lap("load_features", 1)
 
     device = proxy_device(settings.device)
     version = ModelVersion(generation.info.generation, state.round + 1)
-    ranking = rank_pool(inputs, settings, version.round, device)
+    ranking = rank_pool(inputs, settings, version.round, device,
+                        batch=settings.batch_size if settings.batch_size is not None else every)
     if ranking.proxy is not None:
         ranking.labels, label_source = pre_annotations(layout, state, version.generation, inputs.x_pool,
                                                        ranking.labels)
     else:
         label_source = {"source": None, "reason": "cold start: no label is suggested"}
+    ctx.check_fence()  # the stop set is drawn (written) at the first round
     stop, stop_entry = predict_stop_set(layout, settings.seed, inputs.pool_ids, generation, ranking.proxy,
                                         previous_version=state.version)
     lap("train_and_rank", 2)
+    ctx.check_fence()  # a job whose lease was lost writes nothing more (jobs/fencing.py)
     write_round(layout, version, RankingArtefact(inputs.pool_ids, ranking.scores, ranking.labels), ranking.proxy,
                 stop=stop)
     lap("save", 3)
@@ -225,9 +261,11 @@ def run_round(ctx: JobContext) -> dict[str, Any]:
 
     runtime.store.update(pid, commit)  # step 4: right after the switch
     record["deleted_versions"] = _delete_old_versions(client, pid, previous=state.version, current=version)
+    ctx.check_fence()
     prune_rounds(layout, keep={str(version), str(state.version)})
     lap("cleanup", 5)
     record["cv_accuracy"] = _cross_validate(ranking, inputs, settings, device)
+    record.update(accuracy_fields(record["cv_accuracy"], min(len(inputs.y_lab), CV_MAX_LABELS)))  # n, interval
     lap("cross_validate", 6)
     alignment = after_round(ctx, inputs, version.generation, str(version))
     record["alignment"] = {k: alignment.get(k) for k in ("decision", "reason", "logme", "logme_ped", "gain", "job")}
@@ -236,6 +274,21 @@ def run_round(ctx: JobContext) -> dict[str, Any]:
     log.info("project %s: round %s (%s) ranked %s tasks, pushed %s", pid, version, ranking.strategy,
              len(inputs.pool_ids), len(pushed))
     return record
+
+
+def _not_due(ctx: JobContext, state: ProjectState, generation: Any, tasks: dict[int, SyncedTask], changed: int,
+             every: int) -> dict[str, Any]:
+    """A round job that finds no round due. Under RETRAIN_EVERY=auto a sync queues a round at every label
+    (Settings.retrain_every is 1) and the round applies the project's cadence here; the sync then queued
+    no rescore, so tasks added since the round are scored by a rescore job, as the sync would have."""
+    result: dict[str, Any] = {"status": "skipped", "labels_since_round": changed, "retrain_every": every,
+                              "reason": "no round due (labels unchanged since the last round)" if not changed else
+                              f"no round due ({changed} of {every} labels since the last round)"}
+    settings = ctx.runtime.settings
+    if every > settings.retrain_every and unranked_pool(ctx.runtime.layout(ctx.project_id), state, generation, tasks):
+        result["next"] = "rescore"
+        ctx.runtime.queue.submit("rescore", ctx.project_id, reason="new tasks without a score")
+    return result
 
 
 def _cross_validate(ranking: RoundRanking, inputs: RoundInputs, settings: Any, device: str) -> float | None:
@@ -270,14 +323,18 @@ def _amend_round(runtime: Any, pid: int, version: ModelVersion, record: dict[str
 
 
 def _delete_old_versions(client: Any, pid: int, previous: ModelVersion, current: ModelVersion) -> list[str]:
-    """Keep the current and the previous version's predictions; delete our older ones."""
+    """Keep the current and the previous version's predictions; delete our older ones and every placeholder
+    for unranked tasks up to this round."""
     deleted = []
     for text in client.model_versions(pid):
-        try:
-            version = ModelVersion.parse(text)
+        try:  # "<version>-unranked": /predict's placeholders for tasks a round had not ranked (prediction.py)
+            version = ModelVersion.parse(text.removesuffix(UNRANKED_SUFFIX))
         except ValueError:
             continue  # not ours: leave it alone
-        if version < previous and version != current:
+        if text.endswith(UNRANKED_SUFFIX) and version <= current:
+            client.delete_model_version(pid, text)  # this round ranked every unlabelled task
+            deleted.append(text)
+        elif version < previous and version != current:
             client.delete_model_version(pid, text)
             deleted.append(text)
     return deleted
@@ -332,6 +389,7 @@ def rescore_new_tasks(ctx: JobContext) -> dict[str, Any]:
     no_labels = np.zeros((0, pool.shape[1]), dtype=np.float32)
     scores = np.asarray(strategy.rank(SelectionInput(pool, probs, no_labels, proxy), 0).scores)
     ctx.check_deadline()
+    ctx.check_fence()
     extend_ranking(layout, state.version, RankingArtefact(ids, scores.astype(np.float32), labels))
     predictions = predictions_for(state.spec, state.version, ids, scores, labels)
     runtime.label_studio(pid).import_predictions(pid, predictions)

@@ -16,14 +16,17 @@ from typing import Any
 
 from asvp_backend.alignment.policy import AlignmentPolicy
 from asvp_backend.artefacts import round_versions_on_disk
+from asvp_backend.config import ConfigError
 from asvp_backend.jobs.alignment import run_finetune
 from asvp_backend.jobs.context import JobContext
 from asvp_backend.jobs.extraction import extract_project, feature_store
 from asvp_backend.jobs.registry import register_job
 from asvp_backend.jobs.rounds import rescore_new_tasks, round_due, run_round, unranked_pool
+from asvp_backend.labelstudio import credentials
 from asvp_backend.labelstudio.images import image_value_problem
 from asvp_backend.labelstudio.label_config import ClassificationSpec, LabelConfigError, parse_label_config
-from asvp_backend.state import ProjectState, StateCorrupt, SyncedTask, TaskSnapshot
+from asvp_backend.learning import reviewed_pre_annotations
+from asvp_backend.state import ProjectState, StateCorrupt, SyncedTask, TaskSnapshot, config_change
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +70,19 @@ def sync_tasks(ctx: JobContext) -> tuple[dict[str, Any], dict[int, SyncedTask], 
 
     total = int(project.get("task_number") or 0)
     tasks: dict[int, SyncedTask] = {}
+    reviews: list[tuple[int, str, bool]] = []  # served pre-annotations accepted or corrected (learning.py)
     for task in client.iter_tasks(pid):
         tasks[int(task["id"])] = synced_task(task, spec)
+        reviews += reviewed_pre_annotations(task, spec)
         ctx.progress(len(tasks), max(total, len(tasks)), stage="reading tasks")
+    _clear_connection_problem(ctx)
     snapshot = TaskSnapshot(runtime.settings.model_dir, pid)
     try:
         previous = snapshot.load()
     except StateCorrupt as exc:  # rebuilt right below from what Label Studio just said
         log.warning("project %s: %s; rebuilding it", pid, exc)
         previous = {}
+    ctx.check_fence()  # a job whose lease was lost writes nothing more (jobs/fencing.py)
     snapshot.save(tasks)
 
     labelled = sum(1 for t in tasks.values() if t.label is not None)
@@ -95,6 +102,9 @@ def sync_tasks(ctx: JobContext) -> tuple[dict[str, Any], dict[int, SyncedTask], 
         if current is None:
             return None
         current.last_sync = summary
+        current.title = str(project["title"])[:200] if project.get("title") else current.title
+        current.record_config_change(config_change(current.spec, spec))
+        current.acceptance.record(reviews)
         current.label_config, current.spec = label_config, spec
         current.record_job(ctx.job_id)
         return current
@@ -103,6 +113,19 @@ def sync_tasks(ctx: JobContext) -> tuple[dict[str, Any], dict[int, SyncedTask], 
     ctx.progress(len(tasks), len(tasks), stage="done", force=True)
     log.info("project %s synced: %s tasks, %s labelled", pid, len(tasks), labelled)
     return summary, tasks, new_state
+
+
+def _clear_connection_problem(ctx: JobContext) -> None:
+    """This sync read every task: a failed /setup check (a timeout on a busy machine) no longer applies,
+    so `problems` stops showing it without waiting for Label Studio's next /setup."""
+    layout = ctx.runtime.layout(ctx.project_id)
+    if credentials.problem(layout) is None:
+        return
+    try:
+        conn = ctx.runtime.label_studio_connection(ctx.project_id)
+    except ConfigError:
+        return
+    credentials.record_check(layout, {"ok": True, "at": time.time(), **conn.describe(), "problem": None})
 
 
 def _rebuild_state(ctx: JobContext, project: dict[str, Any]) -> ProjectState:

@@ -2,8 +2,8 @@
 
 /health must answer within Label Studio's 1 s at all times, so nothing slow runs on the event loop: bodies
 are read there but parsed (when large) and handled in the thread pool, and the middleware refuses what it
-can (credentials, webhook secret, body size) before a byte of the body is read. The API never trains:
-webhooks become deduplicated jobs.
+can (Host, cross-site requests, credentials, webhook secret, body size, Content-Type; guards.py) before a byte
+of the body is read. The API never trains: webhooks become deduplicated jobs.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from asvp_backend.labelstudio.label_config import LabelConfigError, parse_label_
 from asvp_backend.logs import install_secret_filter, secrets_of
 from asvp_backend.prediction import predict_tasks
 from asvp_backend.runtime import Runtime
+from asvp_backend.server.guards import RequestGuard
 from asvp_backend.server.metrics import Metrics
 from asvp_backend.server.schemas import (
     BadRequest,
@@ -63,7 +64,7 @@ from asvp_backend.server.schemas import (
 from asvp_backend.server.setup_check import SetupCheck
 from asvp_backend.server.ui import ui_router
 from asvp_backend.server.webhooks import EVENT_TRIGGERS, IGNORED_EVENTS, joined_message
-from asvp_backend.state import ProjectState, StateCorrupt
+from asvp_backend.state import ProjectState, StateCorrupt, config_change
 from asvp_backend.stopping import StopRule
 from asvp_backend.versioning import ModelVersion
 
@@ -83,6 +84,8 @@ INLINE_JSON_BYTES = 256 * KiB  # bodies above this are parsed in a worker thread
 MAX_PREDICT_TASKS = 10_000
 WEBHOOK_SECRET_HEADER = "x-webhook-secret"
 WARM_UP_TIMEOUT_S = 2.0  # a hung Redis must not hold the server's start for the clients' read timeout
+# /projects/N/align reads no body, but like every route that changes something it takes JSON only (guards.py)
+ALIGN_REQUEST = {"requestBody": {"required": False, "content": {"application/json": {"schema": {"type": "object"}}}}}
 
 
 class BodyTooLarge(Exception):
@@ -90,7 +93,8 @@ class BodyTooLarge(Exception):
 
 
 class LimitsAndAuth:
-    """ASGI middleware: check basic auth and the webhook secret, cap the body size per route, and time every
+    """ASGI middleware: refuse forged requests (a Host not allowed, a cross-site browser request, a body that is
+    not JSON: guards.py), check basic auth and the webhook secret, cap the body size per route, and time every
     request for /metrics. Everything it refuses is refused before the body is read."""
 
     def __init__(self, app: Any, runtime: Runtime, metrics: Metrics) -> None:
@@ -103,6 +107,7 @@ class LimitsAndAuth:
         self.expected = f"{user}:{password}".encode() if user and password else None
         self.webhook_secret = settings.webhook_secret.encode() if settings.webhook_secret else None
         self.metrics = metrics
+        self.guard = RequestGuard(settings.allowed_hosts)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -121,6 +126,12 @@ class LimitsAndAuth:
 
         try:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            method = scope.get("method", "GET")
+            # Host and cross-site first: a forged form never gets a 401 that would make the browser ask for a login
+            refusal = self.guard.check_host(path, headers) or self.guard.check_cross_site(method, headers)
+            if refusal is not None:
+                await _send_json(send_wrapper, refusal.status, {"detail": refusal.detail})
+                return
             if self.expected is not None and path not in OPEN_ROUTES and not self._authorised(headers):
                 await _send_json(
                     send_wrapper,
@@ -136,6 +147,10 @@ class LimitsAndAuth:
             declared = _declared_length(headers)
             if declared is not None and declared > limit:
                 await _send_json(send_wrapper, 413, {"detail": f"request body over {limit} bytes"})
+                return
+            refusal = self.guard.check_content_type(method, path, headers)
+            if refusal is not None:
+                await _send_json(send_wrapper, refusal.status, {"detail": refusal.detail})
                 return
             await self.app(scope, _capped(receive, limit), send_wrapper)
         except BodyTooLarge:
@@ -389,6 +404,7 @@ def create_app(runtime: Runtime) -> FastAPI:
                 why_sync.append("connected, not synced yet")
             elif current.label_config != body.label_config:
                 why_sync.append("label config changed")
+            current.record_config_change(config_change(current.spec, spec, source="setup"))
             # never reset the counters a round has advanced (the label-studio-ml template bug)
             current.label_config, current.spec = body.label_config, spec
             return current
@@ -569,7 +585,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         data["stopping"] = StopRule.from_settings(runtime.settings).evaluate(state.rounds).to_dict()
         return JSONResponse(data)
 
-    @app.post("/projects/{project}/align")
+    @app.post("/projects/{project}/align", openapi_extra=ALIGN_REQUEST)
     def project_align(project: str) -> JSONResponse:
         """Force a feature update now (what `asvp-backend align` does with workers on Redis)."""
         project_id = parse_project_id(project)

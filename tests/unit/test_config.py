@@ -39,11 +39,23 @@ def test_reads_label_studio_names():
         ({"BASIC_AUTH_USER": "u"}, "set together"),
         ({"EPSILON": "2"}, "EPSILON must be between"),
         ({"ALLOW_PRIVATE_IMAGE_HOSTS": "maybe"}, "true or false"),
+        ({"RETRAIN_EVERY": "0"}, "RETRAIN_EVERY must be auto or an integer >= 1"),
+        ({"RETRAIN_EVERY": "often"}, "RETRAIN_EVERY must be auto or an integer >= 1"),
     ],
 )
 def test_bad_values_are_refused_with_the_variable_name(env, message):
     with pytest.raises(ConfigError, match=message):
         Settings.from_env(env)
+
+
+def test_retrain_every_defaults_to_auto_and_keeps_an_explicit_number():
+    default = Settings.from_env({})
+    assert default.retrain_cadence == "auto"
+    assert default.retrain_every == 1  # what a sync checks: the round job applies the project's cadence
+    assert Settings.from_env({"RETRAIN_EVERY": " Auto "}).retrain_cadence == "auto"
+    explicit = Settings.from_env({"RETRAIN_EVERY": "10"})
+    assert explicit.retrain_cadence == explicit.retrain_every == explicit.selection_batch == 10
+    assert Settings.from_env({}).redacted()["RETRAIN_EVERY"] == "auto"
 
 
 def test_redacted_hides_every_secret():

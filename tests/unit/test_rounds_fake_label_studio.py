@@ -118,6 +118,25 @@ def test_a_round_that_fails_after_any_step_converges_when_run_again(stack, step)
     assert read_ranking(ProjectLayout(stack.runtime.settings.model_dir, PID), version) is not None
 
 
+def test_placeholders_for_unranked_tasks_stay_out_of_the_queues_version_and_the_next_round_removes_them(stack):
+    """Label Studio stores /predict's answer for a task no round ranked yet; under the current version its
+    null score sorted first in uncertainty sampling, ahead of the backend's top pick."""
+    from asvp_backend.prediction import predict_tasks
+
+    stack.label(range(1, 9))
+    sync(stack.ctx("sync"))
+    run_round(stack.ctx("round"))
+    placeholder = predict_tasks(stack.runtime.settings.model_dir, stack.state(), [999]).results[0]
+    assert placeholder == {"result": [], "score": None, "model_version": "asvp-g0-r1-unranked"}
+    stack.fake.predictions.append({"task": 999, **placeholder})  # what Label Studio keeps of it
+    stack.label(range(9, 17))
+    sync(stack.ctx("sync"))
+    record = run_round(stack.ctx("round"))
+    assert record["version"] == "asvp-g0-r2"
+    assert "asvp-g0-r1-unranked" in record["deleted_versions"]
+    assert stack.fake.versions_with_predictions() == {"asvp-g0-r1", "asvp-g0-r2"}
+
+
 def test_two_syncs_on_identical_labels_make_one_round(stack):
     stack.label(range(1, 9))
     sync(stack.ctx("sync"))
@@ -217,3 +236,67 @@ def test_a_round_is_due_when_extraction_catches_up_with_labels_it_could_not_use(
     assert not _labels_caught_up(stack.state(), tasks, stack.store.current(), retrain_every=4)
     stack.add_features(range(1, 9))  # the extraction caught up: 8 more usable labels, no label changed
     assert _labels_caught_up(stack.state(), tasks, stack.store.current(), retrain_every=4)
+
+
+def test_auto_cadence_makes_a_round_after_every_label_while_rounds_are_quick(tmp_path, monkeypatch):
+    from asvp_backend.jobs import rounds
+
+    stack = Stack(tmp_path, RETRAIN_EVERY="auto")
+    stack.label(range(1, 9))
+    sync(stack.ctx("sync"))
+    run_round(stack.ctx("round"))
+    measured = rounds.last_round_seconds(stack.state())  # the round's own timings and the sync's
+    assert measured is not None and measured > 0
+    # a shared test machine may be slow: take the rounds as quick as on an idle one (bench/results/cadence_cpu.md)
+    monkeypatch.setattr(rounds, "last_round_seconds", lambda state: rounds.AUTO_SECONDS_PER_LABEL)
+    for round_no, tid in enumerate((9, 10, 11), start=2):
+        stack.label([tid])
+        assert sync(stack.ctx("sync"))["next"] == "round"
+        record = run_round(stack.ctx("round"))
+        assert record["version"] == f"asvp-g0-r{round_no}" and record["labelled"] == tid
+
+
+def test_auto_cadence_spaces_slow_rounds_and_still_scores_new_tasks(tmp_path, monkeypatch):
+    from asvp_backend.jobs import rounds
+
+    monkeypatch.setattr(rounds, "last_round_seconds", lambda state: 4.5 * rounds.AUTO_SECONDS_PER_LABEL)
+    stack = Stack(tmp_path, RETRAIN_EVERY="auto")  # rounds (as if) of 13.5 s: one every 5 labels
+    stack.label(range(1, 9))
+    sync(stack.ctx("sync"))
+    run_round(stack.ctx("round"))
+    stack.fake.tasks[41] = stack.task(41)
+    stack.add_features([41])
+    stack.label([9])
+    assert sync(stack.ctx("sync"))["next"] == "round"  # under auto a sync queues a round at every label
+    skipped = run_round(stack.ctx("round"))
+    assert skipped["status"] == "skipped" and skipped["retrain_every"] == 5 and skipped["labels_since_round"] == 1
+    assert skipped["next"] == "rescore" and "rescore" in stack.queued()  # what the sync would have queued
+    assert rescore_new_tasks(stack.ctx("rescore"))["tasks"] == 1 and stack.state().round == 1
+    stack.label(range(10, 13))
+    sync(stack.ctx("sync"))
+    assert run_round(stack.ctx("round"))["status"] == "skipped"  # 4 of 5 labels
+    stack.label([13])
+    sync(stack.ctx("sync"))
+    assert run_round(stack.ctx("round"))["version"] == "asvp-g0-r2"
+
+
+def test_an_explicit_retrain_every_skips_rounds_as_before(stack):
+    stack.label(range(1, 9))
+    sync(stack.ctx("sync"))
+    run_round(stack.ctx("round"))
+    stack.label([9])
+    assert sync(stack.ctx("sync"))["next"] == "none"  # RETRAIN_EVERY=4: one label queues nothing
+    skipped = run_round(stack.ctx("round"))
+    assert skipped["status"] == "skipped" and "next" not in skipped and stack.queued() == ["round"]
+
+
+def test_a_sync_that_read_every_task_clears_a_failed_setup_check(stack):
+    """/setup's one-second check can time out on a busy machine; the problem then stayed on the status page
+    after syncs had read the project fine, until Label Studio happened to call /setup again."""
+    from asvp_backend.labelstudio import credentials
+
+    layout = ProjectLayout(stack.runtime.settings.model_dir, PID)
+    credentials.record_check(layout, {"ok": False, "at": 1.0, "problem": "did not answer within 1.0 s"})
+    assert credentials.problem(layout) is not None
+    sync(stack.ctx("sync"))
+    assert credentials.problem(layout) is None
