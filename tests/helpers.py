@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import requests
@@ -148,3 +150,18 @@ class TcpProxy:
                 sock.close()
             with self._lock:
                 self._sockets.difference_update((source, sink))
+
+
+def write_checkpoint(directory: Path, model: dict) -> None:
+    """A real safetensors file (a tiny head) and a model.json as save_checkpoint writes them."""
+    from safetensors.numpy import save_file
+
+    from asvp_backend.alignment.integrity import CHECKPOINT_META, CHECKPOINT_WEIGHTS, weights_record
+
+    directory.mkdir(parents=True)
+    weights = directory / CHECKPOINT_WEIGHTS
+    save_file({"head.weight": np.ones((2, 4), dtype=np.float32), "head.bias": np.zeros(2, dtype=np.float32)},
+              str(weights))
+    meta = {"format": "asvp-model", "format_version": 1, "backbone": "tiny", "classes": ["cat", "dog"],
+            "preprocessing": {}, **model, "weights": weights_record(weights)}
+    (directory / CHECKPOINT_META).write_text(json.dumps(meta))

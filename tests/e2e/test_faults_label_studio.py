@@ -82,15 +82,16 @@ def project_pattern(pid: int) -> re.Pattern[bytes]:
     return re.compile(rb"^\S+ /api/(projects/%d[/? ]|[^ ]*[?&]project=%d[& ])" % (pid, pid))
 
 
-@pytest.fixture(scope="module")
-def stack(label_studio, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("e2e-faults")
+@contextlib.contextmanager
+def private_stack(label_studio, tmp: Path, workers: int = 1, **settings: str):
+    """A private Redis (append-only), a TCP proxy in front of Label Studio (every call of the backend to it
+    goes through the proxy), the API and `workers` rq workers, all stopped at the end."""
     (tmp / "redis").mkdir()
     redis_server = PrivateRedis(tmp / "redis")
     proxy = TcpProxy(int(label_studio["url"].rsplit(":", 1)[1]))
     port = free_port()
-    # every call of the backend to Label Studio goes through the proxy
-    env = stack_env(label_studio, redis_server.url, tmp, LABEL_STUDIO_URL=proxy.url, RETRAIN_EVERY="1", ALIGN="off")
+    env = stack_env(label_studio, redis_server.url, tmp, LABEL_STUDIO_URL=proxy.url, RETRAIN_EVERY="1", ALIGN="off",
+                    **settings)
     state = {
         "ls": LabelStudioAPI(label_studio["url"], label_studio["token"]),
         "backend": f"http://127.0.0.1:{port}",
@@ -102,7 +103,7 @@ def stack(label_studio, tmp_path_factory):
         "label_studio": label_studio,
     }
     state["backend_proc"] = start_backend(tmp, port, **env)
-    state["workers"] = [start_worker(tmp, "worker", **env)]
+    state["workers"] = [start_worker(tmp, f"worker{i}" if i else "worker", **env) for i in range(workers)]
     try:
         yield state
     finally:
@@ -111,6 +112,12 @@ def stack(label_studio, tmp_path_factory):
         state["backend_proc"].stop()
         proxy.stop()
         redis_server.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(label_studio, tmp_path_factory):
+    with private_stack(label_studio, tmp_path_factory.mktemp("e2e-faults")) as state:
+        yield state
 
 
 def label_of(index: int) -> str:

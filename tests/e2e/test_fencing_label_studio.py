@@ -18,9 +18,8 @@ from collections import Counter
 import pytest
 
 from asvp_backend.jobs.leases import lease_holder
-from tests.conftest import stack_env, start_backend, start_worker
-from tests.e2e.test_faults_label_studio import PrivateRedis, converged, jobs_of, label_some, new_project
-from tests.helpers import LabelStudioAPI, TcpProxy, free_port, wait_for
+from tests.e2e.test_faults_label_studio import converged, jobs_of, label_some, new_project, private_stack
+from tests.helpers import TcpProxy, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -29,30 +28,9 @@ LEASE_SECONDS = 4
 
 @pytest.fixture(scope="module")
 def stack(label_studio, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("e2e-fencing")
-    (tmp / "redis").mkdir()
-    redis_server = PrivateRedis(tmp / "redis")
-    proxy = TcpProxy(int(label_studio["url"].rsplit(":", 1)[1]))
-    port = free_port()
-    env = stack_env(label_studio, redis_server.url, tmp, LABEL_STUDIO_URL=proxy.url, RETRAIN_EVERY="1",
-                    ALIGN="off", LEASE_SECONDS=str(LEASE_SECONDS))
-    state = {
-        "ls": LabelStudioAPI(label_studio["url"], label_studio["token"]),
-        "backend": f"http://127.0.0.1:{port}",
-        "env": env,
-        "proxy": proxy,
-        "redis": redis_server,
-    }
-    state["backend_proc"] = start_backend(tmp, port, **env)
-    state["workers"] = [start_worker(tmp, f"worker{i}", **env) for i in range(2)]
-    try:
+    with private_stack(label_studio, tmp_path_factory.mktemp("e2e-fencing"), workers=2,
+                       LEASE_SECONDS=str(LEASE_SECONDS)) as state:
         yield state
-    finally:
-        for worker in state["workers"]:
-            worker.stop()
-        state["backend_proc"].stop()
-        proxy.stop()
-        redis_server.stop()
 
 
 def work_horses(stack) -> list[int]:

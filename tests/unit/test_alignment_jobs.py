@@ -23,6 +23,7 @@ from asvp_backend.jobs.rounds import run_round
 from asvp_backend.jobs.tasks import follow_up, sync
 from asvp_backend.layout import ProjectLayout
 from asvp_backend.state import AlignmentState, ProjectState, TaskSnapshot
+from tests.helpers import write_checkpoint
 from tests.unit.test_rounds_fake_label_studio import DIM, PID, Stack, _vector
 
 FIRES = {"ALIGN_THRESHOLD": "1000", "ALIGN_MIN_LABELS": "4", "ALIGN_MIN_NEW_LABELS": "0"}
@@ -148,6 +149,7 @@ def test_a_refreshed_generation_serves_and_the_next_round_ranks_on_it(tmp_path):
         return current
 
     stack.runtime.store.update(PID, fine_tuned)
+    write_checkpoint(ProjectLayout(stack.runtime.settings.model_dir, PID).checkpoint_dir("m1"), {"id": "m1"})
     g1 = stack.store.create_generation(GenerationInfo(1, "fake", "tuned", {}, DIM))
     g1.append(list(range(1, 41)), np.stack([_vector(t) * 2 for t in range(1, 41)]))
     stack.store.activate(1)

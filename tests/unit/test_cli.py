@@ -6,8 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.helpers import png_bytes
-from tests.unit.test_export_safety import write_checkpoint
+from tests.helpers import png_bytes, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -9,33 +9,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from asvp_backend.alignment.integrity import CHECKPOINT_META, CHECKPOINT_WEIGHTS, weights_record
+from asvp_backend.alignment.integrity import CHECKPOINT_META, CHECKPOINT_WEIGHTS
 from asvp_backend.alignment.summary import model_summary
 from asvp_backend.config import Settings
 from asvp_backend.health import project_problems
 from asvp_backend.labelstudio.label_config import parse_label_config
 from asvp_backend.layout import ProjectLayout
 from asvp_backend.state import FileStateStore, ProjectState
-from tests.helpers import IMAGE_CONFIG
+from tests.helpers import IMAGE_CONFIG, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = 3
-
-
-def write_checkpoint(directory: Path, model: dict) -> None:
-    """A real safetensors file (a tiny head) and a model.json as save_checkpoint writes them."""
-    from safetensors.numpy import save_file
-
-    directory.mkdir(parents=True)
-    weights = directory / CHECKPOINT_WEIGHTS
-    save_file({"head.weight": np.ones((2, 4), dtype=np.float32), "head.bias": np.zeros(2, dtype=np.float32)},
-              str(weights))
-    meta = {"format": "asvp-model", "format_version": 1, "backbone": "tiny", "classes": ["cat", "dog"],
-            "preprocessing": {}, **model, "weights": weights_record(weights)}
-    (directory / CHECKPOINT_META).write_text(json.dumps(meta))
 
 
 @pytest.fixture
