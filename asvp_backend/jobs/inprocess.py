@@ -21,7 +21,7 @@ from typing import Any
 
 from asvp_backend.fsutil import atomic_write_bytes
 from asvp_backend.jobs.context import Reporter
-from asvp_backend.jobs.queue import JobInfo, JobQueue, Submitted, new_job_id
+from asvp_backend.jobs.queue import JobInfo, JobQueue, Submitted, marked_job_waits, new_job_id
 from asvp_backend.jobs.registry import QUEUES, job_kind
 from asvp_backend.jobs.status import JobStatus
 
@@ -129,7 +129,9 @@ class InProcessJobQueue(JobQueue):
     def _waiting_locked(self, kind: str, project_id: int) -> str | None:
         job_id = self._pending.get((kind, project_id))
         record = self._records.get(job_id) if job_id else None
-        return job_id if record is not None and record.info.status.waiting else None
+        if record is None or not marked_job_waits(record.info.status, record.info.started_at, time.time()):
+            return None
+        return job_id
 
     def clear_pending(self, kind: str, project_id: int, job_id: str) -> None:
         with self._lock:

@@ -4,7 +4,8 @@ The rule, per (project, job kind): at most one job running and at most one waiti
 webhooks makes one waiting job; an event that arrives while a job runs makes exactly one follow-up, so the
 last label is never missed. A pending marker names the waiting job; the job clears it only once it holds
 the kind's lease (jobs/leases.py), i.e. once it really runs. A job that finds the lease taken is
-re-queued with a delay (`defer`) and keeps the marker, so it stays the one waiting job.
+re-queued with a delay (`defer`) and keeps the marker, so it stays the one waiting job. So the marked job
+is still the waiting one after a worker starts it, until it holds the lease (`marked_job_waits`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,17 @@ from typing import Any
 from asvp_backend.jobs.status import JobStatus
 
 SILENT_JOB_S = 600.0  # a running job that reported nothing for this long is not joined (Start Training)
+START_GRACE = 10.0  # seconds a started job may take to reach its lease (milliseconds, unless its worker died)
 DEFER_DELAYS = (1, 2, 4, 8, 15)  # seconds; capped so a dead lease holder (30 s TTL) is followed within a minute
+
+
+def marked_job_waits(status: JobStatus, started_at: float | None, now: float) -> bool:
+    """Whether the job a pending marker names is still the waiting one: queued, deferred or scheduled, or
+    started without its lease yet (it has read nothing; it takes the lease or defers within START_GRACE).
+    A new event joins it; otherwise the submitter takes the marker over and queues a fresh job."""
+    if status is JobStatus.STARTED:
+        return started_at is not None and now - started_at < START_GRACE
+    return status.waiting
 
 
 def defer_delay(attempt: int) -> float:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import timedelta
+from datetime import UTC, timedelta
 from typing import Any
 
 from asvp_backend.jobs.leases import lease_holder
-from asvp_backend.jobs.queue import JobInfo, JobQueue, Submitted, new_job_id
+from asvp_backend.jobs.queue import START_GRACE, JobInfo, JobQueue, Submitted, marked_job_waits, new_job_id
 from asvp_backend.jobs.registry import JOB_KINDS, QUEUES, job_kind
 from asvp_backend.jobs.status import JobStatus, parse_status
 
@@ -24,7 +24,6 @@ JOB_FUNCTION = "asvp_backend.jobs.runner.run_job"  # receives the worker's runti
 ALL_JOBS_KEY = "asvp:jobs:all"
 COUNTERS_KEY = "asvp:counters"
 MAX_RETRIES_AFTER_DEATH = 3
-START_GRACE = 10.0  # seconds a started job may take to reach its lease
 
 _CLEAR_IF_MINE = """
 local v = redis.call('get', KEYS[1])
@@ -52,6 +51,20 @@ def jobs_key(project_id: int) -> str:
     return f"asvp:jobs:{int(project_id)}"
 
 
+def _job_key(marker: bytes | str) -> str:
+    """rq's hash of the job a pending marker (`<job id>|<stamp>`) names."""
+    from rq.job import Job
+
+    return Job.key_for(_text(marker).partition("|")[0])
+
+
+def _utc_timestamp(rq_time: bytes | str) -> float:
+    """Seconds since the epoch of a time as rq writes it in a job's hash (UTC, no zone in the text)."""
+    from rq.utils import utcparse
+
+    return utcparse(_text(rq_time)).replace(tzinfo=UTC).timestamp()
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -72,8 +85,6 @@ class RqJobQueue(JobQueue):
 
     # ------------------------------------------------------------------ submitting
     def submit(self, kind: str, project_id: int, reason: str = "", **params: Any) -> Submitted:
-        from rq.job import Job
-
         job_kind(kind)  # unknown kinds fail here, not in a worker
         key = pending_key(kind, project_id)
         job_id = new_job_id(kind, project_id)
@@ -82,12 +93,12 @@ class RqJobQueue(JobQueue):
             seen = self.redis.get(key)
             if seen is None:
                 continue  # cleared meanwhile: SET NX again
-            waiting = self._waiting(seen, self.redis.hget(Job.key_for(_text(seen).partition("|")[0]), "status"))
+            waiting = self._waiting(seen, *self.redis.hmget(_job_key(seen), "status", "started_at"))
             if waiting is not None:
                 self.count("deduplicated", kind)
                 return Submitted(waiting, deduplicated=True)
-            # the marked job started (or outlived its worker): take the marker over, but only if no other
-            # submitter took it first; two that both saw a started job would otherwise queue two waiting jobs
+            # the marked job outlived its worker: take the marker over, but only if no other submitter took
+            # it first; two that both saw it would otherwise queue two waiting jobs
             if self.redis.eval(_REPLACE_IF_SAME, 1, key, seen, marker, self.PENDING_TTL):
                 break
         self._enqueue(kind, project_id, job_id, reason, params, delay=0.0)
@@ -136,15 +147,12 @@ class RqJobQueue(JobQueue):
 
     # ------------------------------------------------------------------ the waiting rule
     async def waiting_job(self, kind: str, project_id: int) -> str | None:
-        from rq.job import Job
-
         if self._async_redis is None:  # no asyncio client given: same check, in a thread
             return await asyncio.to_thread(self._waiting_sync, kind, project_id)
         marker = await self._async_redis.get(pending_key(kind, project_id))
         if marker is None:
             return None
-        status = await self._async_redis.hget(Job.key_for(_text(marker).partition("|")[0]), "status")
-        return self._waiting(marker, status)
+        return self._waiting(marker, *await self._async_redis.hmget(_job_key(marker), "status", "started_at"))
 
     async def warm_up(self) -> None:
         await asyncio.to_thread(self.redis.ping)
@@ -152,20 +160,19 @@ class RqJobQueue(JobQueue):
             await asyncio.gather(*(self._async_redis.ping() for _ in range(8)))
 
     def _waiting_sync(self, kind: str, project_id: int) -> str | None:
-        from rq.job import Job
-
         marker = self.redis.get(pending_key(kind, project_id))
         if marker is None:
             return None
-        return self._waiting(marker, self.redis.hget(Job.key_for(_text(marker).partition("|")[0]), "status"))
+        return self._waiting(marker, *self.redis.hmget(_job_key(marker), "status", "started_at"))
 
-    def _waiting(self, marker: bytes | str, status: bytes | str | None) -> str | None:
-        """The one rule: the marked job waits while rq says so, or while it is still being enqueued by
-        another thread (no job hash yet, and the marker is younger than ENQUEUE_GRACE)."""
+    def _waiting(self, marker: bytes | str, status: bytes | str | None, started_at: bytes | str | None) -> str | None:
+        """The marked job, if it still waits (`marked_job_waits`), or while another thread is still enqueueing
+        it (no job hash yet, and the marker is younger than ENQUEUE_GRACE)."""
         job_id, _, stamp = _text(marker).partition("|")
         if status is None:
             return job_id if time.time() - float(stamp or 0) < self.ENQUEUE_GRACE else None
-        return job_id if parse_status(status).waiting else None
+        started = _utc_timestamp(started_at) if started_at else None
+        return job_id if marked_job_waits(parse_status(status), started, time.time()) else None
 
     # ------------------------------------------------------------------ reporting
     def count(self, event: str, kind: str) -> None:

@@ -24,15 +24,27 @@ def test_a_burst_of_submissions_queues_one_job(clean_redis):
     assert [(j.kind, j.status, j.reason) for j in jobs] == [("sync", "queued", "burst")]
 
 
-def test_submitters_that_all_see_a_started_job_queue_one_waiting_job(clean_redis):
-    """The CI flood found three unfinished syncs: every submitter that saw the marked job already started
-    took the marker over and queued its own. Now only the first takeover wins; the rest join it."""
+def _mark_started(redis, job_id: str, seconds_ago: float) -> None:
+    """As rq marks a job when a worker starts it."""
+    from datetime import UTC, datetime, timedelta
+
+    from rq.job import Job
+    from rq.utils import utcformat
+
+    started = datetime.now(UTC).replace(tzinfo=None) - timedelta(seconds=seconds_ago)
+    redis.hset(Job.key_for(job_id), mapping={"status": "started", "started_at": utcformat(started)})
+
+
+def test_submitters_that_all_see_an_abandoned_job_queue_one_waiting_job(clean_redis):
+    """The CI flood found three unfinished syncs: every submitter that saw the marked job started long ago
+    (its worker died before it took its lease) took the marker over and queued its own. Now only the first
+    takeover wins; the rest join it."""
     from rq.job import Job
 
     queue = RqJobQueue(clean_redis)
-    for attempt in range(5):  # a race: several rounds, each with a freshly started job
+    for attempt in range(5):  # a race: several rounds, each with a freshly abandoned job
         running = queue.submit("sync", 7, reason=f"running {attempt}")
-        clean_redis.hset(Job.key_for(running.job_id), "status", "started")  # as rq marks it when it starts
+        _mark_started(clean_redis, running.job_id, seconds_ago=60)
         barrier = threading.Barrier(16)
         results: list = []
 
@@ -50,6 +62,21 @@ def test_submitters_that_all_see_a_started_job_queue_one_waiting_job(clean_redis
         assert {s.job_id for s in results} == {fresh[0].job_id}
         clean_redis.hset(Job.key_for(fresh[0].job_id), "status", "finished")  # the next round starts clean
         clean_redis.delete(pending_key("sync", 7))
+
+
+def test_a_job_that_started_but_holds_no_lease_yet_is_still_the_waiting_one(clean_redis):
+    """A worker starts the marked job and clears the marker once it holds the lease (or defers it, keeping
+    the marker). In between, milliseconds, it has read nothing yet: an event then joins it. Taking the marker
+    over there queued a second follow-up behind a running job (test_rq_leases, once in a CI run)."""
+    queue = RqJobQueue(clean_redis)
+    marked = queue.submit("sync", 8, reason="about to take its lease")
+    _mark_started(clean_redis, marked.job_id, seconds_ago=0.05)
+    joined = queue.submit("sync", 8, reason="an event meanwhile")
+    assert joined.deduplicated and joined.job_id == marked.job_id
+
+    _mark_started(clean_redis, marked.job_id, seconds_ago=60)  # its worker died before it took the lease
+    fresh = queue.submit("sync", 8, reason="an event after the grace")
+    assert not fresh.deduplicated and fresh.job_id != marked.job_id
 
 
 def test_a_real_worker_runs_jobs_reports_progress_and_failures(clean_redis, redis_url, tmp_path):
