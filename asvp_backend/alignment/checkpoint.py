@@ -3,7 +3,7 @@
 
 Invariant: a checkpoint folder is complete before it is visible. It is written into a hidden sibling folder,
 every file and the folder are fsynced, and one rename makes it appear, so a crash leaves either no checkpoint
-or a whole one, never a folder that a refresh could half-read (method.md section 11, pitfall 3). The weights
+or a whole one, never a folder that a refresh could half-read (docs/method.md, *The alignment policy*). The weights
 are plain timm layout, so ``create_backbone(name, weights=<folder>/model.safetensors)`` loads them too and the
 feature extractor can embed with the fine-tuned backbone. model.json records the weights' size and SHA-256;
 loading checks them first (alignment/integrity.py), so a damaged file is a CheckpointError naming it.

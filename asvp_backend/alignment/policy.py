@@ -1,4 +1,4 @@
-"""The ASVP policy: the one place for both alignment rules (method.md sections 5.3 and 6).
+"""The ASVP policy: the one place for both alignment rules (docs/method.md, *The alignment policy*).
 
 Feature alignment: after each round the labelled set's LogME-PED is measured on the current feature
 generation. When its gain over the previous round of the same generation falls below ALIGN_THRESHOLD (the

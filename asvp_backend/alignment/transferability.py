@@ -1,11 +1,11 @@
-"""Transferability scores of the labelled set's features: LogME and LogME-PED (method.md sections 5.1, 5.2).
+"""Transferability scores of the labelled set's features: LogME and LogME-PED (docs/method.md, *LogME*, *PED*).
 
 Invariants, and why:
 
 - **Pure NumPy, float64 inside.** The feature store holds float16; the evidence sums ``log`` terms over up to
-  1,280 singular values and ``N`` samples, and the trigger (method.md 5.3) compares *differences* of scores
-  between rounds, so half or single precision would drown the signal. No torch: the API and scoring code
-  can import this without loading it.
+  1,280 singular values and ``N`` samples, and the trigger (docs/method.md, *The alignment policy*) compares
+  *differences* of scores between rounds, so half or single precision would drown the signal. No torch: the API
+  and scoring code can import this without loading it.
 - **The published fixed-point LogME** (``thuml/LogME``, ``_fit_fixed_point``), term for term, except one:
   by default the evidence uses the exact log-determinant of ``alpha I_D + beta F^T F``. The published formula
   sums ``log(alpha + beta * sigma)`` over the kept singular values only, so below full rank (N < D) it is
@@ -85,7 +85,7 @@ EVIDENCE = ("exact", "published")
 
 
 def _class_evidence(x2: FloatArray, res_x2: float, sigma: FloatArray, n: int, d: int, exact: bool) -> float:
-    """One class's evidence per sample: the published fixed point on ``x = U^T t`` (method.md 5.1 steps 3-4);
+    """One class's evidence per sample: the published fixed point on ``x = U^T t`` (docs/method.md, *LogME*);
     ``exact`` adds the ``D - rank`` zero eigenvalues of ``F^T F`` to the log-determinant (module docstring)."""
     alpha = beta = 1.0
     m2 = r2 = 0.0
@@ -152,7 +152,7 @@ def logme(features: ArrayLike, labels: Labels, *, evidence: str = "exact") -> fl
 
 
 def _ped_move(means: FloatArray, reach: FloatArray, time_step: float, k: float) -> FloatArray:
-    """One PED step's displacement of every class mean (method.md 5.2 steps 3-4), in the rescaled space.
+    """One PED step's displacement of every class mean (docs/method.md, *PED*, steps 3-4), in the rescaled space.
 
     Differences are taken exactly (not through a Gram matrix) so identical means give ``d = 0`` exactly:
     no direction, so no push (the published code divides by zero there).
@@ -237,7 +237,7 @@ def logme_ped(
     seed: int = 0,
     **ped_kwargs: Any,
 ) -> float:
-    """LogME of the PED-moved features: the trigger statistic (method.md 5.3).
+    """LogME of the PED-moved features: the trigger statistic (docs/method.md, *The alignment policy*).
 
     ``reference``: the pool's current features (a memory map is fine); above ``max_reference`` rows a seeded
     random subsample (rows read in order) estimates the rescaling, which is all PED uses it for.

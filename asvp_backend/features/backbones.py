@@ -4,7 +4,7 @@
 (``weights.OFFLINE_WEIGHTS``), then timm's own pretrained download; if both fail it raises
 ``WeightsUnavailableError`` naming what was tried. ``'random'`` is allowed but logged as a WARNING, and a
 path loads that checkpoint strictly. The model is never left on random weights by accident, because
-features from random weights look fine and are nearly useless (docs: data-and-weights.md section 6).
+features from random weights look fine and are nearly useless.
 """
 
 from __future__ import annotations

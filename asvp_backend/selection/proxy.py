@@ -1,4 +1,4 @@
-"""Proxy classifiers trained on cached features (method.md section 3).
+"""Proxy classifiers trained on cached features (docs/method.md, *Proxy and strategies*).
 
 Both proxies follow scikit-learn conventions: ``__init__`` only stores parameters, ``fit`` does the work and
 returns ``self``, learned state ends with ``_``. Labels may be any sortable ints or strings; ``classes_``
@@ -89,7 +89,7 @@ def _batches(X: np.ndarray, batch_size: int, dev: torch.device):
 
 def epoch_batches(n: int, batch_size: int) -> list[tuple[int, int]]:
     """(start, stop) slices of one epoch; a last batch of one sample is merged into the previous one,
-    because BatchNorm in training mode cannot normalise a batch of one (method.md pitfall 1)."""
+    because BatchNorm in training mode cannot normalise a batch of one (docs/method.md, *Proxy and strategies*)."""
     bounds = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
     if len(bounds) >= 2 and bounds[-1][1] - bounds[-1][0] == 1:
         bounds[-2] = (bounds[-2][0], n)
@@ -163,10 +163,10 @@ class _MLP(nn.Module):
 
 
 class MLPProxy(_FittedMixin):
-    """The ASVP/SVPp proxy: a fresh MLP on cached features every round (method.md section 3).
+    """The ASVP/SVPp proxy: a fresh MLP on cached features every round (docs/method.md, *Proxy and strategies*).
 
     ``hidden=None`` uses the feature dimension (reference). Epochs scale up so that at least ``min_steps``
-    SGD steps run: with batch 2048 a few hundred labels would otherwise get only 50 steps (pitfall 8).
+    SGD steps run: with batch 2048 a few hundred labels would otherwise get only 50 steps.
     """
 
     kind: ClassVar[str] = "mlp"

@@ -14,7 +14,8 @@ from asvp_backend.evaluation.metrics import (
     sample_saving_ratio,
 )
 
-# method.md section 9: proxy MLP on Lite0 features, Fashion-MNIST on an H200, 100 random initial labels, +100/round
+# docs/method.md, *Measuring the savings*: proxy MLP on Lite0 features, Fashion-MNIST on an H200, 100 random
+# initial labels, +100/round
 LABELS = [100, 200, 300, 400, 500, 600, 700, 800, 900, 1000, 1100]
 RANDOM = [0.7386, 0.7792, 0.7978, 0.8105, 0.8219, 0.8305, 0.8304, 0.8335, 0.8379, 0.8403, 0.8456]
 MARGIN = [0.7312, 0.8077, 0.8257, 0.8361, 0.8444, 0.8508, 0.8562, 0.8618, 0.8661, 0.8683, 0.8704]

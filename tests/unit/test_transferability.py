@@ -1,4 +1,4 @@
-"""LogME and LogME-PED (method.md 5.1, 5.2): against a direct evaluation, their invariances, PED's moves."""
+"""LogME and LogME-PED (docs/method.md, *LogME*, *PED*): against a direct evaluation, their invariances, PED's moves."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def direct_logme(f: np.ndarray, y: np.ndarray, published: bool = False) -> float
     """Slow LogME with explicit matrices: m by a linear solve, r2 and m2 from m, log det by slogdet.
 
     The exact log evidence subtracts ``1/2 log det(alpha I_D + beta F^T F)``. The published fixed-point
-    formula (method.md 5.1 step 4) subtracts ``1/2 sum_i log(alpha + beta sigma_i)`` over the singular values
+    formula (docs/method.md, *LogME*) subtracts ``1/2 sum_i log(alpha + beta sigma_i)`` over the singular values
     it keeps (``rank = min(N, D)`` for full-rank data), missing the ``D - rank`` zero eigenvalues' ``log
     alpha``: published = exact + ``(D - rank)/2 log alpha``, zero when N > D, not when N < D.
     """
@@ -226,10 +226,10 @@ def test_ped_bad_reference_raises() -> None:
 
 
 def test_logme_ped_rises_and_saturates_on_synthetic_data() -> None:
-    # method.md 5.2's sanity check: 10 Gaussian classes, D = 64, random labelled subsets of a 20k pool, the
-    # pool as reference. Here (centre scale 0.6), LogME: 0.020 0.082 0.147 0.202 0.241 0.263 and LogME-PED:
-    # 0.059 0.139 0.213 0.270 0.311 0.335 for 100 ... 3,200 labels (method.md, with its own generator:
-    # 0.060 -> 0.333 and 0.082 -> 0.387).
+    # the sanity check of docs/method.md, *PED*: 10 Gaussian classes, D = 64, random labelled subsets of a 20k
+    # pool, the pool as reference. Here (centre scale 0.6), LogME: 0.020 0.082 0.147 0.202 0.241 0.263 and
+    # LogME-PED: 0.059 0.139 0.213 0.270 0.311 0.335 for 100 ... 3,200 labels (docs/method.md, with its own
+    # generator: 0.060 -> 0.333 and 0.082 -> 0.387).
     pool, y = gaussian_classes(20_000, 64, classes=10, spread=0.6)
     order = np.random.default_rng(1).permutation(len(pool))
     sizes = [100, 200, 400, 800, 1600, 3200]

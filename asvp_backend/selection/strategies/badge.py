@@ -1,4 +1,6 @@
-"""BADGE: k-means++ seeding on gradient embeddings of the proxy (Ash et al. 2020; method.md section 7)."""
+"""BADGE: k-means++ seeding on gradient embeddings of the proxy (Ash et al. 2020).
+
+docs/method.md, *Proxy and strategies*."""
 
 from __future__ import annotations
 

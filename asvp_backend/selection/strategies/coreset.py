@@ -1,4 +1,6 @@
-"""Core-set: greedy k-center on squared Euclidean distances (Sener & Savarese 2018; method.md section 7)."""
+"""Core-set: greedy k-center on squared Euclidean distances (Sener & Savarese 2018).
+
+docs/method.md, *Proxy and strategies*."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-item strategies: one score per pool item, the whole pool sorted (method.md section 7)."""
+"""Per-item strategies: one score per pool item, the whole pool sorted (docs/method.md, *Proxy and strategies*)."""
 
 from __future__ import annotations
 
