@@ -190,6 +190,13 @@ class Settings:
     align_min_labels: int = _env("ALIGN_MIN_LABELS", _int_in(2), default=500)
     align_min_new_labels: int = _env("ALIGN_MIN_NEW_LABELS", _int_in(0), default=250)
     align_max_updates: int = _env("ALIGN_MAX_UPDATES", _int_in(0), default=3)
+    # The audit sample and the refresh gate (selection/audit.py, alignment/gate.py): the share of labels drawn at
+    # random to judge models (a higher share until the audit has AUDIT_MIN_LABELS), and how sure the gate must be
+    audit_fraction: float = _env("AUDIT_FRACTION", _float_in(0.0, 0.5), default=0.05)
+    audit_early_fraction: float = _env("AUDIT_EARLY_FRACTION", _float_in(0.0, 0.5), default=0.2)
+    audit_min_labels: int = _env("AUDIT_MIN_LABELS", _int_in(1), default=60)
+    align_gate: bool = _env("ALIGN_GATE", _bool, default=True)  # false: a refresh serves unjudged (comparisons)
+    gate_z: float = _env("GATE_Z", _float_in(0.0, 10.0), default=1.0)
     training_method: str = _env("TRAINING_METHOD", _choice("auto", "ft", "lpft"), default="auto")
     finetune_epochs: int | None = _env("FINETUNE_EPOCHS", _int_in(1, 1000), default=None)  # None: scaled
     finetune_batch_size: int | None = _env("FINETUNE_BATCH_SIZE", _int_in(2, 4096), default=None)  # None: scaled

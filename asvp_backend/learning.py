@@ -92,6 +92,40 @@ def measured_on(point: Mapping[str, Any]) -> str | None:
     return f"cross-validated on {how_many}, which active learning chose (not a random sample: a biased estimate)"
 
 
+def audit_accuracy(state: Any) -> dict[str, Any]:
+    """The proxy's accuracy on the audit sample per round (jobs/rounds.py records it; alignment/gate.py
+    estimates it): the unbiased estimate, beside the cross-validated one on actively chosen labels."""
+    curve = [{"version": r.get("version"), "generation": r.get("generation"), "labelled": r.get("labelled"),
+              "n": r["audit"]["n"], "accuracy": r["audit"]["accuracy"],
+              "interval": [r["audit"]["low"], r["audit"]["high"]]}
+             for r in state.rounds if isinstance(r.get("audit"), Mapping) and r["audit"].get("n")]
+    latest = curve[-1] if curve else None
+    measured_on = (f"{latest['n']} audit labels: tasks drawn uniformly at random from the pool and labelled in "
+                   "the queue, each predicted by a proxy that did not train on it (an unbiased estimate)"
+                   if latest else None)  # fmt: skip
+    return {"latest": latest, "measured_on": measured_on, "curve": curve,
+            "audit_labels": len(state.audit.tasks) if latest is None else latest["n"]}
+
+
+REFRESH_OUTCOMES = ("adopted", "rejected", "waiting")
+
+
+def refresh_verdicts(state: Any) -> list[dict[str, Any]]:
+    """Every refreshed feature generation the gate judged (newest last): adopted, rejected (kept on disk) or
+    waiting for audit labels, with both accuracies and the audit size."""
+    out = []
+    for d in state.alignment.decisions:
+        if d.get("decision") not in REFRESH_OUTCOMES:
+            continue
+        gate = d.get("gate") or {}
+        out.append({"decision": d["decision"], "generation": d.get("generation"), "model": d.get("model"),
+                    "at": d.get("at"), "reason": d.get("reason"), "n": gate.get("n"),
+                    "refreshed_accuracy": gate.get("challenger_accuracy"),
+                    "serving_accuracy": gate.get("incumbent_accuracy"), "difference": gate.get("difference"),
+                    "standard_error": gate.get("standard_error")})
+    return out
+
+
 # ------------------------------------------------------------------ served pre-annotations
 def _label_of_result(spec: ClassificationSpec, result: Any) -> str | None:
     return spec.label_of({"annotations": [{"result": result if isinstance(result, list) else []}]})
@@ -172,7 +206,8 @@ def training_now(jobs: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
 # ------------------------------------------------------------------ the whole answer
 def learning_summary(state: Any, jobs: Sequence[Mapping[str, Any]] = (),
                      damaged: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """What `GET /projects/N/learning` returns: title and classes, the accuracy curve with intervals, the
+    """What `GET /projects/N/learning` returns: title and classes, the accuracy curve with intervals (`audit`: the
+    unbiased one on the audit sample; `refreshes`: the gate's verdicts), the
     pre-annotations accepted per round and overall, the label-config changes (newest last) and the
     deliverable model with any fine-tune in progress (`jobs`: the project's jobs as /jobs lists them) and
     why it is the one, or why there is none (`damaged`: models whose checkpoint is not whole, by id)."""
@@ -187,6 +222,8 @@ def learning_summary(state: Any, jobs: Sequence[Mapping[str, Any]] = (),
         "classes": list(state.spec.labels),
         "model_version": str(state.version),
         "accuracy": {"latest": latest, "measured_on": measured_on(latest) if latest else None, "curve": curve},
+        "audit": audit_accuracy(state),
+        "refreshes": refresh_verdicts(state),
         "pre_annotations": acceptance_summary(acceptance.by_version, acceptance.accepted, acceptance.corrected),
         "config_changes": list(state.config_changes),
         "deliverable": {"model": state.alignment.current_model(damaged or ()), "training": training_now(jobs),

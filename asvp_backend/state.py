@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,6 +130,28 @@ class AcceptanceState:
 
 
 @dataclass
+class AuditState:
+    """The audit sample of one project (selection/audit.py draws it, alignment/gate.py judges with it).
+
+    `started_labelled` is the number of labels when the first audited round ran: labels given before it are
+    never audit labels (how they were chosen is unknown). `tasks` are the audit tasks: those labelled while
+    they were audit picks, and the unlabelled picks of the latest round; a pick a later round no longer places
+    leaves the list, so a task the strategy chose later is never counted as an audit label.
+    """
+
+    started_labelled: int | None = None
+    tasks: list[int] = field(default_factory=list)
+
+    def labelled(self, tasks: Mapping[int, Any]) -> list[int]:
+        """The audit labels: audit tasks that are labelled now."""
+        return [tid for tid in self.tasks if tid in tasks and tasks[tid].label is not None]
+
+    def placed(self, tasks: Mapping[int, Any], picks: Iterable[int]) -> None:
+        """A round placed `picks`: keep the labelled audit tasks and these picks."""
+        self.tasks = sorted(set(self.labelled(tasks)) | {int(t) for t in picks})
+
+
+@dataclass
 class ProjectState:
     project_id: int
     label_config: str
@@ -146,6 +168,7 @@ class ProjectState:
     title: str | None = None  # the Label Studio project's title, as the last sync read it
     acceptance: AcceptanceState = field(default_factory=AcceptanceState)
     config_changes: list[dict[str, Any]] = field(default_factory=list)  # oldest first (config_change)
+    audit: AuditState = field(default_factory=AuditState)
 
     @property
     def version(self) -> ModelVersion:
@@ -198,7 +221,9 @@ class ProjectState:
             spec["labels"] = tuple(spec["labels"])
             alignment = AlignmentState(**data.pop("alignment", None) or {})
             acceptance = AcceptanceState(**data.pop("acceptance", None) or {})  # absent in older states
-            return cls(spec=ClassificationSpec(**spec), alignment=alignment, acceptance=acceptance, **data)
+            audit = AuditState(**data.pop("audit", None) or {})  # absent in older states
+            return cls(spec=ClassificationSpec(**spec), alignment=alignment, acceptance=acceptance, audit=audit,
+                       **data)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise StateCorrupt(where, f"{type(exc).__name__}: {str(exc)[:200]}") from None
 

@@ -9,6 +9,7 @@ from typing import Any
 from asvp_backend.alignment.integrity import checkpoint_problem
 from asvp_backend.alignment.policy import AlignmentPolicy
 from asvp_backend.layout import ProjectLayout
+from asvp_backend.learning import audit_accuracy, refresh_verdicts
 from asvp_backend.state import ProjectState
 
 
@@ -28,6 +29,11 @@ def alignment_summary(state: ProjectState, settings: Any) -> dict[str, Any]:
         "decisions": len(alignment.decisions),
         "next_training_method": policy.method_for(state.generation),
         "feature_model": alignment.feature_model,
+        "gate": {"ALIGN_GATE": settings.align_gate, "GATE_Z": settings.gate_z,
+                 "AUDIT_FRACTION": settings.audit_fraction, "AUDIT_EARLY_FRACTION": settings.audit_early_fraction,
+                 "AUDIT_MIN_LABELS": settings.audit_min_labels},
+        "refreshes": refresh_verdicts(state),
+        "audit": audit_accuracy(state)["latest"],
     }
 
 

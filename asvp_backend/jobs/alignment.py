@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from asvp_backend.alignment.gate import WAIT as GATE_WAIT
+from asvp_backend.alignment.gate import Gate, GateDecision, judge_features
 from asvp_backend.alignment.policy import UPDATE, WAIT, AlignmentPolicy, Decision
 from asvp_backend.jobs.context import JobContext, JobTimeout
 from asvp_backend.layout import ProjectLayout
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-REFERENCE_ROWS = 10_000  # pool rows LogME-PED rescales by (method.md 5.2: the pool as the reference set)
+REFERENCE_ROWS = 10_000  # pool rows LogME-PED rescales by (docs/method.md, *PED*: the pool as the reference set)
 MAX_SCORED_LABELS = 50_000  # LogME's cost grows with the labels: score a seeded sample beyond this
 
 
@@ -173,7 +175,9 @@ def run_finetune(ctx: JobContext) -> dict[str, Any]:
     state = runtime.store.require(pid)
     method = str(ctx.params.get("method") or AlignmentPolicy.from_settings(settings).method_for(state.generation))
     tasks = TaskSnapshot(settings.model_dir, pid).load()
-    items = [(tid, str(t.image), str(t.label)) for tid, t in sorted(tasks.items()) if t.label and t.image]
+    audit = set(state.audit.labelled(tasks))  # the labels that judge models are never trained on
+    items = [(tid, str(t.image), str(t.label)) for tid, t in sorted(tasks.items())
+             if t.label and t.image and tid not in audit]
     if len({label for _, _, label in items}) < 2:
         reason = "fine-tuning needs labelled images of at least two classes"
         _finish_pending(runtime, pid, purpose, None, failed=reason)
@@ -219,7 +223,7 @@ def run_finetune(ctx: JobContext) -> dict[str, Any]:
         if purpose == "align":
             current.alignment.feature_model = model_id
             current.alignment.updates += 1
-            current.alignment.labels_at_last_update = len(items)
+            current.alignment.labels_at_last_update = len(items) + len(audit)  # the policy counts every label
             current.alignment.pending = {**(current.alignment.pending or {}), "stage": "extract",
                                          "model": model_id, "since": time.time()}
         current.record_job(ctx.job_id)
@@ -343,12 +347,12 @@ def feature_weights(layout: ProjectLayout, alignment: AlignmentState) -> str | N
     if alignment.feature_model is None:
         return None
     path = layout.checkpoint_dir(alignment.feature_model) / CHECKPOINT_WEIGHTS
-    if not path.is_file():  # method.md pitfall 3: a refresh must never silently use other weights
+    if not path.is_file():  # a refresh never silently uses other weights (docs/method.md, *The alignment policy*)
         raise FileNotFoundError(f"the feature model {alignment.feature_model} has no checkpoint at {path}")
     return str(path)
 
 
-def generation_served(runtime: Any, pid: int, generation: int) -> None:
+def generation_served(runtime: Any, pid: int, generation: int, verdict: GateDecision | None = None) -> None:
     """Extraction made `generation` current: the update (if one was pending) is complete."""
 
     def done(current: ProjectState | None) -> ProjectState | None:
@@ -357,10 +361,131 @@ def generation_served(runtime: Any, pid: int, generation: int) -> None:
         alignment = current.alignment
         if alignment.feature_model is not None:
             alignment.generation_models[str(generation)] = alignment.feature_model
+        if verdict is not None:
+            alignment.record_decision({"decision": "adopted", "reason": verdict.reason, "at": time.time(),
+                                       "generation": generation, "model": alignment.feature_model,
+                                       "gate": verdict.to_dict()})
         alignment.pending = None
         return current
 
     runtime.store.update(pid, done)
+
+
+# ------------------------------------------------------------------------------------ the refresh gate
+ADOPTED, REJECTED, WAITING = "adopted", "rejected", "judge"
+
+
+def serve_generation(ctx: JobContext, store: Any, generation: Any) -> tuple[bool, GateDecision | None]:
+    """A complete new generation becomes current, unless it is a feature update's that the gate holds
+    (rejected, or waiting for audit labels): then the serving generation stays. Returns (served, verdict)."""
+    runtime, pid = ctx.runtime, ctx.project_id
+    state = runtime.store.require(pid)
+    verdict = None
+    if is_refresh(state.alignment) and (serving := store.current(repair=True)) is not None:
+        verdict = judge_refresh(runtime, pid, serving, generation)
+        if verdict is not None and not verdict.adopts:
+            ctx.check_fence()
+            refresh_held(runtime, pid, generation.info.generation, verdict)
+            return False, verdict
+    ctx.check_fence()
+    store.activate(generation.info.generation)
+    generation_served(runtime, pid, generation.info.generation, verdict)
+    return True, verdict
+
+
+def is_refresh(alignment: AlignmentState) -> bool:
+    """The generation being extracted is a feature update's (its fine-tuned backbone extracts it), which the
+    gate judges; the first generation and one made for a new BACKBONE serve as soon as they are complete."""
+    pending = alignment.pending or {}
+    model = alignment.feature_model
+    return model is not None and pending.get("stage") == "extract" and pending.get("model") == model
+
+
+def judge_refresh(runtime: Any, pid: int, serving: Any, candidate: Any) -> GateDecision | None:
+    """The gate's verdict on a refreshed generation against the serving one, on the audit labels with features
+    in both (None: ALIGN_GATE=off, it serves unjudged)."""
+    from asvp_backend.jobs.rounds import proxy_device
+    from asvp_backend.selection import create_proxy
+
+    settings = runtime.settings
+    if not settings.align_gate:
+        return None
+    state = runtime.store.require(pid)
+    tasks = TaskSnapshot(settings.model_dir, pid).load()
+    labelled = np.array(sorted(tid for tid, t in tasks.items() if t.label is not None), dtype=np.int64)
+    found_s, x_s = serving.lookup(labelled)
+    found_c, x_c = candidate.lookup(labelled)
+    both = found_s & found_c
+    ids = labelled[both]
+    y = np.array([tasks[int(tid)].label for tid in ids.tolist()], dtype=object)
+    device = proxy_device(settings.device)
+    return judge_features(Gate.from_settings(settings),
+                          lambda: create_proxy(settings.proxy, device=device, seed=settings.seed),
+                          x_c[both[found_c]], x_s[both[found_s]], y,
+                          np.isin(ids, np.asarray(state.audit.labelled(tasks), dtype=np.int64)), seed=settings.seed)
+
+
+def refresh_held(runtime: Any, pid: int, generation: int, verdict: GateDecision) -> None:
+    """A refreshed generation that may not serve: rejected (kept on disk, named in the decision) or waiting
+    for enough audit labels. Either way the serving generation's backbone extracts new tasks again."""
+
+    def hold(current: ProjectState | None) -> ProjectState | None:
+        if current is None:
+            return None
+        alignment = current.alignment
+        model = (alignment.pending or {}).get("model") or alignment.feature_model
+        alignment.feature_model = alignment.generation_models.get(str(current.generation))
+        if verdict.decision == GATE_WAIT:
+            if (alignment.pending or {}).get("stage") != WAITING:  # one decision per wait, not one per round
+                alignment.record_decision({"decision": "waiting", "reason": verdict.reason, "at": time.time(),
+                                           "generation": generation, "model": model, "gate": verdict.to_dict()})
+            alignment.pending = {"stage": WAITING, "since": time.time(), "model": model, "generation": generation,
+                                 "audit": verdict.n}
+        else:
+            alignment.record_decision({"decision": REJECTED, "reason": verdict.reason, "at": time.time(),
+                                       "generation": generation, "model": model, "gate": verdict.to_dict()})
+            alignment.pending = None
+        return current
+
+    runtime.store.update(pid, hold)
+    runtime.queue.count(f"decision_{'waiting' if verdict.decision == GATE_WAIT else REJECTED}", "alignment")
+    log.info("project %s: refreshed generation %s %s: %s", pid, generation,
+             "waits" if verdict.decision == GATE_WAIT else "rejected", verdict.reason)
+
+
+def judge_waiting_refresh(ctx: JobContext, state: ProjectState, tasks: dict[int, Any]) -> dict[str, Any] | None:
+    """A round's part: a refreshed generation that waited for audit labels is judged once there are enough.
+    Adopted, it becomes current, its backbone extracts the tasks added meanwhile and a round on it follows."""
+    from asvp_backend.jobs.extraction import feature_store
+
+    runtime, pid = ctx.runtime, ctx.project_id
+    pending = state.alignment.pending or {}
+    if pending.get("stage") != WAITING or len(state.audit.labelled(tasks)) < runtime.settings.audit_min_labels:
+        return None
+    store = feature_store(runtime.settings.model_dir, pid)
+    serving, generation = store.current(repair=True), int(pending["generation"])
+    if serving is None or generation not in store.generations():
+        _finish_pending(runtime, pid, "align", pending.get("model"),
+                        failed=f"the refreshed generation {generation} is gone from disk")
+        return {"decision": "failed"}
+    verdict = judge_refresh(runtime, pid, serving, store.generation(generation))
+    if verdict is not None and not verdict.adopts:
+        refresh_held(runtime, pid, generation, verdict)
+        return verdict.to_dict()
+
+    def adopt(current: ProjectState | None) -> ProjectState | None:
+        if current is None:
+            return None
+        current.alignment.feature_model = pending.get("model")  # its backbone extracts the project from now on
+        return current
+
+    ctx.check_fence()
+    runtime.store.update(pid, adopt)
+    store.activate(generation)
+    generation_served(runtime, pid, generation, verdict)
+    runtime.queue.count("decision_adopted", "alignment")
+    runtime.queue.submit("extract", pid, reason="adopted feature update", force_round=True)
+    return verdict.to_dict() if verdict is not None else {"decision": ADOPTED, "reason": "ALIGN_GATE is off"}
 
 
 # ------------------------------------------------------------------------------------ pre-annotations

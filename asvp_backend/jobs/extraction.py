@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from asvp_backend.config import Settings
-from asvp_backend.jobs.alignment import feature_weights, generation_served
+from asvp_backend.jobs.alignment import feature_weights, serve_generation
 from asvp_backend.layout import ProjectLayout
 from asvp_backend.state import TaskSnapshot
 
@@ -129,15 +129,14 @@ def extract_project(ctx: Any, retry_skipped: bool = False) -> dict[str, Any]:
     )
     if generation.shard_count() > COMPACT_ABOVE_SHARDS:
         generation.compact()  # one shard reads back as a zero-copy memory map in every round
-    activated = new_generation and not report.remaining
-    if activated:
-        ctx.check_fence()
-        store.activate(generation.info.generation)  # a new generation serves only once it is complete
-        generation_served(runtime, pid, generation.info.generation)
+    activated, verdict = False, None
+    if new_generation and not report.remaining:  # a new generation serves only once it is complete
+        activated, verdict = serve_generation(ctx, store, generation)
     ctx.progress(len(items), len(items), stage="done", force=True)
     summary = {
         "generation": generation.info.generation,
         "activated": activated,
+        "gate": verdict.to_dict() if verdict is not None else None,
         "backbone": backbone.name,
         "weights": backbone.weights_source,
         "extracted": report.extracted,

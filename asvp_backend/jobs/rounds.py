@@ -25,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from asvp_backend.alignment.gate import AuditEstimate, cross_fitted_right
 from asvp_backend.artefacts import RankingArtefact, extend_ranking, proxy_path, prune_rounds, read_ranking, write_round
-from asvp_backend.jobs.alignment import after_round, pre_annotations
+from asvp_backend.jobs.alignment import after_round, judge_waiting_refresh, pre_annotations
 from asvp_backend.jobs.context import JobContext
 from asvp_backend.jobs.extraction import feature_store
 from asvp_backend.jobs.stop_set import predict_stop_set
@@ -34,7 +35,8 @@ from asvp_backend.labelstudio.label_config import ClassificationSpec
 from asvp_backend.layout import ProjectLayout
 from asvp_backend.learning import accuracy_fields
 from asvp_backend.prediction import UNRANKED_SUFFIX
-from asvp_backend.state import ProjectState, SyncedTask, TaskSnapshot
+from asvp_backend.selection.audit import AuditPolicy, interleave
+from asvp_backend.state import AuditState, ProjectState, SyncedTask, TaskSnapshot
 from asvp_backend.versioning import ModelVersion
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,7 @@ class RoundInputs:
 
     x_lab: np.ndarray  # (m, d) float32
     y_lab: np.ndarray  # (m,) label names
+    lab_ids: np.ndarray  # (m,) task ids of the labelled rows
     pool_ids: np.ndarray  # (n,) task ids
     x_pool: np.ndarray  # (n, d) float16, the store's type (2.5 GB at 1M x 1,280); the proxy converts per batch
     labelled_total: int  # every labelled task, with features or not (what round_due compares against)
@@ -115,6 +118,7 @@ def load_inputs(generation: Any, tasks: dict[int, SyncedTask]) -> RoundInputs:
     return RoundInputs(
         x_lab=np.asarray(vectors[lab_rows], dtype=np.float32).reshape(-1, dim),
         y_lab=np.array([label for _, label in labelled], dtype=object),
+        lab_ids=np.array([tid for tid, _ in labelled], dtype=np.int64),
         pool_ids=pool_ids,
         x_pool=vectors[pool_rows].reshape(-1, dim),
         labelled_total=sum(1 for t in tasks.values() if t.label is not None),
@@ -147,6 +151,33 @@ def rank_pool(inputs: RoundInputs, settings: Any, round_no: int, device: str, ba
         picks = settings.selection_batch if batch is None else batch
         scores = np.asarray(strategy.rank(pool, min(n, picks)).scores, dtype=np.float64)
     return RoundRanking(strategy_name, proxy, scores, labels)
+
+
+def place_audit(ranking: RoundRanking, inputs: RoundInputs, audit: AuditState, tasks: dict[int, SyncedTask],
+                settings: Any) -> np.ndarray:
+    """Interleave the audit picks into the ranking (selection/audit.py) at the positions the labels given
+    since the audit started call for, among the pushed top. Returns the picks' task ids."""
+    policy = AuditPolicy.from_settings(settings)
+    started = audit.started_labelled if audit.started_labelled is not None else inputs.labelled_total
+    horizon = min(len(inputs.pool_ids), settings.push_top_k)
+    positions = policy.positions(max(0, inputs.labelled_total - started), len(audit.labelled(tasks)), horizon)
+    placed = interleave(ranking.scores, inputs.pool_ids, settings.seed, positions)
+    ranking.scores = placed.scores
+    return inputs.pool_ids[placed.audit_rows]
+
+
+def audit_estimate(inputs: RoundInputs, audit_ids: list[int], settings: Any, device: str) -> dict[str, Any] | None:
+    """The proxy's accuracy on the pool, estimated on the audit labels, each predicted by a proxy that did not
+    train on it (alignment/gate.py); None without audit labels."""
+    from asvp_backend.selection import create_proxy
+
+    is_audit = np.isin(inputs.lab_ids, np.asarray(audit_ids, dtype=np.int64))
+    if not is_audit.any():
+        return None
+    right = cross_fitted_right(lambda: create_proxy(settings.proxy, device=device, seed=settings.seed),
+                               inputs.x_lab[~is_audit], inputs.y_lab[~is_audit], inputs.x_lab[is_audit],
+                               inputs.y_lab[is_audit], seed=settings.seed)
+    return None if right is None else AuditEstimate.from_right(right).to_dict()
 
 
 def predictions_for(spec: ClassificationSpec, version: ModelVersion, task_ids: np.ndarray, scores: np.ndarray,
@@ -218,6 +249,7 @@ def run_round(ctx: JobContext) -> dict[str, Any]:
                                                        ranking.labels)
     else:
         label_source = {"source": None, "reason": "cold start: no label is suggested"}
+    audit_picks = place_audit(ranking, inputs, state.audit, tasks, settings)
     ctx.check_fence()  # the stop set is drawn (written) at the first round
     stop, stop_entry = predict_stop_set(layout, settings.seed, inputs.pool_ids, generation, ranking.proxy,
                                         previous_version=state.version)
@@ -242,6 +274,8 @@ def run_round(ctx: JobContext) -> dict[str, Any]:
         "strategy": ranking.strategy,
         "proxy": settings.proxy if ranking.proxy is not None else None,
         "cv_accuracy": None,
+        "audit": None,
+        "audit_picks": len(audit_picks),
         "top_tasks": [int(inputs.pool_ids[r]) for r in pushed[:10]],
         "view_id": view_id,
         "pre_annotations": label_source,
@@ -255,6 +289,9 @@ def run_round(ctx: JobContext) -> dict[str, Any]:
             return None
         current.advance_to(version)
         current.labels_at_last_round = inputs.labelled_total
+        if current.audit.started_labelled is None:
+            current.audit.started_labelled = inputs.labelled_total
+        current.audit.placed(tasks, audit_picks.tolist())
         current.record_round(record)
         current.record_job(ctx.job_id)
         return current
@@ -266,9 +303,14 @@ def run_round(ctx: JobContext) -> dict[str, Any]:
     lap("cleanup", 5)
     record["cv_accuracy"] = _cross_validate(ranking, inputs, settings, device)
     record.update(accuracy_fields(record["cv_accuracy"], min(len(inputs.y_lab), CV_MAX_LABELS)))  # n, interval
+    record["audit"] = _audit_estimate_of_round(state, ranking, inputs, tasks, version, settings, device)
     lap("cross_validate", 6)
+    waited = judge_waiting_refresh(ctx, state, tasks)  # a refreshed generation that waited for audit labels
     alignment = after_round(ctx, inputs, version.generation, str(version))
-    record["alignment"] = {k: alignment.get(k) for k in ("decision", "reason", "logme", "logme_ped", "gain", "job")}
+    if waited is not None:
+        alignment["gate"] = waited
+    record["alignment"] = {k: alignment.get(k) for k in ("decision", "reason", "logme", "logme_ped", "gain", "job",
+                                                          "gate")}
     lap("alignment", 7)
     _amend_round(runtime, pid, version, record)
     log.info("project %s: round %s (%s) ranked %s tasks, pushed %s", pid, version, ranking.strategy,
@@ -305,6 +347,24 @@ def _cross_validate(ranking: RoundRanking, inputs: RoundInputs, settings: Any, d
         x, y = x[keep], y[keep]
     return cross_val_accuracy(lambda: create_proxy(settings.proxy, device=device, seed=settings.seed), x, y,
                               folds=CV_FOLDS, seed=settings.seed)
+
+
+def _audit_estimate_of_round(state: ProjectState, ranking: RoundRanking, inputs: RoundInputs,
+                             tasks: dict[int, SyncedTask], version: ModelVersion, settings: Any,
+                             device: str) -> dict[str, Any] | None:
+    """The round's audit estimate: measured again when the audit labels changed (AUDIT_FOLDS proxy fits), else
+    the last one carried forward with the version it was measured at (most rounds add no audit label)."""
+    if ranking.proxy is None:
+        return None
+    audit_ids = state.audit.labelled(tasks)
+    n = int(np.isin(inputs.lab_ids, np.asarray(audit_ids, dtype=np.int64)).sum())
+    last = next((r.get("audit") for r in reversed(state.rounds) if r.get("audit")), None)
+    if last is not None and last.get("n") == n and last.get("generation") == version.generation:
+        return {**last, "carried": True}
+    estimate = audit_estimate(inputs, audit_ids, settings, device)
+    if estimate is None:
+        return None
+    return {**estimate, "generation": version.generation, "version": str(version), "carried": False}
 
 
 def _amend_round(runtime: Any, pid: int, version: ModelVersion, record: dict[str, Any]) -> None:

@@ -42,6 +42,9 @@ def stack(label_studio, redis_url, tmp_path_factory):
         ALIGN_MIN_LABELS="4",
         ALIGN_MIN_NEW_LABELS="2",
         ALIGN_MAX_UPDATES="1",
+        # the update's mechanics are under test here, not the gate: on twelve red or blue images both generations
+        # are right on every audit label, so the gate could only reject (tests/unit/test_refresh_gate_jobs.py)
+        ALIGN_GATE="false",
         FINETUNE_EPOCHS="3",
     )
     backend = start_backend(tmp, port, **env)

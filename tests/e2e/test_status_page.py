@@ -442,3 +442,27 @@ def test_in_the_embedded_default_task_links_open_label_studio_where_setup_said(l
         assert links == [t["url"] for t in tasks]
     finally:
         backend.stop()
+
+
+def test_audit_labels_give_the_unbiased_line_on_the_curve(stack, project, browser):
+    """Label the tasks the last round placed as audit picks (as an annotator following the queue would), and
+    the page shows the proxy's accuracy on the audit sample: a second line with its interval, and the figure
+    in the summary with the number of audit labels."""
+    pid = project["id"]
+    state = state_of(stack, pid)
+    done = {t["id"] for t in stack["ls"].tasks(pid) if t["annotations"]}
+    picks = [t for t in state["audit"]["tasks"] if t != project["broken"] and t not in done]
+    already = [t for t in state["audit"]["tasks"] if t in done]  # picks labelled out of the queue's order count too
+    assert picks or already  # one label in five is owed to the audit (AUDIT_EARLY_FRACTION): 8 labels owe one
+    index = {tid: i for i, tid in enumerate(project["task_ids"])}
+    for tid in picks:
+        annotate(stack["ls"], tid, label_of(index[tid]))
+    if picks:
+        complete_round(stack, pid, len(done) + len(picks))
+    audit = wait_for(lambda: state_of(stack, pid)["alignment_summary"]["audit"], timeout=30, what="the estimate")
+    n = len(picks) + len(already)
+    assert audit["n"] == n and audit["interval"][0] <= audit["accuracy"] <= audit["interval"][1]
+    open_page(stack, browser, f"/ui/projects/{pid}")
+    wait_for(lambda: read(browser, "#curve circle.audit-point"), timeout=10, what="the audit line")
+    text = read(browser, "#summary .audit-accuracy")[0]
+    assert f"{audit['accuracy']:.3f}" in text and f"{n} audit labels" in text

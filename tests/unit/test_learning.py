@@ -190,3 +190,24 @@ def test_a_round_records_how_many_predictions_its_accuracy_is_measured_on(tmp_pa
     assert summary["accuracy"]["latest"]["cv_interval"] == record["cv_interval"]
     assert summary["accuracy"]["measured_on"] == \
         "cross-validated on the 10 labelled tasks, which active learning chose (not a random sample: a biased estimate)"
+
+
+def test_the_audit_estimate_and_the_gates_verdicts_are_in_the_learning_answer():
+    state = ProjectState.new(PID, IMAGE_CONFIG, SPEC)
+    state.record_round({"version": "asvp-g0-r1", "generation": 0, "labelled": 20, "cv_accuracy": 0.9, "audit": None})
+    state.record_round({"version": "asvp-g0-r2", "generation": 0, "labelled": 40, "cv_accuracy": 0.95,
+                        "audit": {"n": 8, "accuracy": 0.75, "low": 0.41, "high": 0.93, "generation": 0}})
+    state.alignment.record_decision({"decision": "update", "reason": "stalled", "version": "asvp-g0-r2"})
+    state.alignment.record_decision({
+        "decision": "rejected", "reason": "the refreshed features are not better: ...", "generation": 1, "model": "m1",
+        "gate": {"decision": "reject", "n": 60, "challenger_accuracy": 0.7, "incumbent_accuracy": 0.8,
+                 "difference": -0.1, "standard_error": 0.05}})
+    learning = learning_summary(state)
+    audit = learning["audit"]
+    assert [p["version"] for p in audit["curve"]] == ["asvp-g0-r2"]  # a round without audit labels has no point
+    assert audit["latest"]["interval"] == [0.41, 0.93] and "8 audit labels" in audit["measured_on"]
+    assert "unbiased" in audit["measured_on"]
+    (verdict,) = learning["refreshes"]
+    assert verdict["decision"] == "rejected" and verdict["refreshed_accuracy"] == 0.7
+    assert verdict["serving_accuracy"] == 0.8 and verdict["n"] == 60 and verdict["model"] == "m1"
+    assert json.loads(json.dumps(learning)) == learning
