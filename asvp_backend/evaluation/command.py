@@ -14,7 +14,7 @@ from typing import Any
 
 from asvp_backend.alignment.policy import TRAINING_METHODS, AlignmentPolicy
 
-from .metrics import DEFAULT_GPU_PRICE, DEFAULT_LABEL_PRICE
+from .metrics import DEFAULT_CPU_PRICE, DEFAULT_GPU_PRICE, DEFAULT_LABEL_PRICE
 
 DESCRIPTION = """\
 Replay active learning offline with an oracle (the data set's labels), through the backend's own feature,
@@ -23,7 +23,9 @@ labels and GPU hours cost together. Killed runs continue from their finished rou
 run again with the same --out.
 
 methods: random (uniform picks), svpp (proxy on pre-trained features, never refreshed), asvp (proxy + the
-LogME-PED trigger + the training-method policy), standard (fine-tune every round, select with its softmax).
+LogME-PED trigger + the training-method policy + the refresh gate on the audit labels), asvp-ungated (asvp
+whose refreshes always serve), standard (fine-tune every round, select with its softmax). The proxy methods'
+batches hold the backend's audit sample (--audit-fraction 0 turns it off).
 
 writes OUT/results.json, OUT/learning_curves.png, OUT/report.md (and OUT/cache, OUT/progress, OUT/runs)."""
 
@@ -113,6 +115,20 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
     align.add_argument("--training-method", default=policy.training_method, choices=TRAINING_METHODS,
                        help="auto: LP-FT before the first update, FT after (default auto)")  # fmt: skip
 
+    from asvp_backend.alignment.gate import Gate
+    from asvp_backend.selection.audit import AuditPolicy
+
+    audit = p.add_argument_group("audit sample and refresh gate (svpp, asvp; defaults are the backend's)")
+    audit.add_argument("--audit-fraction", type=float, default=AuditPolicy.fraction,
+                       help=f"share of labels drawn at random to judge models (default {AuditPolicy.fraction:g})")
+    audit.add_argument("--audit-early-fraction", type=float, default=AuditPolicy.early_fraction,
+                       help="the share until there are --audit-min-labels audit labels "
+                            f"(default {AuditPolicy.early_fraction:g})")  # fmt: skip
+    audit.add_argument("--audit-min-labels", type=int, default=AuditPolicy.min_labels,
+                       help=f"audit labels the gate needs to judge (default {AuditPolicy.min_labels})")
+    audit.add_argument("--gate-z", type=float, default=Gate.z, help="standard errors of the paired difference a "
+                       f"refresh must gain on the audit labels (default {Gate.z:g})")  # fmt: skip
+
     report = p.add_argument_group("report")
     report.add_argument("--targets", type=_floats, default=None, help="target accuracies of the sample saving "
                         "ratio, e.g. 0.80,0.84 (default: random's mean final accuracy and the half-way point "
@@ -121,6 +137,8 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
                         help=f"dollars per label (default {DEFAULT_LABEL_PRICE:g}, an assumption)")  # fmt: skip
     report.add_argument("--gpu-price", type=float, default=DEFAULT_GPU_PRICE,
                         help=f"dollars per GPU hour (default {DEFAULT_GPU_PRICE:g})")  # fmt: skip
+    report.add_argument("--cpu-price", type=float, default=DEFAULT_CPU_PRICE,
+                        help=f"dollars per CPU-hour (default {DEFAULT_CPU_PRICE:g}, an assumption)")  # fmt: skip
     report.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -135,6 +153,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         test_subset=args.test_subset, data_seed=args.data_seed, align_threshold=args.align_threshold,
         align_min_labels=args.align_min_labels, align_min_new_labels=args.align_min_new_labels,
         align_max_updates=args.align_max_updates, training_method=args.training_method,
+        audit_fraction=args.audit_fraction, audit_early_fraction=args.audit_early_fraction,
+        audit_min_labels=args.audit_min_labels, gate_z=args.gate_z,
     )  # fmt: skip
 
 
@@ -151,7 +171,7 @@ def cmd_simulate(args: argparse.Namespace, command: str | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"simulate: {exc}", file=sys.stderr)
         return 2
-    results = build_results(sim, runs, command, args.targets, args.label_price, args.gpu_price)
+    results = build_results(sim, runs, command, args.targets, args.label_price, args.gpu_price, args.cpu_price)
     paths = write_report(args.out, results)
     for name, path in paths.items():
         print(f"{name}: {path}")

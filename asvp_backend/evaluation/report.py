@@ -3,12 +3,12 @@ person reads).
 
 Targets of the sample saving ratio (when ``--targets`` is not given) come from random sampling's mean curve,
 so that the reference always reaches them: (1) random's mean final accuracy, i.e. "how many labels does a
-method need to match what random reached with the whole budget" (method.md section 9's worked example), and
-(2) random's mean accuracy at the middle of its label range, "... with half the budget". Both lie where the
-methods have already diverged; an accuracy just above the initial set's would be crossed by every method in
-the first round and measure only noise. Ratios are read off the seed-averaged curves; the per-seed ratios
-(same target, each seed's method against the same seed's random run) give the spread, and a seed that never
-reached a target is counted, not averaged.
+method need to match what random reached with the whole budget" (the worked ratio in docs/method.md, *Measuring
+the savings*), and (2) random's mean accuracy at the middle of its label range, "... with half the budget".
+Both lie where the methods have already diverged; an accuracy just above the initial set's would be crossed by
+every method in the first round and measure only noise. Ratios are read off the seed-averaged curves; the
+per-seed ratios (same target, each seed's method against the same seed's random run) give the spread, and a
+seed that never reached a target is counted, not averaged.
 
 Cost: GPU hours are device seconds on CUDA only (on a CPU run they are 0 and the CPU hours are shown beside
 them), summed over selection, training and extraction plus, with ``--eval finetune``, the final round's
@@ -31,6 +31,7 @@ import numpy as np
 from asvp_backend.fsutil import atomic_write_bytes
 
 from .metrics import (
+    DEFAULT_CPU_PRICE,
     DEFAULT_GPU_PRICE,
     DEFAULT_LABEL_PRICE,
     labels_to_reach,
@@ -78,7 +79,8 @@ def machine() -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- results
 
 
-def run_summary(run: RunState, eval_mode: str, label_price: float, gpu_price: float) -> dict[str, Any]:
+def run_summary(run: RunState, eval_mode: str, label_price: float, gpu_price: float,
+                cpu_price: float = 0.0) -> dict[str, Any]:
     """One (method, seed): its curve, seconds per bucket, GPU/CPU hours, cost and alignment decisions."""
     seconds = {b: sum(r["seconds"].get(b, 0.0) for r in run.rounds) for b in BUCKETS}
     last = run.rounds[-1] if run.rounds else None
@@ -102,7 +104,7 @@ def run_summary(run: RunState, eval_mode: str, label_price: float, gpu_price: fl
         "seconds": {**{b: round(v, 3) for b, v in seconds.items()}, "final_model": round(final_model, 3)},
         "gpu_hours": gpu_hours,
         "cpu_hours": cpu_hours,
-        "overall_cost": overall_cost(labels, gpu_hours, label_price, gpu_price),
+        "overall_cost": overall_cost(labels, gpu_hours, label_price, gpu_price, cpu_hours, cpu_price),
         "feature_updates": run.updates,
         "decisions": [
             {"round": r["round"], **r["decision"], "skipped": r.get("update_skipped")}
@@ -110,6 +112,9 @@ def run_summary(run: RunState, eval_mode: str, label_price: float, gpu_price: fl
             if "decision" in r
         ],
         "updates": [{"round": r["round"], **r["update"]} for r in run.rounds if "update" in r],
+        "gates": [{"round": r["round"], **r["gate"]} for r in run.rounds if r.get("gate")],
+        "audit": [{"round": r["round"], "labels": r["labels"], "test": r["accuracy"], **r["audit"]}
+                  for r in run.rounds if r.get("audit") and r["evaluated_by"] == "proxy"],
         "selections": [{"round": r["round"], "added": r["added"]} for r in run.rounds],
     }
 
@@ -134,6 +139,7 @@ def build_results(
     targets: list[float] | None = None,
     label_price: float = DEFAULT_LABEL_PRICE,
     gpu_price: float = DEFAULT_GPU_PRICE,
+    cpu_price: float = DEFAULT_CPU_PRICE,
 ) -> dict[str, Any]:
     """The whole record: configuration, code version, per-run results and the per-method summary."""
     cfg = sim.config
@@ -141,7 +147,7 @@ def build_results(
     per_method: dict[str, list[dict[str, Any]]] = {m: [] for m in cfg.methods}
     for run in runs:
         if run.rounds:
-            per_method[run.method].append(run_summary(run, cfg.eval, label_price, gpu_price))
+            per_method[run.method].append(run_summary(run, cfg.eval, label_price, gpu_price, cpu_price))
     curves = {m: mean_curve([r["curve"] for r in rs]) for m, rs in per_method.items() if rs}
     reference = curves.get(REFERENCE)
     rule = "given with --targets"
@@ -192,6 +198,7 @@ def build_results(
         "targets_rule": rule,
         "label_price": label_price,
         "gpu_price": gpu_price,
+        "cpu_price": cpu_price,
         "runs": per_method,
         "summary": summary,
     }
@@ -304,9 +311,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         "SSR = (n_random - n_method) / n_random at the target, labels read off the seed-mean curves by linear "
         "interpolation at the first crossing; in brackets the per-seed ratios (mean ± std, seeds that reached the "
         "target / seeds). Positive = fewer labels than random.",
-        f"Overall cost = labels x ${results['label_price']:g} + GPU hours x ${results['gpu_price']:g}/h "
-        "(GPU hours count device seconds on CUDA only; on a CPU run they are 0 and the cost is the labelling cost; "
-        "CPU hours are shown for comparison).",
+        f"Overall cost = labels x ${results['label_price']:g} + GPU hours x ${results['gpu_price']:g}/h + CPU hours "
+        f"x ${results.get('cpu_price', 0.0):g}/h (GPU hours count device seconds on CUDA only; CPU hours are the "
+        "wall hours of the work a CPU run did, and of LogME on any run).",
         "",
         "Mean seconds per run:",
         "",
@@ -318,6 +325,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
     lines += _decision_lines(results)
     lines += _update_effect_lines(results)
+    lines += _gate_lines(results)
+    lines += _audit_lines(results)
     lines += [
         "",
         f"Command: `{results['command']}`",
@@ -344,12 +353,54 @@ def _decision_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _gate_lines(results: dict[str, Any]) -> list[str]:
+    """Every verdict of the refresh gate, beside what the test split says of the same two proxies: a false
+    adopt serves features the test split finds worse, a false reject keeps features it finds worse."""
+    runs = [r for rs in results["runs"].values() for r in rs if r.get("gates")]
+    if not runs:
+        return []
+    lines = ["", "Refresh gate (proxy on the refreshed features against the serving ones: on the audit labels, and on "
+             "the test split, which the gate never sees):", "", "| run | round | labels | audit n | audit: new vs "
+             "serving | test: new vs serving | verdict | outcome |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    wrong = {"false adopt": 0, "false reject": 0, "judged": 0}
+    for r in runs:
+        for g in r["gates"]:
+            audit = (f"{g['challenger_accuracy']:.3f} vs {g['incumbent_accuracy']:.3f}"
+                     if g.get("challenger_accuracy") is not None else "-")  # fmt: skip
+            gain = g["test_challenger"] - g["test_incumbent"]
+            lines.append(f"| {r['method']}-seed{r['seed']} | {g['round']} | {g['labels']} | {g['n']} | {audit} | "
+                         f"{g['test_challenger']:.3f} vs {g['test_incumbent']:.3f} ({gain:+.3f}) | {g['decision']} | "
+                         f"{g['outcome']} |")  # fmt: skip
+            if g["decision"] in ("adopt", "reject"):
+                wrong["judged"] += 1
+                wrong["false adopt"] += g["decision"] == "adopt" and gain < 0
+                wrong["false reject"] += g["decision"] == "reject" and gain > 0
+    lines += ["", f"Of {wrong['judged']} verdicts: {wrong['false adopt']} false adopts (adopted, the test split says "
+              f"worse), {wrong['false reject']} false rejects (rejected, the test split says better). An "
+              "asvp-ungated refresh serves whatever its verdict says."]  # fmt: skip
+    return lines
+
+
+def _audit_lines(results: dict[str, Any]) -> list[str]:
+    """How often the audit estimate's 95% interval held the proxy's test accuracy."""
+    points = [a for rs in results["runs"].values() for r in rs for a in r.get("audit", [])]
+    if not points:
+        return []
+    held = sum(1 for a in points if a["low"] <= a["test"] <= a["high"])
+    error = float(np.mean([abs(a["accuracy"] - a["test"]) for a in points]))
+    return ["", f"Audit estimate: in {held} of {len(points)} rounds the 95% interval held the proxy's test accuracy "
+            f"(mean |estimate - test| {error:.3f}; audit n {min(a['n'] for a in points)}-"
+            f"{max(a['n'] for a in points)}). The rounds are not independent: a run's audit grows by a few labels a "
+            "round."]  # fmt: skip
+
+
 def _update_effect_lines(results: dict[str, Any]) -> list[str]:
     """What each feature update was followed by: ASVP's accuracy in the rounds after it against SVPp of the same
     seed at the same label counts (the two share everything up to the first update)."""
     svpp = {r["seed"]: dict((n, a) for n, a in r["curve"]) for r in results["runs"].get("svpp", [])}
     rows = []
-    for r in results["runs"].get("asvp", []):
+    aligned = [r for method in ("asvp", "asvp-ungated") for r in results["runs"].get(method, [])]
+    for r in aligned:
         if not r["updates"]:
             continue
         first = r["updates"][0]
@@ -359,13 +410,14 @@ def _update_effect_lines(results: dict[str, Any]) -> list[str]:
             continue
         mine, theirs = float(np.mean([p[0] for p in pairs])), float(np.mean([p[1] for p in pairs]))
         rounds = ", ".join(f"{u['round']} ({u['labels']} labels, {u['method']})" for u in r["updates"])
-        rows.append(f"| asvp-seed{r['seed']} | {rounds} | {len(pairs)} | {mine:.4f} | {theirs:.4f} | "
+        rows.append(f"| {r['method']}-seed{r['seed']} | {rounds} | {len(pairs)} | {mine:.4f} | {theirs:.4f} | "
                     f"{mine - theirs:+.4f} |")  # fmt: skip
     if not rows:
         return []
     return ["", "After the feature updates (mean accuracy over the rounds after the first update, against SVPp of the "
-            "same seed at the same label counts):", "", "| run | updates at round | rounds compared | asvp | svpp | "
-            "difference |", "|---|---|---|---|---|---|", *rows]  # fmt: skip
+            "same seed at the same label counts; a rejected refresh changes nothing):", "",
+            "| run | updates at round | rounds compared | asvp | svpp | difference |", "|---|---|---|---|---|---|",
+            *rows]  # fmt: skip
 
 
 def write_report(out: Path | str, results: dict[str, Any]) -> dict[str, Path]:

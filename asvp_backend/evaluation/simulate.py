@@ -5,7 +5,7 @@ method of a seed), each round trains what the method trains on the current label
 model's test accuracy and picks the next batch. Methods (``METHODS``):
 
 - ``random``: uniform picks; the reference of the sample saving ratio.
-- ``svpp``: the proxy on generation-0 (pre-trained) features, never refreshed (method.md section 1).
+- ``svpp``: the proxy on generation-0 (pre-trained) features, never refreshed (docs/method.md, *Measuring the savings*).
 - ``asvp``: the proxy plus both alignments exactly as ``AlignmentPolicy`` decides them: every round LogME
   and LogME-PED of the labelled set (reference = the pool's features of the current generation); when the
   policy fires, fine-tune on the current labels, re-extract every feature with that backbone (generation
@@ -15,7 +15,7 @@ model's test accuracy and picks the next batch. Methods (``METHODS``):
   softmax over the pool.
 
 What "the deliverable" is: ``--eval finetune`` trains FT or LP-FT (``policy.method_for(generation)``) on
-the labels and measures it on the test split, as the authors' scripts do (method.md section 2);
+the labels and measures it on the test split, as the authors' scripts do (docs/method.md, *Measuring the savings*);
 ``--eval proxy`` measures the proxy instead (cheap, for CPU runs). ``standard`` has no proxy: its curve is
 always its own fine-tuned model.
 
@@ -47,8 +47,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from asvp_backend.alignment.gate import WAIT, AuditEstimate, Gate, cross_fitted_right, judge_features
 from asvp_backend.alignment.policy import AlignmentPolicy
 from asvp_backend.fsutil import atomic_write_bytes
+from asvp_backend.selection.audit import AuditPolicy, audit_keys, audit_order
 
 from .datasets import Dataset, Split, load_dataset
 
@@ -63,7 +65,7 @@ _FEATURE_MEMO = 4  # feature matrices kept in memory (generation 0 and the runs'
 _INFER_BATCH = 256
 
 # purposes of derived seeds: each random choice of a round has its own stream
-_INITIAL, _SELECT, _PROXY, _FINETUNE, _EVAL, _PED = range(1, 7)
+_INITIAL, _SELECT, _PROXY, _FINETUNE, _EVAL, _PED, _AUDIT = range(1, 8)
 
 
 def derive_seed(seed: int, round_no: int, purpose: int) -> int:
@@ -101,6 +103,10 @@ class SimulationConfig:
     align_min_new_labels: int = AlignmentPolicy.min_new_labels
     align_max_updates: int = AlignmentPolicy.max_updates
     training_method: str = AlignmentPolicy.training_method
+    audit_fraction: float = AuditPolicy.fraction  # the backend's audit sample, in the proxy methods' batches
+    audit_early_fraction: float = AuditPolicy.early_fraction
+    audit_min_labels: int = AuditPolicy.min_labels
+    gate_z: float = Gate.z
     extract_batch: int = 128
 
     def __post_init__(self) -> None:
@@ -126,10 +132,20 @@ class SimulationConfig:
             raise ValueError(f"the standard method selects with its fine-tuned model's softmax, so the strategy "
                              f"must be one of {', '.join(PROBABILITY_STRATEGIES)}, got {self.strategy!r}")  # fmt: skip
         self.policy()  # validates the training method
+        if not 0.0 <= self.audit_fraction <= 0.5 or not 0.0 <= self.audit_early_fraction <= 0.5:
+            raise ValueError("--audit-fraction and --audit-early-fraction must be between 0 and 0.5")
+        if self.audit_min_labels < 1 or self.gate_z < 0:
+            raise ValueError("need --audit-min-labels >= 1 and --gate-z >= 0")
 
     def policy(self) -> AlignmentPolicy:
         return AlignmentPolicy(True, self.align_threshold, self.align_min_labels, self.align_min_new_labels,
                                self.align_max_updates, self.training_method)  # fmt: skip
+
+    def audit(self) -> AuditPolicy:
+        return AuditPolicy(self.audit_fraction, self.audit_early_fraction, self.audit_min_labels)
+
+    def gate(self) -> Gate:
+        return Gate(self.gate_z, self.audit_min_labels)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -167,6 +183,8 @@ class RunState:
     updates: int = 0
     labels_at_last_update: int = 0
     charged: list[str] = field(default_factory=list)  # feature cache keys whose extraction this run paid for
+    audit: list[int] = field(default_factory=list)  # train rows picked for the audit sample, in picking order
+    held: dict[str, Any] | None = None  # a refreshed generation waiting for audit labels (the gate said wait)
     rounds: list[dict[str, Any]] = field(default_factory=list)
     device: str = ""
 
@@ -495,7 +513,12 @@ class RandomMethod(Method):
 
 
 class ProxyMethod(Method):
-    """SVPp: a fresh proxy each round on the current generation's features (generation 0 forever here)."""
+    """SVPp: a fresh proxy each round on the current generation's features (generation 0 forever here).
+
+    Like the backend's queue, each batch holds the audit picks the labels since the first round call for
+    (``AuditPolicy.positions``: an annotator who labels the queue from the top labels exactly those), the
+    unlabelled rows with the smallest audit keys; the strategy chooses the rest. Each round records the
+    proxy's accuracy estimated on the audit labels (cross-fitted), to set beside the test accuracy."""
 
     name = "svpp"
 
@@ -506,32 +529,76 @@ class ProxyMethod(Method):
                                       derive_seed(run.seed, round_no, _PROXY))  # fmt: skip
         return x, proxy
 
+    def _audit_rows(self, run: RunState, rows: np.ndarray) -> np.ndarray:
+        """The audit labels now: audit picks that are labelled."""
+        return np.intersect1d(np.asarray(run.audit, dtype=np.int64), rows)
+
+    def _audit_picks(self, run: RunState, rows: np.ndarray, pool: np.ndarray, budget: int) -> np.ndarray:
+        """This batch's audit picks (selection/audit.py's rule, the backend's)."""
+        policy = self.ws.config.audit()
+        since_start = len(rows) - min(self.ws.config.initial, len(rows))  # the initial labels are not audited
+        count = len(policy.positions(since_start, len(self._audit_rows(run, rows)), budget))
+        return pool[audit_order(pool, audit_keys(pool, run.seed), count)]
+
     def _select(self, run: RunState, round_no: int, rows: np.ndarray, budget: int, x: np.ndarray, proxy: Any,
                 laps: Laps) -> np.ndarray:  # fmt: skip
         with laps("selection"):
             pool = self._pool(rows)
+            picks = self._audit_picks(run, rows, pool, budget) if budget and len(pool) else pool[:0]
+            run.audit.extend(int(r) for r in picks)
+            pool = np.setdiff1d(pool, picks)
+            budget -= len(picks)
             x_pool, x_lab = x[pool], x[rows].astype(np.float32)
             probs = proxy.predict_proba(x_pool) if proxy is not None and budget and len(pool) else None
-            return self.ws.select(pool, budget, derive_seed(run.seed, round_no, _SELECT), probs, x_pool, x_lab, proxy)
+            chosen = self.ws.select(pool, budget, derive_seed(run.seed, round_no, _SELECT), probs, x_pool, x_lab,
+                                    proxy)  # fmt: skip
+            return np.concatenate([picks, chosen]).astype(np.int64)
+
+    def _audit_estimate(self, run: RunState, round_no: int, rows: np.ndarray, x: np.ndarray,
+                        laps: Laps) -> dict[str, Any] | None:
+        """The proxy's accuracy estimated on the audit labels, as the round job records it."""
+        audit = self._audit_rows(run, rows)
+        if not len(audit):
+            return None
+        others = np.setdiff1d(rows, audit)
+        labels = self.ws.dataset.train.labels
+        with laps("evaluation"):
+            right = cross_fitted_right(self._make_proxy(round_no, run), x[others], labels[others], x[audit],
+                                       labels[audit], seed=derive_seed(run.seed, round_no, _AUDIT))
+        return None if right is None else AuditEstimate.from_right(right).to_dict()
+
+    def _make_proxy(self, round_no: int, run: RunState) -> Callable[[], Any]:
+        from asvp_backend.selection import create_proxy
+
+        seed = derive_seed(run.seed, round_no, _PROXY)
+        return lambda: create_proxy(self.ws.config.proxy, device=self.ws.proxy_device, seed=seed)
 
     def play(self, run: RunState, round_no: int, rows: np.ndarray, budget: int, laps: Laps) -> Outcome:
         x, proxy = self._fit(run, round_no, rows, laps)
         accuracy, by = self._evaluate(run, round_no, rows, proxy, laps)
-        return Outcome(accuracy, by, self._select(run, round_no, rows, budget, x, proxy, laps))
+        extra = {"audit": self._audit_estimate(run, round_no, rows, x, laps)}
+        return Outcome(accuracy, by, self._select(run, round_no, rows, budget, x, proxy, laps), extra)
 
 
 class AlignedProxyMethod(ProxyMethod):
-    """ASVP: SVPp plus the LogME-PED trigger and the training-method policy (``AlignmentPolicy``)."""
+    """ASVP: SVPp plus the LogME-PED trigger and the training-method policy (``AlignmentPolicy``), and the
+    backend's refresh gate: a refreshed generation serves only when the audit labels say it is better
+    (``judge_features``). Fine-tuning never sees audit labels."""
 
     name = "asvp"
+    gated: ClassVar[bool] = True
 
     def play(self, run: RunState, round_no: int, rows: np.ndarray, budget: int, laps: Laps) -> Outcome:
         from asvp_backend.alignment.transferability import logme, logme_ped
 
         ws = self.ws
+        extra: dict[str, Any] = {}
+        if run.held is not None and len(self._audit_rows(run, rows)) >= ws.config.audit_min_labels:
+            extra["gate"] = self._judge(run, round_no, rows, str(run.held["checkpoint"]), laps)  # waited: judge now
         generation = run.generation
         x, proxy = self._fit(run, round_no, rows, laps)
         accuracy, by = self._evaluate(run, round_no, rows, proxy, laps)
+        extra["audit"] = self._audit_estimate(run, round_no, rows, x, laps)
         y = ws.dataset.train.labels[rows]
         score, score_ped = None, None
         with laps("alignment"):
@@ -544,36 +611,72 @@ class AlignedProxyMethod(ProxyMethod):
                                     labels_at_last_update=run.labels_at_last_update)  # fmt: skip
         if score_ped is not None:
             run.scores.append(score_ped)
-        extra: dict[str, Any] = {"decision": decision.to_dict()}
+        extra["decision"] = decision.to_dict()
         if decision.fires and budget == 0:
             # the backend would update now; here no batch is left to select on the new features, so the
             # fine-tune and re-extraction would cost without changing anything the curve shows
             extra["update_skipped"] = "last round: no batch left to select on new features"
+        elif decision.fires and run.held is not None:
+            extra["update_skipped"] = "a refreshed generation is waiting for audit labels"
         elif decision.fires:
             assert decision.method is not None
             extra["update"] = self._update(run, round_no, rows, decision.method, laps)
+            extra["gate"] = self._judge(run, round_no, rows, extra["update"]["checkpoint"], laps)
+        if run.generation != generation:
             x, proxy = self._fit(run, round_no, rows, laps)  # the next batch is chosen on the new features
         return Outcome(accuracy, by, self._select(run, round_no, rows, budget, x, proxy, laps), extra)
 
     def _update(self, run: RunState, round_no: int, rows: np.ndarray, method: str, laps: Laps) -> dict[str, Any]:
-        """Feature alignment: fine-tune on the current labels, save the backbone, re-extract (generation + 1)."""
+        """Feature alignment: fine-tune on the current labels but the audit ones, save the backbone, extract
+        the candidate generation (it serves once the gate adopts it)."""
         from asvp_backend.alignment.checkpoint import save_checkpoint
 
         ws = self.ws
-        folder = f"runs/{run.name}/g{run.generation + 1}"
+        folder = f"runs/{run.name}/g{run.generation + 1}-u{run.updates + 1}"
+        trained = np.setdiff1d(rows, self._audit_rows(run, rows))
         with laps("training"):
-            result = ws.finetune(method, rows, derive_seed(run.seed, round_no, _FINETUNE))
+            result = ws.finetune(method, trained, derive_seed(run.seed, round_no, _FINETUNE))
             save_checkpoint(result, ws.out / folder)
-        run.generation += 1
-        run.checkpoint = folder
         run.updates += 1
         run.labels_at_last_update = len(rows)
-        run.scores = []
         before = laps.seconds["extraction"]
         self._features(run, folder, "train", "extraction", laps)
-        return {"generation": run.generation, "checkpoint": folder, "method": method, "labels": len(rows),
-                "finetune_seconds": result.metrics.get("seconds"),
+        return {"generation": run.generation + 1, "checkpoint": folder, "method": method, "labels": len(rows),
+                "trained_on": len(trained), "finetune_seconds": result.metrics.get("seconds"),
                 "extraction_seconds": laps.seconds["extraction"] - before}  # fmt: skip
+
+    def _judge(self, run: RunState, round_no: int, rows: np.ndarray, folder: str, laps: Laps) -> dict[str, Any]:
+        """The gate's verdict on the candidate generation in `folder` (adopted, rejected or held), with what
+        the test split says of the same two proxies (the truth the gate cannot see, for its error rates)."""
+        ws = self.ws
+        labels = ws.dataset.train.labels
+        x_new = self._features(run, folder, "train", "extraction", laps)
+        x_old = self._features(run, run.checkpoint, "train", "extraction", laps)
+        with laps("alignment"):
+            verdict = judge_features(ws.config.gate(), self._make_proxy(round_no, run), x_new[rows], x_old[rows],
+                                     labels[rows], np.isin(rows, self._audit_rows(run, rows)),
+                                     seed=derive_seed(run.seed, round_no, _AUDIT))  # fmt: skip
+        truth = {side: ws.proxy_accuracy(ws.fit_proxy(x[rows], labels[rows], derive_seed(run.seed, round_no, _PROXY)),
+                                         ws.features(checkpoint, "test").vectors, labels[rows])[0]
+                 for side, x, checkpoint in (("challenger", x_new, folder), ("incumbent", x_old, run.checkpoint))}
+        adopted = verdict.adopts or not self.gated
+        held = not adopted and verdict.decision == WAIT
+        run.held = {"checkpoint": folder} if held else None
+        if adopted:
+            run.generation += 1
+            run.checkpoint = folder
+            run.scores = []
+        outcome = "adopted" if adopted else "waiting" if held else "rejected"
+        return {"outcome": outcome, "labels": len(rows), "checkpoint": folder, **verdict.to_dict(),
+                "test_challenger": round(truth["challenger"], 4), "test_incumbent": round(truth["incumbent"], 4)}
+
+
+class UngatedProxyMethod(AlignedProxyMethod):
+    """ASVP without the gate (``ALIGN_GATE=false``): every refresh serves; the gate's verdict is still recorded,
+    so its false-adopt and false-reject rates can be counted against the test split."""
+
+    name = "asvp-ungated"
+    gated = False
 
 
 class StandardMethod(Method):
@@ -601,7 +704,9 @@ class StandardMethod(Method):
         return Outcome(float(np.mean(test_probs.argmax(axis=1) == test.labels)), "ft", selected)
 
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (RandomMethod, ProxyMethod, AlignedProxyMethod, StandardMethod)}
+METHODS: dict[str, type[Method]] = {
+    m.name: m for m in (RandomMethod, ProxyMethod, AlignedProxyMethod, UngatedProxyMethod, StandardMethod)
+}
 
 
 # ------------------------------------------------------------------------------------------------- runner

@@ -81,7 +81,7 @@ def test_files_and_fields(uninterrupted: tuple[Path, Simulation, list]):
         assert labels == [20, 40, 60]  # the initial set, then + budget per round
         assert all(0.0 <= a <= 1.0 for _, a in run["curve"])
         assert run["gpu_hours"] == 0.0 and run["cpu_hours"] > 0  # a CPU run
-        assert run["overall_cost"] == pytest.approx(60 * 0.1)
+        assert run["overall_cost"] == pytest.approx(60 * 0.1 + run["cpu_hours"] * 0.1)  # labels + CPU hours
         assert [len(s["added"]) for s in run["selections"]] == [20, 20, 20]
         summary = data["summary"][method]
         assert len(summary["ssr"]) == 2 and summary["final_accuracy"]["n"] == 1
@@ -121,8 +121,8 @@ def test_other_settings_in_the_same_out_are_refused(uninterrupted: tuple[Path, S
 
 
 def test_forced_asvp_update_and_standard(tmp_path: Path):
-    sim, runs = simulate(tmp_path, methods=("asvp", "standard", "svpp"), align_threshold=1e9, align_min_labels=0,
-                         align_min_new_labels=0, finetune_epochs=1, lp_epochs=1)  # fmt: skip
+    sim, runs = simulate(tmp_path, methods=("asvp-ungated", "standard", "svpp"), align_threshold=1e9,
+                         align_min_labels=0, align_min_new_labels=0, finetune_epochs=1, lp_epochs=1)  # fmt: skip
     asvp, standard, svpp = runs
     assert asvp.rounds[1]["accuracy"] == svpp.rounds[1]["accuracy"]  # identical until the update changes features
     decisions = [rec["decision"]["decision"] for rec in asvp.rounds]
@@ -131,14 +131,46 @@ def test_forced_asvp_update_and_standard(tmp_path: Path):
     assert [rec["generation"] for rec in asvp.rounds] == [0, 0, 1]
     update = asvp.rounds[1]["update"]
     assert update["method"] == "ft" and (tmp_path / update["checkpoint"] / "model.safetensors").is_file()
+    audit = set(asvp.audit) & set(asvp.rounds[0]["added"] + asvp.rounds[0]["selected"])
+    assert update["trained_on"] == 40 - len(audit) and len(audit) == 4  # fine-tuning never sees audit labels
+    assert asvp.rounds[1]["gate"]["outcome"] == "adopted"  # ungated: whatever the gate would say
     assert asvp.rounds[1]["seconds"]["training"] > 0 and asvp.rounds[1]["seconds"]["extraction"] > 0
     assert [rec["evaluated_by"] for rec in standard.rounds] == ["ft", "ft", "ft"]
     assert all(rec["seconds"]["training"] > 0 for rec in standard.rounds)
     results = build_results(sim, runs, "test")
-    assert results["runs"]["asvp"][0]["feature_updates"] == 1
-    assert [d["decision"] for d in results["runs"]["asvp"][0]["decisions"]] == decisions
+    assert results["runs"]["asvp-ungated"][0]["feature_updates"] == 1
+    assert [d["decision"] for d in results["runs"]["asvp-ungated"][0]["decisions"]] == decisions
     report = write_report(tmp_path, results)["report"].read_text()
     assert "Alignment decisions" in report and "After the feature updates" in report
+
+
+def test_proxy_batches_hold_the_audit_picks_and_rounds_record_the_audit_estimate(tmp_path: Path):
+    from asvp_backend.selection.audit import AuditPolicy, audit_keys
+
+    _, (svpp,) = simulate(tmp_path, methods=("svpp",))
+    first = svpp.rounds[0]
+    pool = np.setdiff1d(np.arange(300), first["added"])
+    picks = pool[np.argsort(audit_keys(pool, 0), kind="stable")][:4]  # 20% of the first 20 labels
+    assert first["selected"][:4] == picks.tolist() and svpp.audit[:4] == picks.tolist()
+    assert len(svpp.audit) == AuditPolicy().owed(40) == 8
+    assert svpp.rounds[0]["audit"] is None and svpp.rounds[1]["audit"]["n"] == 4
+    _, (plain,) = simulate(tmp_path / "off", methods=("svpp",), audit_fraction=0.0)
+    assert plain.audit == [] and plain.rounds[1]["audit"] is None
+
+
+def test_gated_asvp_holds_a_refresh_until_the_audit_can_judge_it(tmp_path: Path):
+    forced = {"align_threshold": 1e9, "align_min_labels": 0, "align_min_new_labels": 0, "finetune_epochs": 1,
+              "lp_epochs": 1}
+    _, (held,) = simulate(tmp_path / "held", methods=("asvp",), rounds=3, audit_min_labels=1_000, **forced)
+    gate = held.rounds[1]["gate"]
+    assert gate["decision"] == "wait" and gate["outcome"] == "waiting" and gate["n"] == 4
+    assert held.generation == 0 and held.held == {"checkpoint": held.rounds[1]["update"]["checkpoint"]}
+    assert "waiting for audit labels" in held.rounds[2]["update_skipped"]
+    _, (judged,) = simulate(tmp_path / "judged", methods=("asvp",), audit_min_labels=4, **forced)
+    gate = judged.rounds[1]["gate"]
+    assert gate["decision"] in ("adopt", "reject") and gate["n"] == 4
+    assert judged.generation == (1 if gate["decision"] == "adopt" else 0) and judged.held is None
+    assert {"test_challenger", "test_incumbent", "challenger_accuracy", "incumbent_accuracy"} <= set(gate)
 
 
 def test_finetune_evaluation_trains_the_policy_deliverable(tmp_path: Path):
@@ -305,3 +337,22 @@ def test_stratified_sample_keeps_class_balance():
     assert stratified_sample(labels, 10, seed=3).tolist() == rows.tolist()
     assert len(stratified_sample(labels, 7, seed=0)) == 7
     assert len(stratified_sample(labels, 500, seed=0)) == 100
+
+
+def test_mnist_5k_csv(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 5)
+    rows = np.concatenate([rng.integers(0, 256, (50, 784)), labels[:, None]], axis=1)
+    path = tmp_path / "mnist_5k.csv.gz"
+    with gzip.open(path, "wt") as fh:
+        np.savetxt(fh, rows, fmt="%d", delimiter=",")
+    data = load_dataset(f"mnist-5k:{path}")
+    assert data.classes == tuple(str(c) for c in range(10)) and len(data.train) + len(data.test) == 50
+    assert data.test_split == SEEDED_SPLIT and data.train.image(0).size == (28, 28)
+    bad = tmp_path / "bad.csv.gz"
+    with gzip.open(bad, "wt") as fh:
+        fh.write("1,2,3\n")
+    with pytest.raises(ValueError, match="784 pixels"):
+        load_dataset(f"mnist-5k:{bad}")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_dataset(f"mnist-5k:{tmp_path / 'missing.csv.gz'}")
