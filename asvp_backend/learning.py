@@ -100,7 +100,8 @@ def audit_accuracy(state: Any) -> dict[str, Any]:
               "interval": [r["audit"]["low"], r["audit"]["high"]]}
              for r in state.rounds if isinstance(r.get("audit"), Mapping) and r["audit"].get("n")]
     latest = curve[-1] if curve else None
-    measured_on = (f"{latest['n']} audit labels: tasks drawn uniformly at random from the pool and labelled in "
+    measured_on = (f"{latest['n']} audit label{'' if latest['n'] == 1 else 's'}: tasks drawn uniformly at random "
+                   "from the pool and labelled in "
                    "the queue, each predicted by a proxy that did not train on it (an unbiased estimate)"
                    if latest else None)  # fmt: skip
     return {"latest": latest, "measured_on": measured_on, "curve": curve,

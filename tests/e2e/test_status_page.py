@@ -465,4 +465,4 @@ def test_audit_labels_give_the_unbiased_line_on_the_curve(stack, project, browse
     open_page(stack, browser, f"/ui/projects/{pid}")
     wait_for(lambda: read(browser, "#curve circle.audit-point"), timeout=10, what="the audit line")
     text = read(browser, "#summary .audit-accuracy")[0]
-    assert f"{audit['accuracy']:.3f}" in text and f"{n} audit labels" in text
+    assert f"{audit['accuracy']:.3f}" in text and f"{n} audit label" in text
