@@ -372,7 +372,8 @@ def generation_served(runtime: Any, pid: int, generation: int, verdict: GateDeci
 
 
 # ------------------------------------------------------------------------------------ the refresh gate
-ADOPTED, REJECTED, WAITING = "adopted", "rejected", "judge"
+ADOPTED, REJECTED = "adopted", "rejected"  # the gate's decisions as the alignment history records them
+JUDGE_STAGE = "judge"  # `pending.stage` of a refreshed generation that waits for audit labels
 
 
 def serve_generation(ctx: JobContext, store: Any, generation: Any) -> tuple[bool, GateDecision | None]:
@@ -436,10 +437,10 @@ def refresh_held(runtime: Any, pid: int, generation: int, verdict: GateDecision)
         model = (alignment.pending or {}).get("model") or alignment.feature_model
         alignment.feature_model = alignment.generation_models.get(str(current.generation))
         if verdict.decision == GATE_WAIT:
-            if (alignment.pending or {}).get("stage") != WAITING:  # one decision per wait, not one per round
+            if (alignment.pending or {}).get("stage") != JUDGE_STAGE:  # one decision per wait, not one per round
                 alignment.record_decision({"decision": "waiting", "reason": verdict.reason, "at": time.time(),
                                            "generation": generation, "model": model, "gate": verdict.to_dict()})
-            alignment.pending = {"stage": WAITING, "since": time.time(), "model": model, "generation": generation,
+            alignment.pending = {"stage": JUDGE_STAGE, "since": time.time(), "model": model, "generation": generation,
                                  "audit": verdict.n}
         else:
             alignment.record_decision({"decision": REJECTED, "reason": verdict.reason, "at": time.time(),
@@ -460,7 +461,7 @@ def judge_waiting_refresh(ctx: JobContext, state: ProjectState, tasks: dict[int,
 
     runtime, pid = ctx.runtime, ctx.project_id
     pending = state.alignment.pending or {}
-    if pending.get("stage") != WAITING or len(state.audit.labelled(tasks)) < runtime.settings.audit_min_labels:
+    if pending.get("stage") != JUDGE_STAGE or len(state.audit.labelled(tasks)) < runtime.settings.audit_min_labels:
         return None
     store = feature_store(runtime.settings.model_dir, pid)
     serving, generation = store.current(repair=True), int(pending["generation"])
