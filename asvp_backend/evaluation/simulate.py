@@ -5,12 +5,17 @@ method of a seed), each round trains what the method trains on the current label
 model's test accuracy and picks the next batch. Methods (``METHODS``):
 
 - ``random``: uniform picks; the reference of the sample saving ratio.
-- ``svpp``: the proxy on generation-0 (pre-trained) features, never refreshed (docs/method.md, *Measuring the savings*).
+- ``svpp``: the proxy on generation-0 (pre-trained) features, never refreshed (docs/method.md, *Measuring the
+  savings*). Its batches hold the backend's audit picks (``selection/audit.py``), as every proxy method's do.
 - ``asvp``: the proxy plus both alignments exactly as ``AlignmentPolicy`` decides them: every round LogME
   and LogME-PED of the labelled set (reference = the pool's features of the current generation); when the
-  policy fires, fine-tune on the current labels, re-extract every feature with that backbone (generation
-  + 1) and continue from the current labels. A decision to update in the last round is recorded but not
-  run: no batch is left to select on the new features.
+  policy fires, fine-tune on the current labels but the audit ones, re-extract every feature with that
+  backbone, and let the backend's gate judge the candidate on the audit labels (``judge_features``): adopted,
+  it becomes generation + 1; rejected, the run goes on with the serving features; below AUDIT_MIN_LABELS it
+  waits and a later round judges it. A decision to update in the last round is recorded but not run: no
+  batch is left to select on the new features.
+- ``asvp-ungated``: ``asvp`` whose refreshes always serve (``ALIGN_GATE=false``); the gate's verdict is still
+  recorded, to count its errors against the test split.
 - ``standard``: fine-tune the backbone every round (FT, from the pre-trained weights) and select with its
   softmax over the pool.
 
