@@ -12,6 +12,10 @@
 #                                       gate defaults. The trigger is not under test here: --align-threshold 1e9
 #                                       makes every asvp run refresh once, at 150 labels, so that each gate verdict
 #                                       can be set beside the test split's. About 30-40 min each on 2 cores.
+#                                       The committed variants: gate_*_cpu (refresh at 150 labels, judged at 350
+#                                       when the audit has 60 labels) and gate_*_350_cpu (the same command with
+#                                       OUT bench/results/gate_*_350_cpu and --align-min-labels 350 appended:
+#                                       the refresh is fine-tuned when the audit can judge it at once).
 #   bench/bench_simulate.sh gpu [OUT]   the benchmark of record on a GPU machine (not run yet): the full
 #                                       60,000 / 10,000 split at 224 px, --eval finetune, 100 + 100 x 10 labels
 #                                       (the labels of docs/method.md, *Measuring the savings*), 3 seeds.

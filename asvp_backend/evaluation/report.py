@@ -363,6 +363,8 @@ def _gate_lines(results: dict[str, Any]) -> list[str]:
              "the test split, which the gate never sees):", "", "| run | round | labels | audit n | audit: new vs "
              "serving | test: new vs serving | verdict | outcome |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     wrong = {"false adopt": 0, "false reject": 0, "judged": 0}
+    # asvp and asvp-ungated of a seed are the same run up to the first verdict: count each verdict once
+    counted = "asvp" if any(r["method"] == "asvp" for r in runs) else "asvp-ungated"
     for r in runs:
         for g in r["gates"]:
             audit = (f"{g['challenger_accuracy']:.3f} vs {g['incumbent_accuracy']:.3f}"
@@ -371,13 +373,13 @@ def _gate_lines(results: dict[str, Any]) -> list[str]:
             lines.append(f"| {r['method']}-seed{r['seed']} | {g['round']} | {g['labels']} | {g['n']} | {audit} | "
                          f"{g['test_challenger']:.3f} vs {g['test_incumbent']:.3f} ({gain:+.3f}) | {g['decision']} | "
                          f"{g['outcome']} |")  # fmt: skip
-            if g["decision"] in ("adopt", "reject"):
+            if g["decision"] in ("adopt", "reject") and r["method"] == counted:
                 wrong["judged"] += 1
                 wrong["false adopt"] += g["decision"] == "adopt" and gain < 0
                 wrong["false reject"] += g["decision"] == "reject" and gain > 0
-    lines += ["", f"Of {wrong['judged']} verdicts: {wrong['false adopt']} false adopts (adopted, the test split says "
-              f"worse), {wrong['false reject']} false rejects (rejected, the test split says better). An "
-              "asvp-ungated refresh serves whatever its verdict says."]  # fmt: skip
+    lines += ["", f"Of {wrong['judged']} verdicts ({counted} runs): {wrong['false adopt']} false adopts (adopted, the "
+              f"test split says worse), {wrong['false reject']} false rejects (rejected, the test split says better). "
+              "An asvp-ungated refresh serves whatever its verdict says."]  # fmt: skip
     return lines
 
 
