@@ -36,6 +36,7 @@ from asvp_backend.layout import ProjectLayout
 from asvp_backend.learning import accuracy_fields
 from asvp_backend.prediction import UNRANKED_SUFFIX
 from asvp_backend.selection.audit import AuditPolicy, interleave
+from asvp_backend.selection.scoring import check_scores
 from asvp_backend.state import AuditState, ProjectState, SyncedTask, TaskSnapshot
 from asvp_backend.versioning import ModelVersion
 
@@ -162,6 +163,7 @@ def place_audit(ranking: RoundRanking, inputs: RoundInputs, audit: AuditState, t
     horizon = min(len(inputs.pool_ids), settings.push_top_k)
     positions = policy.positions(max(0, inputs.labelled_total - started), len(audit.labelled(tasks)), horizon)
     placed = interleave(ranking.scores, inputs.pool_ids, settings.seed, positions)
+    check_scores(placed.scores)  # Label Studio drops a prediction scored outside [0, 1] without a word
     ranking.scores = placed.scores
     return inputs.pool_ids[placed.audit_rows]
 

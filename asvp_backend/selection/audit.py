@@ -122,10 +122,37 @@ def interleave(scores: np.ndarray, pool_ids: np.ndarray, seed: int, positions: l
     order[~slots] = rest
     ordered = np.sort(scores, kind="stable")
     top = min(n, positions[-1] + 2)
-    for i in range(1, top):  # ties at the top would let Label Studio serve either first
-        if ordered[i] <= ordered[i - 1]:
-            ordered[i] = np.nextafter(ordered[i - 1], np.inf)
+    ordered[:top] = _untied(ordered[:top])  # ties at the top would let Label Studio serve either first
     ordered[top:] = np.maximum(ordered[top:], ordered[top - 1])  # and nothing below the top moves above it
     new_scores = np.empty(n, dtype=np.float64)
     new_scores[order] = ordered
     return Interleaved(new_scores, picks, positions)
+
+
+def _ulps(value: float, count: int, direction: float) -> list[float]:
+    """`value` and the `count` floats after it towards `direction`, nearest first."""
+    out = [float(value)]
+    for _ in range(count):
+        out.append(float(np.nextafter(out[-1], direction)))
+    return out
+
+
+def _untied(ordered: np.ndarray) -> np.ndarray:
+    """Sorted scores made strictly increasing by the smallest steps (a few ulps) that keep every score in
+    [0, 1], Label Studio's range (selection/scoring.py): a run of equal scores steps down from its value, or up
+    where that would leave [0, 1] or meet the score before it. A run that fits neither way stays tied."""
+    out = np.array(ordered, dtype=np.float64)
+    i = 0
+    while i < len(out):
+        j = i
+        while j + 1 < len(out) and out[j + 1] == out[i]:
+            j += 1
+        if j > i:
+            down = _ulps(out[i], j - i, -np.inf)[::-1]
+            up = _ulps(out[i], j - i, np.inf)
+            if down[0] >= 0.0 and (i == 0 or down[0] > out[i - 1]):
+                out[i : j + 1] = down
+            elif up[-1] <= 1.0 and (j + 1 == len(out) or up[-1] < out[j + 1]):
+                out[i : j + 1] = up
+        i = j + 1
+    return out

@@ -84,3 +84,21 @@ def test_interleave_breaks_ties_at_the_top_and_ignores_positions_past_the_pool()
     assert np.all(np.diff(placed.scores[served][:5]) > 0)
     unchanged = interleave(scores, ids, seed=0, positions=[])
     assert unchanged.audit_rows.size == 0 and np.array_equal(unchanged.scores, scores)
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0, 0.5])
+def test_ties_are_broken_inside_label_studios_score_range(value: float) -> None:
+    """Label Studio drops a prediction whose score is outside [0, 1]: a queue of certain tasks (margin 1.0 for
+    all, as on easy images) or of a cold start (0.0) must stay inside it after the picks are placed."""
+    from asvp_backend.selection.scoring import check_scores
+
+    ids = np.arange(1, 41)
+    scores = np.full(40, value)
+    placed = interleave(scores, ids, seed=0, positions=[0, 5, 10])
+    check_scores(placed.scores)
+    served = np.argsort(placed.scores, kind="stable")
+    assert served[[0, 5, 10]].tolist() == placed.audit_rows.tolist()
+    assert np.all(np.diff(placed.scores[served][:12]) > 0)
+    mixed = interleave(np.array([0.0, 0.0, 1.0, 1.0, 1.0]), np.arange(5), seed=1, positions=[0, 2])
+    check_scores(mixed.scores)
+    assert np.all(np.diff(np.sort(mixed.scores)[:4]) > 0)  # strict up to the slot after the last pick
