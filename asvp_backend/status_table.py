@@ -48,7 +48,15 @@ def _learning_facts(learning: dict[str, Any]) -> list[tuple[str, str]]:
                 f"{learning['accuracy'].get('measured_on')}" if latest else "not measured yet")
     accepted = (f"{overall['rate'] * 100:.0f}% ({overall['accepted']} of {overall['reviewed']}; "
                 f"{overall['corrected']} corrected)" if overall.get("reviewed") else "none reviewed yet")
-    facts = [("accuracy", accuracy), ("accepted as-is", accepted)]
+    audit = (learning.get("audit") or {}).get("latest")
+    audit_line = (f"{_num(audit['accuracy'])} (95% interval {_interval(audit['interval'])}), "
+                  f"{learning['audit'].get('measured_on')}" if audit else "not measured yet (no audit label)")
+    facts = [("audit accuracy", audit_line), ("accuracy", accuracy), ("accepted as-is", accepted)]
+    refreshes = learning.get("refreshes") or []
+    if refreshes:
+        last = refreshes[-1]
+        facts.append(("last refresh", f"generation {last.get('generation')} {last.get('decision')}: "
+                                      f"{last.get('reason')}"))
     changes = learning.get("config_changes") or []
     if changes:
         last = changes[-1]

@@ -144,9 +144,15 @@ def test_jobs_fold_one_row_per_kind_and_failures_stay_visible():
                                                                   "biased estimate)"},
                      "pre_annotations": {"overall": {"accepted": 2, "corrected": 1, "reviewed": 3, "rate": 0.6667}},
                      "config_changes": [{"at": now, "added": ["bird"], "removed": []}],
+                     "audit": {"latest": {"accuracy": 0.8, "interval": [0.61, 0.91], "n": 20},
+                               "measured_on": "20 audit labels: ... (an unbiased estimate)"},
+                     "refreshes": [{"decision": "rejected", "generation": 1,
+                                    "reason": "the refreshed features are not better: 0.700 vs 0.800 ..."}],
                      "deliverable": {"model": None, "training": {"kind": "finetune", "text": "fine-tuning 22/250"}}},
     }], "jobs": jobs}
     text = format_status(report)
+    assert "audit accuracy   0.800 (95% interval 0.61-0.91), 20 audit labels" in text
+    assert "last refresh     generation 1 rejected: the refreshed features are not better" in text
     lines = text.splitlines()
     assert lines[0] == "project 3: Pets"
     assert "0.850 (95% interval 0.71-0.93), cross-validated on the 40 labelled tasks" in text
