@@ -11,9 +11,11 @@ on this and a false "stop" costs them accuracy:
     labelling can stop when
       (1) kappa >= STOP_KAPPA in each of the last STOP_ROUNDS rounds (a round without a kappa, such as the
           first one or a cold-start round, breaks the run), and
-      (2) the cross-validated proxy accuracy stopped rising: the best cv accuracy of those last STOP_ROUNDS
-          rounds is at most MIN_GAIN (0.005) above the best cv accuracy of every round before them (and
-          at least one earlier round has a cv accuracy to compare with).
+      (2) the proxy's accuracy stopped rising: its best of those last STOP_ROUNDS rounds is at most MIN_GAIN
+          (0.005) above its best of every round before them (and at least one earlier round has one to
+          compare with). The accuracy is the audit estimate (alignment/gate.py) once the newest round has
+          AUDIT_MIN_LABELS audit labels (only rounds with as many count), else the cross-validated accuracy on
+          the chosen labels, which flatters but is there from the first round.
 
 (2) guards against a proxy that is stable but still learning a rare class the stop set barely holds.
 
@@ -31,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+AUDIT, CROSS_VALIDATED = "audit", "cross-validated"
 MIN_GAIN = 0.005  # accuracy gains at or below this (half a point) count as "not rising"
 STOP_SET_SIZE = 2000  # the paper's stop sets are a few thousand; kappa's error at 2,000 is about +-0.005
 
@@ -65,6 +68,7 @@ class StopSignal:
     earlier_best_accuracy: float | None
     rule: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
+    accuracy_source: str = CROSS_VALIDATED  # which accuracy (2) compared: "audit" or "cross-validated"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,32 +90,42 @@ class StopRule:
     kappa: float = 0.99
     rounds: int = 3
     min_gain: float = MIN_GAIN
+    min_audit: int = 60  # AUDIT_MIN_LABELS: audit estimates on fewer labels are not used
 
     @classmethod
     def from_settings(cls, settings: Any) -> StopRule:
-        return cls(kappa=settings.stop_kappa, rounds=settings.stop_rounds)
+        return cls(kappa=settings.stop_kappa, rounds=settings.stop_rounds, min_audit=settings.audit_min_labels)
+
+    def _audit_accuracy(self, record: Mapping[str, Any]) -> float | None:
+        audit = record.get("audit") or {}
+        return audit.get("accuracy") if (audit.get("n") or 0) >= self.min_audit else None
 
     def evaluate(self, history: Sequence[Mapping[str, Any]]) -> StopSignal:
         """`history`: the project's round records, oldest first (each may carry `stop.kappa` and
         `cv_accuracy`)."""
         evidence = [
             {"version": r.get("version"), "labelled": r.get("labelled"), "kappa": (r.get("stop") or {}).get("kappa"),
-             "cv_accuracy": r.get("cv_accuracy")}
+             "cv_accuracy": r.get("cv_accuracy"), "audit_accuracy": self._audit_accuracy(r)}
             for r in rounds_with_new_labels(history)
         ]
+        source = AUDIT if evidence and evidence[-1]["audit_accuracy"] is not None else CROSS_VALIDATED
+        key = "audit_accuracy" if source == AUDIT else "cv_accuracy"
+        named = "audit accuracy" if source == AUDIT else "cross-validated accuracy"
         stable = 0
         for entry in reversed(evidence):
             if entry["kappa"] is None or entry["kappa"] < self.kappa:
                 break
             stable += 1
-        recent = [e["cv_accuracy"] for e in evidence[-self.rounds:] if e["cv_accuracy"] is not None]
-        earlier = [e["cv_accuracy"] for e in evidence[:-self.rounds] if e["cv_accuracy"] is not None]
+        series: list[float | None] = [e[key] for e in evidence]
+        recent = [a for a in series[-self.rounds:] if a is not None]
+        earlier = [a for a in series[:-self.rounds] if a is not None]
         recent_best = max(recent) if recent else None
         earlier_best = max(earlier) if earlier else None
-        rule = {"STOP_KAPPA": self.kappa, "STOP_ROUNDS": self.rounds, "min_accuracy_gain": self.min_gain}
+        rule = {"STOP_KAPPA": self.kappa, "STOP_ROUNDS": self.rounds, "min_accuracy_gain": self.min_gain,
+                "AUDIT_MIN_LABELS": self.min_audit}
 
         def signal(can_stop: bool, reason: str) -> StopSignal:
-            return StopSignal(can_stop, reason, stable, recent_best, earlier_best, rule, evidence)
+            return StopSignal(can_stop, reason, stable, recent_best, earlier_best, rule, evidence, source)
 
         if stable < self.rounds:
             last = evidence[-1]["kappa"] if evidence else None
@@ -120,11 +134,11 @@ class StopRule:
                                  f"in {stable} of the last {self.rounds} rounds required (last kappa: {shown})")
         if recent_best is None or earlier_best is None:
             return signal(False, f"keep labelling: predictions are stable for {stable} rounds, but there is no "
-                                 "earlier cross-validated accuracy to tell whether it still rises")
+                                 f"earlier {named} to tell whether it still rises")
         gain = recent_best - earlier_best
         if gain > self.min_gain + 1e-9:  # 0.805 - 0.800 is 0.0050000000000001 in floats
             return signal(False, f"keep labelling: predictions are stable for {stable} rounds, but the "
-                                 f"cross-validated accuracy still rises ({earlier_best:.3f} -> {recent_best:.3f})")
+                                 f"{named} still rises ({earlier_best:.3f} -> {recent_best:.3f})")
         return signal(True, f"labelling can stop: predictions on the stop set are stable (kappa >= {self.kappa}) "
-                            f"for {stable} rounds and the cross-validated accuracy stopped rising "
+                            f"for {stable} rounds and the {named} stopped rising "
                             f"(best {recent_best:.3f} in the last {self.rounds} rounds, {earlier_best:.3f} before)")

@@ -111,11 +111,27 @@ def test_without_an_earlier_accuracy_it_cannot_tell():
     assert signal.stable_rounds == 2 and not signal.can_stop and "no earlier" in signal.reason
 
 
+def test_the_audit_accuracy_judges_once_the_newest_round_has_enough_audit_labels():
+    # the cv accuracy on the chosen labels keeps rising; the audit estimate (unbiased) has stopped
+    history = rounds([None, 0.9, 0.9, 0.995, 0.999, 1.0], [0.70, 0.80, 0.82, 0.84, 0.86, 0.88])
+    audits = [{"n": 40, "accuracy": 0.9}, {"n": 60, "accuracy": 0.81}, {"n": 62, "accuracy": 0.8},
+              {"n": 64, "accuracy": 0.812}, {"n": 66, "accuracy": 0.809}, {"n": 70, "accuracy": 0.811}]
+    with_audit = [{**r, "audit": a} for r, a in zip(history, audits, strict=True)]
+    signal = RULE.evaluate(with_audit)
+    assert signal.can_stop and signal.accuracy_source == "audit" and "audit accuracy stopped rising" in signal.reason
+    # the round with 40 audit labels does not count: 0.81 is the earlier best, not 0.9
+    assert signal.earlier_best_accuracy == 0.81 and signal.recent_best_accuracy == 0.812
+    assert [h["audit_accuracy"] for h in signal.history] == [None, 0.81, 0.8, 0.812, 0.809, 0.811]
+    too_few = StopRule(kappa=0.99, rounds=3, min_audit=100).evaluate(with_audit)
+    assert not too_few.can_stop and too_few.accuracy_source == "cross-validated" and "still rises" in too_few.reason
+
+
 def test_the_rule_comes_from_the_settings():
     from asvp_backend.config import Settings
 
-    rule = StopRule.from_settings(Settings.from_env({"STOP_KAPPA": "0.95", "STOP_ROUNDS": "2"}))
-    assert (rule.kappa, rule.rounds) == (0.95, 2)
+    rule = StopRule.from_settings(Settings.from_env({"STOP_KAPPA": "0.95", "STOP_ROUNDS": "2",
+                                                     "AUDIT_MIN_LABELS": "80"}))
+    assert (rule.kappa, rule.rounds, rule.min_audit) == (0.95, 2, 80)
 
 
 # ------------------------------------------------------------------------------------- the round's step
