@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from asvp_backend.state import MAX_SCORES
+
 
 class ConfigError(ValueError):
     """A setting has a value we cannot use; the message names the variable and what is allowed."""
@@ -186,7 +188,8 @@ class Settings:
     seed: int = _env("SEED", _int_in(0), default=0)
     # Alignment (ASVP): the LogME-PED trigger and the training method, see alignment/policy.py
     align: bool = _env("ALIGN", _bool, default=True)
-    align_threshold: float = _env("ALIGN_THRESHOLD", _float_in(-1e6, 1e6), default=0.0)
+    align_threshold: float = _env("ALIGN_THRESHOLD", _float_in(-1e6, 1e6), default=0.0)  # per 100 labels
+    align_window: int = _env("ALIGN_WINDOW", _int_in(1, MAX_SCORES - 1), default=200)  # labels the trend spans
     align_min_labels: int = _env("ALIGN_MIN_LABELS", _int_in(2), default=500)
     align_min_new_labels: int = _env("ALIGN_MIN_NEW_LABELS", _int_in(0), default=250)
     align_max_updates: int = _env("ALIGN_MAX_UPDATES", _int_in(0), default=3)

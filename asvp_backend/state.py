@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 MAX_VERSIONS = 50
 MAX_ROUNDS = 200
+MAX_SCORES = 1000  # LogME-PED scores kept: the trend over ALIGN_WINDOW labels needs one per round
 MAX_JOB_IDS = 100
 
 
@@ -62,7 +63,7 @@ class AlignmentState:
 
     def record_score(self, score: dict[str, Any]) -> None:
         self.scores.append(score)
-        del self.scores[:-MAX_ROUNDS]
+        del self.scores[:-MAX_SCORES]
 
     def record_decision(self, decision: dict[str, Any]) -> None:
         self.decisions.append(decision)
@@ -72,9 +73,11 @@ class AlignmentState:
         self.models.append(model)
         del self.models[:-MAX_MODELS]
 
-    def last_score(self, generation: int) -> dict[str, Any]:
-        """The last scored round on `generation` (what the next round's gain is measured from); {} if none."""
-        return next((score for score in reversed(self.scores) if score.get("generation") == generation), {})
+    def score_history(self, generation: int) -> list[tuple[int, float]]:
+        """(labels, LogME-PED) of the scored rounds on `generation`, oldest first: the policy's trend input."""
+        return [(int(s["labelled"]), float(s["logme_ped"])) for s in self.scores
+                if s.get("generation") == generation and s.get("logme_ped") is not None
+                and s.get("labelled") is not None]
 
     def current_model(self, damaged: Collection[str] = ()) -> dict[str, Any] | None:
         """The deliverable: the newest model, i.e. the one trained on the most labels (on a tie, one the proxy

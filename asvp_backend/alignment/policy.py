@@ -1,10 +1,12 @@
 """The ASVP policy: the one place for both alignment rules (docs/method.md, *The alignment policy*).
 
 Feature alignment: after each round the labelled set's LogME-PED is measured on the current feature
-generation. When its gain over the previous round of the same generation falls below ALIGN_THRESHOLD (the
-features no longer separate the labelled classes better as labels grow), the backbone is fine-tuned and
-every cached feature re-extracted. Minimum label counts keep a fine-tune from running on too little data,
-and a cap bounds the GPU spent.
+generation. When its trend over the last ALIGN_WINDOW labels of that generation (the least-squares slope,
+as a gain per 100 labels) falls below ALIGN_THRESHOLD (the features no longer separate the labelled classes
+better as labels grow), the backbone is fine-tuned and every cached feature re-extracted. A trend, not the
+gain between two consecutive rounds: under random selection 12-19% of those gains are negative while the
+trend still rises, and the trend over 200 labels never was (bench/results/trigger_cpu.md). Minimum label counts keep a fine-tune
+from running on too little data, and a cap bounds the GPU spent.
 
 Training alignment: the training method follows the feature state. LP-FT while the proxy still runs on
 the pre-trained features (generation 0), FT from the first update on; the FT model is also the one that
@@ -16,8 +18,11 @@ inputs, and every decision carries its inputs and its reason so that a person ca
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
+
+import numpy as np
 
 TRAINING_METHODS = ("auto", "ft", "lpft")
 UPDATE, WAIT, OFF = "update", "wait", "off"
@@ -33,10 +38,12 @@ class Decision:
     labelled: int
     logme: float | None = None
     logme_ped: float | None = None
-    previous: float | None = None  # LogME-PED of the previous round of this generation
-    gain: float | None = None
+    previous: float | None = None  # LogME-PED of the previous scored round of this generation
+    gain: float | None = None  # the trend: LogME-PED gain per 100 labels over the window
     threshold: float | None = None
     method: str | None = None  # how the update fine-tunes (only for "update")
+    window: int | None = None  # labels the trend spans (>= ALIGN_WINDOW once it is measured)
+    points: int | None = None  # scored rounds in the trend
 
     @property
     def fires(self) -> bool:
@@ -48,10 +55,12 @@ class Decision:
 
 @dataclass(frozen=True)
 class AlignmentPolicy:
-    """ALIGN, ALIGN_THRESHOLD, ALIGN_MIN_LABELS, ALIGN_MIN_NEW_LABELS, ALIGN_MAX_UPDATES, TRAINING_METHOD."""
+    """ALIGN, ALIGN_THRESHOLD, ALIGN_WINDOW, ALIGN_MIN_LABELS, ALIGN_MIN_NEW_LABELS, ALIGN_MAX_UPDATES,
+    TRAINING_METHOD."""
 
     enabled: bool = True
     threshold: float = 0.0
+    window: int = 200  # no false fire in 620 rounds on noise (bench/results/trigger_cpu.md)
     min_labels: int = 500
     min_new_labels: int = 250
     max_updates: int = 3
@@ -64,8 +73,9 @@ class AlignmentPolicy:
 
     @classmethod
     def from_settings(cls, settings: Any) -> AlignmentPolicy:
-        return cls(settings.align, settings.align_threshold, settings.align_min_labels,
-                   settings.align_min_new_labels, settings.align_max_updates, settings.training_method)
+        return cls(enabled=settings.align, threshold=settings.align_threshold, window=settings.align_window,
+                   min_labels=settings.align_min_labels, min_new_labels=settings.align_min_new_labels,
+                   max_updates=settings.align_max_updates, training_method=settings.training_method)
 
     def method_for(self, generation: int) -> str:
         """Training alignment: the method of a model trained for feature generation `generation`. A feature
@@ -81,40 +91,69 @@ class AlignmentPolicy:
         labelled: int,
         logme: float | None,
         logme_ped: float | None,
-        previous: float | None,
+        history: Sequence[tuple[int, float]],
         updates: int,
         labels_at_last_update: int,
-        previous_labelled: int | None = None,
     ) -> Decision:
-        """Fire a feature update when the LogME-PED gain over the previous round of this generation is
-        below the threshold, once the label minimums are met and while the cap allows. `previous_labelled`:
-        the labels of that previous round (an unchanged labelled set says nothing about a stall)."""
-        def decision(kind: str, reason: str, gain: float | None = None, method: str | None = None) -> Decision:
-            return Decision(kind, reason, generation, labelled, logme, logme_ped, previous, gain, self.threshold,
-                            method)
+        """Fire a feature update when the LogME-PED trend on this generation is below the threshold, once the
+        label minimums are met and while the cap allows. `history`: (labels, LogME-PED) of this generation's
+        earlier scored rounds, oldest first (an unchanged labelled set says nothing about a stall)."""
+        previous = history[-1][1] if history else None
+
+        def decision(kind: str, reason: str, fitted: Trend | None = None, method: str | None = None) -> Decision:
+            return Decision(kind, reason, generation, labelled, logme, logme_ped, previous,
+                            None if fitted is None else fitted.per_100, self.threshold, method,
+                            None if fitted is None else fitted.span, None if fitted is None else fitted.points)
 
         if not self.enabled:
             return decision(OFF, "ALIGN=off: plain SVPp, features are never refreshed")
         if logme_ped is None:
             return decision(WAIT, "no transferability score (fewer than two labelled classes)")
-        if previous is None:
-            return decision(WAIT, f"first score on generation {generation}: nothing to compare with yet")
-        if previous_labelled == labelled:  # a forced round (Start Training) on the same labels: no new evidence
+        if history and history[-1][0] == labelled:  # a forced round (Start Training) on the same labels
             return decision(WAIT, f"the labelled set did not grow since the last scored round ({labelled} labels)")
-        gain = logme_ped - previous
-        if gain >= self.threshold:
-            return decision(WAIT, f"LogME-PED gain {gain:+.4f} >= threshold {self.threshold:g}: the features "
-                            "still separate the labels better as they grow", gain)
-        stalled = f"LogME-PED gain {gain:+.4f} < threshold {self.threshold:g}"
+        fitted = trend([*history, (labelled, logme_ped)], self.window)
+        if fitted is None:
+            first = history[0][0] if history else labelled
+            return decision(WAIT, f"the trend needs LogME-PED over ALIGN_WINDOW={self.window} labels on generation "
+                            f"{generation}; its scores span {labelled - first} so far")
+        shown = f"LogME-PED trend {fitted.per_100:+.4f} per 100 labels over the last {fitted.span} labels"
+        if fitted.per_100 >= self.threshold:
+            return decision(WAIT, f"{shown} >= threshold {self.threshold:g}: the features still separate the "
+                            "labels better as they grow", fitted)
+        stalled = f"{shown} < threshold {self.threshold:g}"
         if updates >= self.max_updates:
-            return decision(WAIT, f"{stalled}, but ALIGN_MAX_UPDATES={self.max_updates} updates were made", gain)
+            return decision(WAIT, f"{stalled}, but ALIGN_MAX_UPDATES={self.max_updates} updates were made", fitted)
         if labelled < self.min_labels:
             return decision(WAIT, f"{stalled}, but only {labelled} labels (ALIGN_MIN_LABELS={self.min_labels})",
-                            gain)
+                            fitted)
         new = labelled - labels_at_last_update
         if new < self.min_new_labels:
             return decision(WAIT, f"{stalled}, but only {new} new labels since the last update "
-                            f"(ALIGN_MIN_NEW_LABELS={self.min_new_labels})", gain)
+                            f"(ALIGN_MIN_NEW_LABELS={self.min_new_labels})", fitted)
         method = self.method_for(generation + 1)
-        return decision(UPDATE, f"{stalled}: the features stalled; fine-tune ({method}) and re-extract", gain,
+        return decision(UPDATE, f"{stalled}: the features stalled; fine-tune ({method}) and re-extract", fitted,
                         method)
+
+
+@dataclass(frozen=True)
+class Trend:
+    """The least-squares slope of LogME-PED over labels, per 100 labels, on `points` scores over `span` labels."""
+
+    per_100: float
+    span: int
+    points: int
+
+
+def trend(scores: Sequence[tuple[int, float]], window: int) -> Trend | None:
+    """The trend of the newest scores (labels, LogME-PED), oldest first: fitted from the newest score at least
+    `window` labels before the last one, so it spans at least `window` labels; None while the scores span
+    fewer."""
+    last = scores[-1][0] if scores else 0
+    starts = [i for i, (labels, _) in enumerate(scores) if labels <= last - window]
+    if not starts:
+        return None
+    used = scores[starts[-1]:]
+    x = np.array([labels for labels, _ in used], dtype=np.float64)
+    y = np.array([score for _, score in used], dtype=np.float64)
+    slope = float(np.polyfit(x, y, 1)[0])
+    return Trend(round(slope * 100, 6), int(x[-1] - x[0]), len(used))

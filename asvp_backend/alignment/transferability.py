@@ -248,3 +248,31 @@ def logme_ped(
         rows = np.random.default_rng(seed).choice(ref.shape[0], size=max_reference, replace=False)
         ref = ref[np.sort(rows)]
     return logme(ped(features, labels, ref, **ped_kwargs), labels)
+
+
+#: pool rows LogME-PED rescales by (docs/method.md, *PED*: the pool as the reference set)
+REFERENCE_ROWS = 10_000
+#: LogME's cost grows with the labels: a seeded sample of this many scores a larger labelled set
+MAX_SCORED_LABELS = 50_000
+
+
+def labelled_set_scores(x_lab: ArrayLike, y_lab: Labels, x_pool: np.ndarray,
+                        seed: int) -> tuple[float | None, float | None]:
+    """LogME and LogME-PED of the labelled set, the alignment trigger's inputs (None, None below two classes).
+
+    The one place that decides what is scored: at most MAX_SCORED_LABELS labels (a seeded sample), and the
+    reference set is a seeded sample of at most REFERENCE_ROWS pool rows plus the scored labels (at most
+    REFERENCE_ROWS of them). The round job and `simulate` both call this, so the simulator measures what the
+    backend decides on."""
+    x, y = np.asarray(x_lab, dtype=np.float32), np.asarray(y_lab, dtype=object)
+    if len(set(y.tolist())) < 2:
+        return None, None
+    rng = np.random.default_rng(seed)
+    if len(y) > MAX_SCORED_LABELS:
+        keep = np.sort(rng.choice(len(y), MAX_SCORED_LABELS, replace=False))
+        x, y = x[keep], y[keep]
+    pool_rows = min(len(x_pool), REFERENCE_ROWS)  # x_pool may be the store's memory map: read only the sample
+    rows = np.sort(rng.choice(len(x_pool), pool_rows, replace=False)) if pool_rows else np.zeros(0, dtype=np.int64)
+    reference = np.concatenate([np.asarray(x_pool[rows], dtype=np.float32).reshape(-1, x.shape[1]),
+                                x[:REFERENCE_ROWS]])
+    return float(logme(x, y)), float(logme_ped(x, y, reference, seed=seed))

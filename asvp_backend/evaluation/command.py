@@ -105,7 +105,9 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
 
     align = p.add_argument_group("alignment (asvp; defaults are the backend's)")
     align.add_argument("--align-threshold", type=float, default=policy.threshold, help="fire a feature update when "
-                       f"the LogME-PED gain is below this (default {policy.threshold:g})")  # fmt: skip
+                       f"the LogME-PED trend per 100 labels is below this (default {policy.threshold:g})")  # fmt: skip
+    align.add_argument("--align-window", type=int, default=policy.window, help="labels the LogME-PED trend "
+                       f"spans (default {policy.window})")  # fmt: skip
     align.add_argument("--align-min-labels", type=int, default=policy.min_labels,
                        help=f"no update below this many labels (default {policy.min_labels})")  # fmt: skip
     align.add_argument("--align-min-new-labels", type=int, default=policy.min_new_labels,
@@ -151,6 +153,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         backbone=args.backbone, weights=args.weights, image_size=args.image_size, device=args.device,
         eval=args.eval, finetune_epochs=args.finetune_epochs, lp_epochs=args.lp_epochs, subset=args.subset,
         test_subset=args.test_subset, data_seed=args.data_seed, align_threshold=args.align_threshold,
+        align_window=args.align_window,
         align_min_labels=args.align_min_labels, align_min_new_labels=args.align_min_new_labels,
         align_max_updates=args.align_max_updates, training_method=args.training_method,
         audit_fraction=args.audit_fraction, audit_early_fraction=args.audit_early_fraction,

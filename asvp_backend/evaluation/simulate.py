@@ -104,6 +104,7 @@ class SimulationConfig:
     test_subset: int | None = None
     data_seed: int = 0
     align_threshold: float = AlignmentPolicy.threshold
+    align_window: int = AlignmentPolicy.window
     align_min_labels: int = AlignmentPolicy.min_labels
     align_min_new_labels: int = AlignmentPolicy.min_new_labels
     align_max_updates: int = AlignmentPolicy.max_updates
@@ -143,8 +144,8 @@ class SimulationConfig:
             raise ValueError("need --audit-min-labels >= 1 and --gate-z >= 0")
 
     def policy(self) -> AlignmentPolicy:
-        return AlignmentPolicy(True, self.align_threshold, self.align_min_labels, self.align_min_new_labels,
-                               self.align_max_updates, self.training_method)  # fmt: skip
+        return AlignmentPolicy(True, self.align_threshold, self.align_window, self.align_min_labels,
+                               self.align_min_new_labels, self.align_max_updates, self.training_method)
 
     def audit(self) -> AuditPolicy:
         return AuditPolicy(self.audit_fraction, self.audit_early_fraction, self.audit_min_labels)
@@ -184,7 +185,7 @@ class RunState:
     labelled: list[int] = field(default_factory=list)  # train rows, in labelling order
     generation: int = 0
     checkpoint: str | None = None  # folder (relative to OUT) of the backbone that made the current features
-    scores: list[float] = field(default_factory=list)  # LogME-PED of this generation's rounds
+    scores: list[list[float]] = field(default_factory=list)  # [labels, LogME-PED] of this generation's rounds
     updates: int = 0
     labels_at_last_update: int = 0
     charged: list[str] = field(default_factory=list)  # feature cache keys whose extraction this run paid for
@@ -594,7 +595,7 @@ class AlignedProxyMethod(ProxyMethod):
     gated: ClassVar[bool] = True
 
     def play(self, run: RunState, round_no: int, rows: np.ndarray, budget: int, laps: Laps) -> Outcome:
-        from asvp_backend.alignment.transferability import logme, logme_ped
+        from asvp_backend.alignment.transferability import labelled_set_scores
 
         ws = self.ws
         extra: dict[str, Any] = {}
@@ -605,17 +606,15 @@ class AlignedProxyMethod(ProxyMethod):
         accuracy, by = self._evaluate(run, round_no, rows, proxy, laps)
         extra["audit"] = self._audit_estimate(run, round_no, rows, x, laps)
         y = ws.dataset.train.labels[rows]
-        score, score_ped = None, None
-        with laps("alignment"):
-            if len(rows) >= 2:
-                x_lab = x[rows].astype(np.float32)
-                score = logme(x_lab, y)
-                score_ped = logme_ped(x_lab, y, x, seed=derive_seed(run.seed, round_no, _PED))
+        with laps("alignment"):  # the round job's scores (labelled_set_scores) and decision, on the same arrays
+            score, score_ped = labelled_set_scores(x[rows], y, x[self._pool(rows)], derive_seed(run.seed, round_no,
+                                                                                                _PED))
+        history = [(int(labels), float(ped)) for labels, ped in run.scores]
         decision = ws.policy.decide(generation=generation, labelled=len(rows), logme=score, logme_ped=score_ped,
-                                    previous=run.scores[-1] if run.scores else None, updates=run.updates,
+                                    history=history, updates=run.updates,
                                     labels_at_last_update=run.labels_at_last_update)  # fmt: skip
         if score_ped is not None:
-            run.scores.append(score_ped)
+            run.scores.append([len(rows), score_ped])
         extra["decision"] = decision.to_dict()
         if decision.fires and budget == 0:
             # the backend would update now; here no batch is left to select on the new features, so the

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from asvp_backend.alignment.gate import WAIT as GATE_WAIT
-from asvp_backend.alignment.gate import Gate, GateDecision, judge_features
+from asvp_backend.alignment.gate import Gate, GateDecision, cross_fitted_right, judge_features
 from asvp_backend.alignment.policy import UPDATE, WAIT, AlignmentPolicy, Decision
 from asvp_backend.jobs.context import JobContext, JobTimeout
 from asvp_backend.layout import ProjectLayout
@@ -37,10 +37,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-REFERENCE_ROWS = 10_000  # pool rows LogME-PED rescales by (docs/method.md, *PED*: the pool as the reference set)
-MAX_SCORED_LABELS = 50_000  # LogME's cost grows with the labels: score a seeded sample beyond this
-
-
 def pending_is_live(alignment: AlignmentState, job_timeout: int) -> bool:
     """An update in progress; one stuck for twice JOB_TIMEOUT (its jobs failed for good) no longer counts."""
     pending = alignment.pending
@@ -48,24 +44,13 @@ def pending_is_live(alignment: AlignmentState, job_timeout: int) -> bool:
 
 
 def transferability(inputs: RoundInputs, seed: int) -> tuple[float | None, float | None, float]:
-    """LogME and LogME-PED of the labelled set on the round's features (None with fewer than two labelled
-    classes), and the seconds it took. The reference set is a seeded sample of the pool and labelled set."""
-    from asvp_backend.alignment.transferability import logme, logme_ped
+    """LogME and LogME-PED of the round's labelled set (alignment/transferability.py `labelled_set_scores`),
+    and the seconds it took."""
+    from asvp_backend.alignment.transferability import labelled_set_scores
 
     started = time.perf_counter()
-    x, y = inputs.x_lab, inputs.y_lab
-    if len(set(y.tolist())) < 2:
-        return None, None, 0.0
-    rng = np.random.default_rng(seed)
-    if len(y) > MAX_SCORED_LABELS:
-        keep = np.sort(rng.choice(len(y), MAX_SCORED_LABELS, replace=False))
-        x, y = x[keep], y[keep]
-    pool_rows = min(len(inputs.x_pool), REFERENCE_ROWS)
-    rows = np.sort(rng.choice(len(inputs.x_pool), pool_rows, replace=False)) if pool_rows else np.zeros(0, int)
-    reference = np.concatenate([np.asarray(inputs.x_pool[rows], dtype=np.float32), x[:REFERENCE_ROWS]])
-    plain = logme(x, y)
-    ped = logme_ped(x, y, reference, seed=seed)
-    return float(plain), float(ped), time.perf_counter() - started
+    plain, ped = labelled_set_scores(inputs.x_lab, inputs.y_lab, inputs.x_pool, seed)
+    return plain, ped, time.perf_counter() - started
 
 
 def after_round(ctx: JobContext, inputs: RoundInputs, generation: int, version: str) -> dict[str, Any]:
@@ -85,16 +70,15 @@ def after_round(ctx: JobContext, inputs: RoundInputs, generation: int, version: 
         if current is None:
             return None
         alignment = current.alignment
-        last = alignment.last_score(generation)
+        history = alignment.score_history(generation)
         decision = policy.decide(generation=generation, labelled=labelled, logme=plain, logme_ped=ped,
-                                 previous=last.get("logme_ped"), updates=alignment.updates,
-                                 labels_at_last_update=alignment.labels_at_last_update,
-                                 previous_labelled=last.get("labelled"))
+                                 history=history, updates=alignment.updates,
+                                 labels_at_last_update=alignment.labels_at_last_update)
         if decision.fires and pending_is_live(alignment, settings.job_timeout):
             decision = replace(decision, decision=WAIT, method=None,
                                reason=f"{decision.reason}; but an update is already in progress "
                                       f"({(alignment.pending or {}).get('stage')})")
-        if ped is not None and last.get("labelled") != labelled:
+        if ped is not None and (not history or history[-1][0] != labelled):
             alignment.record_score({"round": version, "generation": generation, "labelled": labelled,
                                     "logme": plain, "logme_ped": ped, "seconds": round(seconds, 3)})
         record.clear()
@@ -161,8 +145,9 @@ class TaskImages:
 
 
 def run_finetune(ctx: JobContext) -> dict[str, Any]:
-    """Fine-tune the backbone on the labelled tasks (FT or LP-FT), judge it against the proxy on its held-out
-    labels, save the checkpoint, record the model with the verdict; for a feature update, hand its backbone
+    """Fine-tune the backbone on the labelled tasks but the audit ones (FT or LP-FT), judge it against the proxy
+    on the audit labels (on its held-out slice while they are too few), save the checkpoint, record the model
+    with the verdict; for a feature update, hand its backbone
     to the extract job (whatever the verdict: the update is about the features, not the deliverable)."""
     from asvp_backend.alignment.checkpoint import save_checkpoint
     from asvp_backend.alignment.finetune import FinetuneInterrupted, finetune, recipe_for
@@ -203,7 +188,10 @@ def run_finetune(ctx: JobContext) -> dict[str, Any]:
         raise
     ctx.progress(0, 1, stage=JUDGING, force=True)
     try:
-        comparison = judge_against_proxy(settings, pid, items, result.holdout_indices, result.holdout_predictions)
+        audit_items = [(tid, str(t.image), str(t.label)) for tid, t in sorted(tasks.items())
+                       if tid in audit and t.label and t.image]
+        comparison = judge_on_audit(settings, pid, items, audit_items, result, images.fetcher) or \
+            judge_against_proxy(settings, pid, items, result.holdout_indices, result.holdout_predictions)
     except Exception as exc:  # a missing or damaged feature store must not throw the fine-tune away
         log.warning("project %s: the fine-tuned model could not be compared with the proxy", pid, exc_info=True)
         comparison = {"verdict": UNJUDGED, "reason": f"no comparison with the proxy ({type(exc).__name__}: "
@@ -290,7 +278,8 @@ def judge_against_proxy(settings: Any, pid: int, items: Sequence[tuple[int, str,
     found_train, x_train = generation.lookup(ids[train_pos])
     found_test, x_test = generation.lookup(ids[test_pos])
     y_train = labels[train_pos][found_train]
-    record: dict[str, Any] = {"n": int(found_test.sum()), "held_out": len(held), "proxy": settings.proxy,
+    record: dict[str, Any] = {"judged_on": "held-out", "n": int(found_test.sum()), "held_out": len(held),
+                              "proxy": settings.proxy,
                               "proxy_generation": generation.info.generation, "proxy_trained_on": len(y_train)}
     if not record["n"] or len(set(y_train.tolist())) < 2:
         return {**record, "verdict": UNJUDGED,
@@ -309,13 +298,67 @@ def judge_against_proxy(settings: Any, pid: int, items: Sequence[tuple[int, str,
     return record
 
 
+def judge_on_audit(settings: Any, pid: int, items: Sequence[tuple[int, str, str]],
+                   audit_items: Sequence[tuple[int, str, str]], result: Any, fetcher: Any) -> dict[str, Any] | None:
+    """The fine-tuned model against the proxy on the audit labels (the gate's paired test, alignment/gate.py):
+    the model never trained on them, and each is predicted by a proxy fitted on every other label
+    (cross-fitting), the proxy that serves. None while fewer than AUDIT_MIN_LABELS audit labels have a readable
+    image and features (the held-out slice judges then, `judge_against_proxy`)."""
+    from asvp_backend.alignment.checkpoint import FineTunedModel
+    from asvp_backend.jobs.extraction import feature_store
+    from asvp_backend.jobs.rounds import proxy_device
+    from asvp_backend.selection import create_proxy
+
+    gate = Gate.from_settings(settings)
+    generation = feature_store(settings.model_dir, pid).current(repair=True)
+    if generation is None or len(audit_items) < gate.min_labels:
+        return None
+    ids, images, truth = [], [], []
+    for tid, url, label in audit_items:
+        try:
+            images.append(fetcher.load(url, tid))
+        except Exception:  # an unreadable audit image leaves the comparison, as it left the fine-tune
+            continue
+        ids.append(tid)
+        truth.append(label)
+    found, x_audit = generation.lookup(np.asarray(ids, dtype=np.int64))
+    found_other, x_other = generation.lookup(np.asarray([tid for tid, _, _ in items], dtype=np.int64))
+    y_other = np.array([label for _, _, label in items], dtype=object)[found_other]
+    y_audit = np.array(truth, dtype=object)[found]
+    if len(y_audit) < gate.min_labels:
+        return None
+    import torch
+
+    model = FineTunedModel(result.model, result.backbone, result.classes, result.preprocessing, {},
+                           torch.device("cpu"))
+    probs = model.predict_proba([image for image, keep in zip(images, found.tolist(), strict=True) if keep])
+    model_right = np.asarray(result.classes, dtype=object)[probs.argmax(axis=1)] == y_audit
+    device = proxy_device(settings.device)
+    proxy_right = cross_fitted_right(lambda: create_proxy(settings.proxy, device=device, seed=settings.seed),
+                                     x_other, y_other, x_audit, y_audit, seed=settings.seed)
+    if proxy_right is None:
+        return None
+    verdict = gate.judge(model_right, proxy_right, what="the fine-tuned model's labels")
+    record = {"verdict": MODEL if verdict.adopts else PROXY, "judged_on": "audit", "n": int(len(y_audit)),
+              "proxy": settings.proxy, "proxy_generation": generation.info.generation,
+              "proxy_trained_on": int(len(y_other)), "model_accuracy": float(model_right.mean()),
+              "proxy_accuracy": float(proxy_right.mean()), "model_only": int((model_right & ~proxy_right).sum()),
+              "proxy_only": int((proxy_right & ~model_right).sum()), "gate": verdict.to_dict()}
+    record["reason"] = verdict_text(record)
+    return record
+
+
 def verdict_text(comparison: dict[str, Any]) -> str:
     """One sentence with both figures, for the page, the CLI and the log."""
     verdict = comparison.get("verdict")
     if verdict not in (MODEL, PROXY):
         return str(comparison.get("reason") or "not compared with the proxy")
+    on = "audit labels" if comparison.get("judged_on") == "audit" else "held-out labels"
     figures = (f"{comparison['model_accuracy']:.3f} for the fine-tuned model vs {comparison['proxy_accuracy']:.3f} "
-               f"for the proxy ({comparison.get('proxy')}) on the same {comparison['n']} held-out labels")
+               f"for the proxy ({comparison.get('proxy')}) on the same {comparison['n']} {on}")
+    if comparison.get("judged_on") == "audit" and verdict == PROXY and comparison["model_accuracy"] > \
+            comparison["proxy_accuracy"]:
+        return f"the proxy stays the better model: the fine-tuned one is not better beyond noise ({figures})"
     if verdict == MODEL:
         return f"the fine-tuned model beats the proxy: {figures}"
     return f"the proxy is the better model: {figures}"
@@ -490,32 +533,49 @@ def judge_waiting_refresh(ctx: JobContext, state: ProjectState, tasks: dict[int,
 
 
 # ------------------------------------------------------------------------------------ pre-annotations
-def pre_annotations(layout: ProjectLayout, state: ProjectState, generation: int, x_pool: np.ndarray,
-                    proxy_labels: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
-    """The labels to pre-annotate with: the proxy's, or the fine-tuned model's when that model extracted
-    this generation (its head then scores the cached features, no image is read) and it is the more
-    accurate on held-out labels. The proxy's figure is the last cross-validated accuracy on the same
-    generation; with none yet, the model's held-out accuracy stands alone."""
+def pre_annotations(layout: ProjectLayout, state: ProjectState, inputs: RoundInputs, generation: int,
+                    proxy_labels: np.ndarray, audit_ids: Sequence[int], settings: Any,
+                    device: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """The labels to pre-annotate with: the proxy's, or the fine-tuned model's when that model extracted this
+    generation (its head then scores the cached features, no image is read) and the audit labels say it is the
+    better one (the gate's paired test: the model never trained on them, each is predicted by a proxy that did
+    not). While the audit labels are too few, the model's own verdict decides (judged on its held-out slice)."""
     model_id = state.alignment.generation_models.get(str(generation))
     model = next((m for m in state.alignment.models if m.get("id") == model_id), None)
     if model is None:
         return proxy_labels, {"source": "proxy", "reason": "no fine-tuned model extracted these features"}
-    proxy_accuracy = next((r.get("cv_accuracy") for r in reversed(state.rounds)
-                           if r.get("generation") == generation and r.get("cv_accuracy") is not None), None)
-    model_accuracy = model.get("holdout_accuracy")
-    choice = {"model": model_id, "model_accuracy": model_accuracy, "proxy_accuracy": proxy_accuracy}
-    if model_accuracy is None or (proxy_accuracy is not None and proxy_accuracy >= model_accuracy):
-        return proxy_labels, {"source": "proxy", "reason": "the proxy is at least as accurate", **choice}
-    if not len(x_pool):
-        return proxy_labels, {"source": "model", "reason": "no unlabelled task", **choice}
     from asvp_backend.alignment.checkpoint import CheckpointError, load_checkpoint
+    from asvp_backend.selection import create_proxy
 
     try:
         fine_tuned = load_checkpoint(layout.checkpoint_dir(model["id"]), device="cpu")
     except CheckpointError as exc:  # a damaged checkpoint is a problem on the status page, not a failed round
         return proxy_labels, {"source": "proxy", "reason": f"the fine-tuned model is damaged: {exc}"[:300],
-                              **choice}
-    probs = fine_tuned.head_proba(np.asarray(x_pool))
-    labels = np.asarray(fine_tuned.classes).astype(str)[probs.argmax(axis=1)]
-    return labels, {"source": "model", "reason": "the fine-tuned model is more accurate on held-out labels",
-                    **choice}
+                              "model": model_id}
+    is_audit = np.isin(inputs.lab_ids, np.asarray(audit_ids, dtype=np.int64))
+    gate = Gate.from_settings(settings)
+    choice: dict[str, Any] = {"model": model_id}
+    proxy_right = cross_fitted_right(lambda: create_proxy(settings.proxy, device=device, seed=settings.seed),
+                                     inputs.x_lab[~is_audit], inputs.y_lab[~is_audit], inputs.x_lab[is_audit],
+                                     inputs.y_lab[is_audit], seed=settings.seed) if is_audit.any() else None
+    if proxy_right is not None and len(proxy_right) >= gate.min_labels:
+        head = fine_tuned.head_proba(inputs.x_lab[is_audit])
+        model_right = np.asarray(fine_tuned.classes, dtype=object)[head.argmax(axis=1)] == inputs.y_lab[is_audit]
+        verdict = gate.judge(model_right, proxy_right, what="the fine-tuned model's labels")
+        choice.update(judged_on="audit", gate=verdict.to_dict(), model_accuracy=verdict.challenger_accuracy,
+                      proxy_accuracy=verdict.incumbent_accuracy)
+        better, why = verdict.adopts, verdict.reason
+    else:
+        comparison = model.get("comparison") or {}
+        choice.update(judged_on=comparison.get("judged_on", "held-out"), model_accuracy=comparison.get(
+            "model_accuracy"), proxy_accuracy=comparison.get("proxy_accuracy"))
+        better = model.get("verdict") == MODEL
+        why = (f"{len(proxy_right) if proxy_right is not None else 0} audit labels (AUDIT_MIN_LABELS="
+               f"{gate.min_labels}); the model's own verdict: {comparison.get('reason') or model.get('verdict')}")
+    if not better:
+        return proxy_labels, {"source": "proxy", "reason": why, **choice}
+    labels = proxy_labels  # no unlabelled task: nothing to label
+    if len(inputs.x_pool):
+        probs = fine_tuned.head_proba(np.asarray(inputs.x_pool))
+        labels = np.asarray(fine_tuned.classes).astype(str)[probs.argmax(axis=1)]
+    return labels, {"source": "model", "reason": why, **choice}

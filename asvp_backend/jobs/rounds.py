@@ -247,8 +247,8 @@ def run_round(ctx: JobContext) -> dict[str, Any]:
     ranking = rank_pool(inputs, settings, version.round, device,
                         batch=settings.batch_size if settings.batch_size is not None else every)
     if ranking.proxy is not None:
-        ranking.labels, label_source = pre_annotations(layout, state, version.generation, inputs.x_pool,
-                                                       ranking.labels)
+        ranking.labels, label_source = pre_annotations(layout, state, inputs, version.generation, ranking.labels,
+                                                       state.audit.labelled(tasks), settings, device)
     else:
         label_source = {"source": None, "reason": "cold start: no label is suggested"}
     audit_picks = place_audit(ranking, inputs, state.audit, tasks, settings)

@@ -37,8 +37,10 @@ def stack(label_studio, redis_url, tmp_path_factory):
     env = stack_env(
         label_studio, redis_url, tmp,  # the real Lite0 weights at 64 px: the flow, not the accuracy, is tested
         RETRAIN_EVERY="2",
-        # any gain is below this threshold: the second scored round of a generation fires an update
+        # any trend is below this threshold, and a window of one label is the gain since the last round: the
+        # second scored round of a generation fires an update
         ALIGN_THRESHOLD="1000",
+        ALIGN_WINDOW="1",
         ALIGN_MIN_LABELS="4",
         ALIGN_MIN_NEW_LABELS="2",
         ALIGN_MAX_UPDATES="1",

@@ -5,6 +5,7 @@ fine-tuned model against the proxy on the same held-out labels (a model the prox
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -19,14 +20,14 @@ from asvp_backend.jobs.alignment import (
     pre_annotations,
     run_finetune,
 )
-from asvp_backend.jobs.rounds import run_round
+from asvp_backend.jobs.rounds import load_inputs, run_round
 from asvp_backend.jobs.tasks import follow_up, sync
 from asvp_backend.layout import ProjectLayout
 from asvp_backend.state import AlignmentState, ProjectState, TaskSnapshot
 from tests.helpers import write_checkpoint
 from tests.unit.test_rounds_fake_label_studio import DIM, PID, Stack, _vector
 
-FIRES = {"ALIGN_THRESHOLD": "1000", "ALIGN_MIN_LABELS": "4", "ALIGN_MIN_NEW_LABELS": "0"}
+FIRES = {"ALIGN_THRESHOLD": "1000", "ALIGN_WINDOW": "1", "ALIGN_MIN_LABELS": "4", "ALIGN_MIN_NEW_LABELS": "0"}
 
 
 def labelled_rounds(stack: Stack, batches: list[range]) -> list[dict]:
@@ -39,17 +40,20 @@ def labelled_rounds(stack: Stack, batches: list[range]) -> list[dict]:
 
 
 def test_each_round_records_scores_and_a_decision(tmp_path):
-    stack = Stack(tmp_path)  # default policy: ALIGN_MIN_LABELS=500, so nothing fires here
-    records = labelled_rounds(stack, [range(1, 9), range(9, 17)])
+    stack = Stack(tmp_path, ALIGN_WINDOW="10")  # default ALIGN_MIN_LABELS=500, so nothing fires here
+    records = labelled_rounds(stack, [range(1, 9), range(9, 17), range(17, 25)])
     alignment = stack.state().alignment
-    assert [d["decision"] for d in alignment.decisions] == ["wait", "wait"]
-    assert "nothing to compare" in alignment.decisions[0]["reason"]
-    second = alignment.decisions[1]
-    assert second["gain"] == pytest.approx(alignment.scores[1]["logme_ped"] - alignment.scores[0]["logme_ped"])
-    assert ("ALIGN_MIN_LABELS=500" if second["gain"] < 0 else ">= threshold") in second["reason"]
-    assert [s["labelled"] for s in alignment.scores] == [8, 16]
+    assert [d["decision"] for d in alignment.decisions] == ["wait", "wait", "wait"]
+    assert "ALIGN_WINDOW=10 labels on generation 0; its scores span 0" in alignment.decisions[0]["reason"]
+    assert "span 8 so far" in alignment.decisions[1]["reason"]
+    third = alignment.decisions[2]
+    x = [s["labelled"] for s in alignment.scores]
+    assert x == [8, 16, 24] and third["window"] == 16 and third["points"] == 3
+    slope = np.polyfit(x, [s["logme_ped"] for s in alignment.scores], 1)[0]
+    assert third["gain"] == pytest.approx(slope * 100, abs=1e-6)
+    assert ("ALIGN_MIN_LABELS=500" if third["gain"] < 0 else ">= threshold") in third["reason"]
     assert all(np.isfinite(s["logme_ped"]) and np.isfinite(s["logme"]) for s in alignment.scores)
-    assert records[1]["alignment"]["decision"] == "wait" and records[1]["alignment"]["logme_ped"] is not None
+    assert records[2]["alignment"]["decision"] == "wait" and records[2]["alignment"]["logme_ped"] is not None
     assert stack.state().rounds[-1]["alignment"]["decision"] == "wait"  # stored with the round
     assert "align" not in stack.queued()
 
@@ -166,19 +170,15 @@ def test_a_refreshed_generation_serves_and_the_next_round_ranks_on_it(tmp_path):
     assert model_summary(stack.state(), stack.runtime.settings)["current"]["id"] == "m1"
 
 
-def test_pre_annotations_come_from_the_more_accurate_model(tmp_path):
+def test_pre_annotations_stay_the_proxy_without_a_model_of_these_features(tmp_path):
     stack = Stack(tmp_path)
-    state = stack.state()
-    layout = ProjectLayout(stack.runtime.settings.model_dir, PID)
+    labelled_rounds(stack, [range(1, 9)])
+    state, settings = stack.state(), stack.runtime.settings
+    inputs = load_inputs(stack.store.current(), TaskSnapshot(settings.model_dir, PID).load())
     proxy_labels = np.array(["cat", "dog"])
-    labels, why = pre_annotations(layout, state, 0, np.zeros((2, DIM), np.float32), proxy_labels)
+    labels, why = pre_annotations(ProjectLayout(settings.model_dir, PID), state, inputs, 0, proxy_labels, [],
+                                  settings, "cpu")
     assert why["source"] == "proxy" and "no fine-tuned model" in why["reason"] and labels is proxy_labels
-    state.alignment.generation_models["1"] = "m1"
-    state.alignment.record_model({"id": "m1", "labelled": 8, "holdout_accuracy": 0.7, "at": 1.0})
-    state.record_round({"generation": 1, "cv_accuracy": 0.8})
-    labels, why = pre_annotations(layout, state, 1, np.zeros((2, DIM), np.float32), proxy_labels)
-    assert why == {"source": "proxy", "reason": "the proxy is at least as accurate", "model": "m1",
-                   "model_accuracy": 0.7, "proxy_accuracy": 0.8}
 
 
 def test_alignment_state_round_trips_and_old_states_still_load(tmp_path):
@@ -309,3 +309,51 @@ def test_the_deliverable_is_the_newest_model_unless_the_proxy_beat_it():
     old = AlignmentState()
     old.record_model(state_models[0])
     assert old.current_model()["id"] == "old"
+
+
+def test_with_audit_labels_the_fine_tuned_model_and_its_pre_annotations_are_judged_on_them(tmp_path, monkeypatch):
+    """Start Training with 10 audit labels (AUDIT_MIN_LABELS=8): the fine-tune never sees them and the verdict is
+    the gate's paired test on them; a generation that model extracted pre-annotates only if they say so."""
+    from asvp_backend.alignment.integrity import CHECKPOINT_WEIGHTS
+    from asvp_backend.features import create_backbone
+
+    monkeypatch.setattr("asvp_backend.jobs.extraction.image_fetcher", lambda settings, client: PatternFetcher())
+    monkeypatch.setattr("asvp_backend.alignment.finetune.MIN_STEPS", 12)
+    stack = Stack(tmp_path, AUDIT_MIN_LABELS="8", **TINY_FINETUNE)
+    stack.label(range(1, 41))
+    sync(stack.ctx("sync"))
+    audit = list(range(31, 41))
+
+    def with_audit(current: ProjectState | None) -> ProjectState | None:
+        assert current is not None
+        current.audit.started_labelled, current.audit.tasks = 0, audit
+        return current
+
+    stack.runtime.store.update(PID, with_audit)
+    info = run_finetune(stack.ctx("finetune"))
+    comparison = info["comparison"]
+    assert info["labelled"] == 30 and comparison["judged_on"] == "audit" and comparison["n"] == 10
+    assert comparison["proxy_trained_on"] == 30 and comparison["proxy_accuracy"] == 1.0  # cross-fitted
+    assert comparison["gate"]["n"] == 10 and info["verdict"] == ("model" if comparison["gate"]["decision"] == "adopt"
+                                                                 else "proxy")
+    assert "audit labels" in comparison["reason"]
+
+    # generation 1 extracted by that model: its head scores the cached features
+    settings = stack.runtime.settings
+    layout = ProjectLayout(settings.model_dir, PID)
+    tuned = create_backbone("test_efficientnet", weights=layout.checkpoint_dir(info["id"]) / CHECKPOINT_WEIGHTS,
+                            device="cpu", image_size=32)
+    g1 = stack.store.create_generation(GenerationInfo(1, "test_efficientnet", "tuned", {}, tuned.dim))
+    g1.append(list(range(1, 41)), tuned.embed_images([PatternFetcher().load("", t) for t in range(1, 41)]))
+    stack.store.activate(1)
+    state = stack.state()
+    state.alignment.generation_models["1"] = info["id"]
+    inputs = load_inputs(stack.store.current(), TaskSnapshot(settings.model_dir, PID).load())
+    labels, why = pre_annotations(layout, state, inputs, 1, np.zeros(0), audit, settings, "cpu")
+    assert why["judged_on"] == "audit" and why["gate"]["n"] == 10 and why["model"] == info["id"]
+    assert why["source"] == ("model" if why["gate"]["decision"] == "adopt" else "proxy")
+    assert why["reason"] == why["gate"]["reason"]
+    few = dataclasses.replace(settings, audit_min_labels=60)
+    _, fallback = pre_annotations(layout, state, inputs, 1, np.zeros(0), audit, few, "cpu")
+    assert "AUDIT_MIN_LABELS=60" in fallback["reason"] and fallback["source"] == ("model" if info["verdict"] == "model"
+                                                                                  else "proxy")

@@ -122,7 +122,8 @@ def test_other_settings_in_the_same_out_are_refused(uninterrupted: tuple[Path, S
 
 def test_forced_asvp_update_and_standard(tmp_path: Path):
     sim, runs = simulate(tmp_path, methods=("asvp-ungated", "standard", "svpp"), align_threshold=1e9,
-                         align_min_labels=0, align_min_new_labels=0, finetune_epochs=1, lp_epochs=1)  # fmt: skip
+                         align_window=1, align_min_labels=0, align_min_new_labels=0, finetune_epochs=1,
+                         lp_epochs=1)  # fmt: skip
     asvp, standard, svpp = runs
     assert asvp.rounds[1]["accuracy"] == svpp.rounds[1]["accuracy"]  # identical until the update changes features
     decisions = [rec["decision"]["decision"] for rec in asvp.rounds]
@@ -159,8 +160,8 @@ def test_proxy_batches_hold_the_audit_picks_and_rounds_record_the_audit_estimate
 
 
 def test_gated_asvp_holds_a_refresh_until_the_audit_can_judge_it(tmp_path: Path):
-    forced = {"align_threshold": 1e9, "align_min_labels": 0, "align_min_new_labels": 0, "finetune_epochs": 1,
-              "lp_epochs": 1}
+    forced = {"align_threshold": 1e9, "align_window": 1, "align_min_labels": 0, "align_min_new_labels": 0,
+              "finetune_epochs": 1, "lp_epochs": 1}
     _, (held,) = simulate(tmp_path / "held", methods=("asvp",), rounds=3, audit_min_labels=1_000, **forced)
     gate = held.rounds[1]["gate"]
     assert gate["decision"] == "wait" and gate["outcome"] == "waiting" and gate["n"] == 4
@@ -181,8 +182,8 @@ def test_finetune_evaluation_trains_the_policy_deliverable(tmp_path: Path):
 
 
 def test_update_decided_in_the_last_round_is_recorded_not_run(tmp_path: Path):
-    _, (asvp,) = simulate(tmp_path, methods=("asvp",), rounds=1, align_threshold=1e9, align_min_labels=0,
-                          align_min_new_labels=0)  # fmt: skip
+    _, (asvp,) = simulate(tmp_path, methods=("asvp",), rounds=1, align_threshold=1e9, align_window=1,
+                          align_min_labels=0, align_min_new_labels=0)  # fmt: skip
     last = asvp.rounds[-1]
     assert last["decision"]["decision"] == "update" and "last round" in last["update_skipped"]
     assert asvp.generation == 0 and asvp.updates == 0 and not (tmp_path / "runs").exists()
