@@ -383,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true",
                         help="replace an earlier export in --out (never any other folder)")
     export.add_argument("--even-if-worse", action="store_true", help="write a model that lost to the proxy on the "
-                        "same held-out labels (refused otherwise, exit status 3)")
+                        "same audit labels (held-out ones while they are too few; refused otherwise, exit status 3)")
 
     predict = sub.add_parser("predict", help="classify a folder of images with an exported model (CSV out)")
     predict.add_argument("--model", required=True, help="a folder written by `asvp-backend export`")

@@ -5,10 +5,10 @@ list, preprocessing, recipe, metrics, the project's model version) and `labels.t
 `asvp-backend predict --model DIR` reads. Like every artefact, it is complete before it is visible: built
 in a hidden folder beside the target, then renamed.
 
-A model that lost to the proxy on the same held-out labels (its `verdict` is "proxy", see
-jobs/alignment.py judge_against_proxy) is not written unless the caller asks for it (`even_if_worse`, the
-CLI's --even-if-worse): shipping it would ship something worse than what the backend already has. Such an
-export says so in its model.json (`exported_even_if_worse`).
+A model that lost to the proxy on the same audit labels (its `verdict` is "proxy", see jobs/alignment.py
+judge_on_audit, and judge_against_proxy while the audit labels are too few) is not written unless the caller
+asks for it (`even_if_worse`, the CLI's --even-if-worse): shipping it would ship something worse than what the
+backend already has. Such an export says so in its model.json (`exported_even_if_worse`).
 
 Invariant: an export replaces nothing but an earlier export. The folder it writes holds a marker file
 (`.asvp-export`); `overwrite` (--force) replaces a non-empty folder only when that marker is there, and never
@@ -34,7 +34,7 @@ EXPORT_MARKER = ".asvp-export"
 
 
 class WorseThanProxy(ValueError):
-    """The model lost to the proxy on the same held-out labels; the message gives both figures."""
+    """The model lost to the proxy on the same audit (or held-out) labels; the message gives both figures."""
 
 
 class ExportRefused(ValueError):

@@ -5,8 +5,8 @@ generation. When its trend over the last ALIGN_WINDOW labels of that generation 
 as a gain per 100 labels) falls below ALIGN_THRESHOLD (the features no longer separate the labelled classes
 better as labels grow), the backbone is fine-tuned and every cached feature re-extracted. A trend, not the
 gain between two consecutive rounds: under random selection 12-19% of those gains are negative while the
-trend still rises, and the trend over 200 labels never was (bench/results/trigger_cpu.md). Minimum label counts keep a fine-tune
-from running on too little data, and a cap bounds the GPU spent.
+trend still rises, and the trend over 200 labels never was (bench/results/trigger_cpu.md). Minimum label
+counts keep a fine-tune from running on too little data, and a cap bounds the GPU spent.
 
 Training alignment: the training method follows the feature state. LP-FT while the proxy still runs on
 the pre-trained features (generation 0), FT from the first update on; the FT model is also the one that

@@ -73,7 +73,7 @@ def model_summary(state: ProjectState, settings: Any) -> dict[str, Any]:
 
 def deliverable(state: ProjectState, damaged: Mapping[str, str] | None = None) -> dict[str, Any]:
     """What a person should ship: `source` "model" (the fine-tuned model beat the proxy, or was not compared
-    with it), "proxy" (the newest fine-tuned model lost to the proxy on the same held-out labels) or None (no
+    with it), "proxy" (the newest fine-tuned model lost to the proxy on the same audit or held-out labels) or None (no
     fine-tuned model yet); `reason` says why, with both accuracies and their n when they were compared.
     Models in `damaged` (id: problem) are passed over."""
     damaged = damaged or {}

@@ -147,8 +147,8 @@ class TaskImages:
 def run_finetune(ctx: JobContext) -> dict[str, Any]:
     """Fine-tune the backbone on the labelled tasks but the audit ones (FT or LP-FT), judge it against the proxy
     on the audit labels (on its held-out slice while they are too few), save the checkpoint, record the model
-    with the verdict; for a feature update, hand its backbone
-    to the extract job (whatever the verdict: the update is about the features, not the deliverable)."""
+    with the verdict; for a feature update, hand its backbone to the extract job (whatever the verdict: the
+    update is about the features, not the deliverable)."""
     from asvp_backend.alignment.checkpoint import save_checkpoint
     from asvp_backend.alignment.finetune import FinetuneInterrupted, finetune, recipe_for
     from asvp_backend.jobs.extraction import image_fetcher
@@ -279,8 +279,8 @@ def judge_against_proxy(settings: Any, pid: int, items: Sequence[tuple[int, str,
     found_test, x_test = generation.lookup(ids[test_pos])
     y_train = labels[train_pos][found_train]
     record: dict[str, Any] = {"judged_on": "held-out", "n": int(found_test.sum()), "held_out": len(held),
-                              "proxy": settings.proxy,
-                              "proxy_generation": generation.info.generation, "proxy_trained_on": len(y_train)}
+                              "proxy": settings.proxy, "proxy_generation": generation.info.generation,
+                              "proxy_trained_on": len(y_train)}
     if not record["n"] or len(set(y_train.tolist())) < 2:
         return {**record, "verdict": UNJUDGED,
                 "reason": "not compared with the proxy: too few held-out or training tasks have features"}

@@ -1,7 +1,8 @@
 """Alignment in the jobs layer, against the fake Label Studio stack: decisions recorded after rounds with
 their scores, an update queued once, a failed fine-tune ending its update with a reason, a refreshed
 generation followed by a round, the pre-annotation source, the state's round trip, and the verdict of a
-fine-tuned model against the proxy on the same held-out labels (a model the proxy beat is no deliverable)."""
+fine-tuned model against the proxy on the same audit labels, or held-out ones while they are too few (a model
+the proxy beat is no deliverable)."""
 
 from __future__ import annotations
 
@@ -162,7 +163,7 @@ def test_a_refreshed_generation_serves_and_the_next_round_ranks_on_it(tmp_path):
     assert state.alignment.pending is None and state.alignment.generation_models == {"1": "m1"}
     record = run_round(stack.ctx("round", force_round=True))
     assert record["version"] == "asvp-g1-r2" and stack.fake.project["model_version"] == "asvp-g1-r2"
-    # generation 1's history starts fresh: its first round has nothing to compare with
+    # generation 1's history starts fresh: its first round has no trend to fit
     assert "generation 1" in stack.state().alignment.decisions[-1]["reason"]
     listed = generations_of(ProjectLayout(stack.runtime.settings.model_dir, PID), stack.state())
     assert [(g["generation"], g["current"], g["model"]) for g in listed] == [(0, False, None), (1, True, "m1")]
