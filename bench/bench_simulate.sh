@@ -10,7 +10,8 @@
 #                                       fetched with pip download); random, svpp, asvp (gated) and asvp-ungated,
 #                                       64 px, 50 + 50 x 9 labels, 3 seeds, --eval proxy; the backend's audit and
 #                                       gate defaults. The trigger is not under test here: --align-threshold 1e9
-#                                       makes every asvp run refresh once, at 150 labels, so that each gate verdict
+#                                       --align-window 1 (bench/bench_trigger.py measures the trigger) makes
+#                                       every asvp run refresh once, at 150 labels, so that each gate verdict
 #                                       can be set beside the test split's. About 30-40 min each on 2 cores.
 #                                       The committed variants: gate_*_cpu (refresh at 150 labels, judged at 350
 #                                       when the audit has 60 labels) and gate_*_350_cpu (the same command with
@@ -82,7 +83,8 @@ gate-fmnist|gate-mnist)
           --methods random,svpp,asvp,asvp-ungated --strategy margin --proxy mlp
           --initial 50 --budget-per-round 50 --rounds 9 --seeds 3
           --backbone tf_efficientnet_lite0 --weights auto --device cpu --eval proxy
-          --align-threshold 1e9 --align-min-labels 150 --align-min-new-labels 100 --align-max-updates 1)
+          --align-threshold 1e9 --align-window 1 --align-min-labels 150 --align-min-new-labels 100
+          --align-max-updates 1)
     ;;
 gpu)
     OUT=${2:-bench/results/simulate_gpu}

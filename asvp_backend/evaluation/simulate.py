@@ -6,7 +6,8 @@ model's test accuracy and picks the next batch. Methods (``METHODS``):
 
 - ``random``: uniform picks; the reference of the sample saving ratio.
 - ``svpp``: the proxy on generation-0 (pre-trained) features, never refreshed (docs/method.md, *Measuring the
-  savings*). Its batches hold the backend's audit picks (``selection/audit.py``), as every proxy method's do.
+  savings*). Each of its rounds is the backend's round (``selection/queue.py``: the same proxy, strategy and
+  audit picks from the same arrays and seeds), as every proxy method's are; its batch is the queue's top.
 - ``asvp``: the proxy plus both alignments exactly as ``AlignmentPolicy`` decides them: every round LogME
   and LogME-PED of the labelled set (reference = the pool's features of the current generation); when the
   policy fires, fine-tune on the current labels but the audit ones, re-extract every feature with that
@@ -32,7 +33,8 @@ measured when they were first extracted, so its costs are those of an uninterrup
 
 Resumable: after every round the run's whole state (labels in order, feature generation and checkpoint,
 score history, records) replaces ``OUT/progress/<method>-seed<k>.json`` atomically. Every random choice in
-a round is seeded from (seed, round, purpose), never from a global stream, so a killed run that continues
+a round is seeded from (seed, round) as the backend seeds it (the proxy methods: the run's seed is the
+project's SEED) or from (seed, round, purpose), never from a global stream, so a killed run that continues
 from its finished rounds gives the same curves, selections and decisions as one that was never killed.
 """
 
@@ -52,10 +54,19 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from asvp_backend.alignment.gate import WAIT, AuditEstimate, Gate, cross_fitted_right, judge_features
-from asvp_backend.alignment.policy import AlignmentPolicy
+from asvp_backend.alignment.gate import WAIT, Gate, judge_features
+from asvp_backend.alignment.policy import AlignmentPolicy, Decision
 from asvp_backend.fsutil import atomic_write_bytes
-from asvp_backend.selection.audit import AuditPolicy, audit_keys, audit_order
+from asvp_backend.selection.audit import AuditPolicy
+from asvp_backend.selection.queue import (
+    QueueSettings,
+    RoundInputs,
+    RoundRanking,
+    audit_estimate,
+    next_batch,
+    place_audit,
+    rank_pool,
+)
 
 from .datasets import Dataset, Split, load_dataset
 
@@ -70,7 +81,7 @@ _FEATURE_MEMO = 4  # feature matrices kept in memory (generation 0 and the runs'
 _INFER_BATCH = 256
 
 # purposes of derived seeds: each random choice of a round has its own stream
-_INITIAL, _SELECT, _PROXY, _FINETUNE, _EVAL, _PED, _AUDIT = range(1, 8)
+_INITIAL, _SELECT, _PROXY, _FINETUNE, _EVAL = range(1, 6)
 
 
 def derive_seed(seed: int, round_no: int, purpose: int) -> int:
@@ -521,69 +532,61 @@ class RandomMethod(Method):
 class ProxyMethod(Method):
     """SVPp: a fresh proxy each round on the current generation's features (generation 0 forever here).
 
-    Like the backend's queue, each batch holds the audit picks the labels since the first round call for
-    (``AuditPolicy.positions``: an annotator who labels the queue from the top labels exactly those), the
-    unlabelled rows with the smallest audit keys; the strategy chooses the rest. Each round records the
-    proxy's accuracy estimated on the audit labels (cross-fitted), to set beside the test accuracy."""
+    Each round is the backend's round (selection/queue.py, the same functions on the same arrays, in task-id
+    order, with the backend's seeds): the proxy trains on the labelled rows, the strategy ranks the pool, the
+    audit picks are placed in that ranking, and the batch is its top, as an annotator who labels the queue from
+    the top takes it. The proxy that ranks is the one evaluated, and each round records its accuracy estimated
+    on the audit labels (cross-fitted), to set beside the test accuracy."""
 
     name = "svpp"
 
-    def _fit(self, run: RunState, round_no: int, rows: np.ndarray, laps: Laps) -> tuple[np.ndarray, Any]:
-        x = self._features(run, run.checkpoint, "train", "extraction", laps)
+    def _queue(self, run: RunState) -> QueueSettings:
+        """The backend's queue settings for this run: its seed is the project's SEED."""
+        config = self.ws.config
+        return QueueSettings(proxy=config.proxy, strategy=config.strategy, cold_start_strategy="random",
+                             seed=run.seed, audit=config.audit())
+
+    def _rank(self, run: RunState, round_no: int, rows: np.ndarray, budget: int, laps: Laps,
+              x: np.ndarray | None = None) -> tuple[RoundInputs, RoundRanking]:
+        """The round on the current features: the backend counts rounds from 1, and the audit from the first
+        round (the initial labels are not audited)."""
+        x = self._features(run, run.checkpoint, "train", "extraction", laps) if x is None else x
+        queue = self._queue(run)
         with laps("selection"):
-            proxy = self.ws.fit_proxy(x[rows], self.ws.dataset.train.labels[rows],
-                                      derive_seed(run.seed, round_no, _PROXY))  # fmt: skip
-        return x, proxy
+            pool = self._pool(rows)
+            inputs = RoundInputs.from_arrays(rows, x[rows], self.ws.dataset.train.labels[rows], pool, x[pool])
+            ranking = rank_pool(inputs, queue, round_no + 1, self.ws.proxy_device, batch=budget)
+            since_start = len(rows) - min(self.ws.config.initial, len(rows))
+            place_audit(ranking, inputs, queue, since_start, len(self._audit_rows(run, rows)))
+        return inputs, ranking
 
     def _audit_rows(self, run: RunState, rows: np.ndarray) -> np.ndarray:
         """The audit labels now: audit picks that are labelled."""
         return np.intersect1d(np.asarray(run.audit, dtype=np.int64), rows)
 
-    def _audit_picks(self, run: RunState, rows: np.ndarray, pool: np.ndarray, budget: int) -> np.ndarray:
-        """This batch's audit picks (selection/audit.py's rule, the backend's)."""
-        policy = self.ws.config.audit()
-        since_start = len(rows) - min(self.ws.config.initial, len(rows))  # the initial labels are not audited
-        count = len(policy.positions(since_start, len(self._audit_rows(run, rows)), budget))
-        return pool[audit_order(pool, audit_keys(pool, run.seed), count)]
+    def _select(self, run: RunState, inputs: RoundInputs, ranking: RoundRanking, budget: int) -> np.ndarray:
+        """The top `budget` of the queue; its audit picks join the run's audit sample."""
+        batch = next_batch(ranking, budget)
+        picks = set(ranking.audit_rows.tolist())
+        run.audit.extend(int(inputs.pool_ids[r]) for r in batch.tolist() if r in picks)
+        return inputs.pool_ids[batch].astype(np.int64)
 
-    def _select(self, run: RunState, round_no: int, rows: np.ndarray, budget: int, x: np.ndarray, proxy: Any,
-                laps: Laps) -> np.ndarray:  # fmt: skip
-        with laps("selection"):
-            pool = self._pool(rows)
-            picks = self._audit_picks(run, rows, pool, budget) if budget and len(pool) else pool[:0]
-            run.audit.extend(int(r) for r in picks)
-            pool = np.setdiff1d(pool, picks)
-            budget -= len(picks)
-            x_pool, x_lab = x[pool], x[rows].astype(np.float32)
-            probs = proxy.predict_proba(x_pool) if proxy is not None and budget and len(pool) else None
-            chosen = self.ws.select(pool, budget, derive_seed(run.seed, round_no, _SELECT), probs, x_pool, x_lab,
-                                    proxy)  # fmt: skip
-            return np.concatenate([picks, chosen]).astype(np.int64)
-
-    def _audit_estimate(self, run: RunState, round_no: int, rows: np.ndarray, x: np.ndarray,
+    def _audit_estimate(self, run: RunState, rows: np.ndarray, inputs: RoundInputs,
                         laps: Laps) -> dict[str, Any] | None:
         """The proxy's accuracy estimated on the audit labels, as the round job records it."""
-        audit = self._audit_rows(run, rows)
-        if not len(audit):
-            return None
-        others = np.setdiff1d(rows, audit)
-        labels = self.ws.dataset.train.labels
         with laps("evaluation"):
-            right = cross_fitted_right(self._make_proxy(round_no, run), x[others], labels[others], x[audit],
-                                       labels[audit], seed=derive_seed(run.seed, round_no, _AUDIT))
-        return None if right is None else AuditEstimate.from_right(right).to_dict()
+            return audit_estimate(inputs, self._audit_rows(run, rows), self._queue(run), self.ws.proxy_device)
 
-    def _make_proxy(self, round_no: int, run: RunState) -> Callable[[], Any]:
+    def _make_proxy(self, run: RunState) -> Callable[[], Any]:
         from asvp_backend.selection import create_proxy
 
-        seed = derive_seed(run.seed, round_no, _PROXY)
-        return lambda: create_proxy(self.ws.config.proxy, device=self.ws.proxy_device, seed=seed)
+        return lambda: create_proxy(self.ws.config.proxy, device=self.ws.proxy_device, seed=run.seed)
 
     def play(self, run: RunState, round_no: int, rows: np.ndarray, budget: int, laps: Laps) -> Outcome:
-        x, proxy = self._fit(run, round_no, rows, laps)
-        accuracy, by = self._evaluate(run, round_no, rows, proxy, laps)
-        extra = {"audit": self._audit_estimate(run, round_no, rows, x, laps)}
-        return Outcome(accuracy, by, self._select(run, round_no, rows, budget, x, proxy, laps), extra)
+        inputs, ranking = self._rank(run, round_no, rows, budget, laps)
+        accuracy, by = self._evaluate(run, round_no, rows, ranking.proxy, laps)
+        extra = {"audit": self._audit_estimate(run, rows, inputs, laps)}
+        return Outcome(accuracy, by, self._select(run, inputs, ranking, budget), extra)
 
 
 class AlignedProxyMethod(ProxyMethod):
@@ -595,26 +598,15 @@ class AlignedProxyMethod(ProxyMethod):
     gated: ClassVar[bool] = True
 
     def play(self, run: RunState, round_no: int, rows: np.ndarray, budget: int, laps: Laps) -> Outcome:
-        from asvp_backend.alignment.transferability import labelled_set_scores
-
         ws = self.ws
         extra: dict[str, Any] = {}
         if run.held is not None and len(self._audit_rows(run, rows)) >= ws.config.audit_min_labels:
-            extra["gate"] = self._judge(run, round_no, rows, str(run.held["checkpoint"]), laps)  # waited: judge now
+            extra["gate"] = self._judge(run, rows, str(run.held["checkpoint"]), laps)  # waited: judge it now
         generation = run.generation
-        x, proxy = self._fit(run, round_no, rows, laps)
-        accuracy, by = self._evaluate(run, round_no, rows, proxy, laps)
-        extra["audit"] = self._audit_estimate(run, round_no, rows, x, laps)
-        y = ws.dataset.train.labels[rows]
-        with laps("alignment"):  # the round job's scores (labelled_set_scores) and decision, on the same arrays
-            score, score_ped = labelled_set_scores(x[rows], y, x[self._pool(rows)], derive_seed(run.seed, round_no,
-                                                                                                _PED))
-        history = [(int(labels), float(ped)) for labels, ped in run.scores]
-        decision = ws.policy.decide(generation=generation, labelled=len(rows), logme=score, logme_ped=score_ped,
-                                    history=history, updates=run.updates,
-                                    labels_at_last_update=run.labels_at_last_update)  # fmt: skip
-        if score_ped is not None:
-            run.scores.append([len(rows), score_ped])
+        inputs, ranking = self._rank(run, round_no, rows, budget, laps)
+        accuracy, by = self._evaluate(run, round_no, rows, ranking.proxy, laps)
+        extra["audit"] = self._audit_estimate(run, rows, inputs, laps)
+        decision = self.decide(run, inputs, laps)
         extra["decision"] = decision.to_dict()
         if decision.fires and budget == 0:
             # the backend would update now; here no batch is left to select on the new features, so the
@@ -625,10 +617,24 @@ class AlignedProxyMethod(ProxyMethod):
         elif decision.fires:
             assert decision.method is not None
             extra["update"] = self._update(run, round_no, rows, decision.method, laps)
-            extra["gate"] = self._judge(run, round_no, rows, extra["update"]["checkpoint"], laps)
-        if run.generation != generation:
-            x, proxy = self._fit(run, round_no, rows, laps)  # the next batch is chosen on the new features
-        return Outcome(accuracy, by, self._select(run, round_no, rows, budget, x, proxy, laps), extra)
+            extra["gate"] = self._judge(run, rows, extra["update"]["checkpoint"], laps)
+        if run.generation != generation:  # the next batch is chosen on the new features
+            inputs, ranking = self._rank(run, round_no, rows, budget, laps)
+        return Outcome(accuracy, by, self._select(run, inputs, ranking, budget), extra)
+
+    def decide(self, run: RunState, inputs: RoundInputs, laps: Laps) -> Decision:
+        """The round job's alignment step (jobs/alignment.py after_round): the same scores, the same policy."""
+        from asvp_backend.alignment.transferability import labelled_set_scores
+
+        with laps("alignment"):
+            score, score_ped = labelled_set_scores(inputs.x_lab, inputs.y_lab, inputs.x_pool, run.seed)
+        history = [(int(labels), float(ped)) for labels, ped in run.scores]
+        decision = self.ws.policy.decide(generation=run.generation, labelled=len(inputs.lab_ids), logme=score,
+                                         logme_ped=score_ped, history=history, updates=run.updates,
+                                         labels_at_last_update=run.labels_at_last_update)
+        if score_ped is not None and (not history or history[-1][0] != len(inputs.lab_ids)):
+            run.scores.append([len(inputs.lab_ids), score_ped])
+        return decision
 
     def _update(self, run: RunState, round_no: int, rows: np.ndarray, method: str, laps: Laps) -> dict[str, Any]:
         """Feature alignment: fine-tune on the current labels but the audit ones, save the backbone, extract
@@ -649,18 +655,19 @@ class AlignedProxyMethod(ProxyMethod):
                 "trained_on": len(trained), "finetune_seconds": result.metrics.get("seconds"),
                 "extraction_seconds": laps.seconds["extraction"] - before}  # fmt: skip
 
-    def _judge(self, run: RunState, round_no: int, rows: np.ndarray, folder: str, laps: Laps) -> dict[str, Any]:
-        """The gate's verdict on the candidate generation in `folder` (adopted, rejected or held), with what
-        the test split says of the same two proxies (the truth the gate cannot see, for its error rates)."""
+    def _judge(self, run: RunState, rows: np.ndarray, folder: str, laps: Laps) -> dict[str, Any]:
+        """The gate's verdict on the candidate generation in `folder` (adopted, rejected or held), as the round
+        job judges it (labelled rows in task-id order, the project's seed), with what the test split says of
+        the same two proxies (the truth the gate cannot see, for its error rates)."""
         ws = self.ws
         labels = ws.dataset.train.labels
+        rows = np.sort(rows)
         x_new = self._features(run, folder, "train", "extraction", laps)
         x_old = self._features(run, run.checkpoint, "train", "extraction", laps)
         with laps("alignment"):
-            verdict = judge_features(ws.config.gate(), self._make_proxy(round_no, run), x_new[rows], x_old[rows],
-                                     labels[rows], np.isin(rows, self._audit_rows(run, rows)),
-                                     seed=derive_seed(run.seed, round_no, _AUDIT))  # fmt: skip
-        truth = {side: ws.proxy_accuracy(ws.fit_proxy(x[rows], labels[rows], derive_seed(run.seed, round_no, _PROXY)),
+            verdict = judge_features(ws.config.gate(), self._make_proxy(run), x_new[rows], x_old[rows],
+                                     labels[rows], np.isin(rows, self._audit_rows(run, rows)), seed=run.seed)
+        truth = {side: ws.proxy_accuracy(ws.fit_proxy(x[rows], labels[rows], run.seed),
                                          ws.features(checkpoint, "test").vectors, labels[rows])[0]
                  for side, x, checkpoint in (("challenger", x_new, folder), ("incumbent", x_old, run.checkpoint))}
         adopted = verdict.adopts or not self.gated

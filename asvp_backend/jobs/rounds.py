@@ -20,12 +20,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from asvp_backend.alignment.gate import AuditEstimate, cross_fitted_right
 from asvp_backend.artefacts import RankingArtefact, extend_ranking, proxy_path, prune_rounds, read_ranking, write_round
 from asvp_backend.jobs.alignment import after_round, judge_waiting_refresh, pre_annotations
 from asvp_backend.jobs.context import JobContext
@@ -35,8 +33,14 @@ from asvp_backend.labelstudio.label_config import ClassificationSpec
 from asvp_backend.layout import ProjectLayout
 from asvp_backend.learning import accuracy_fields
 from asvp_backend.prediction import UNRANKED_SUFFIX
-from asvp_backend.selection.audit import AuditPolicy, interleave
-from asvp_backend.selection.scoring import check_scores
+from asvp_backend.selection.queue import (
+    QueueSettings,
+    RoundInputs,
+    RoundRanking,
+    audit_estimate,
+    place_audit,
+    rank_pool,
+)
 from asvp_backend.state import AuditState, ProjectState, SyncedTask, TaskSnapshot
 from asvp_backend.versioning import ModelVersion
 
@@ -88,26 +92,6 @@ def proxy_device(setting: str) -> str:
     return setting
 
 
-@dataclass
-class RoundInputs:
-    """The current generation's features, split into the labelled set and the unlabelled pool."""
-
-    x_lab: np.ndarray  # (m, d) float32
-    y_lab: np.ndarray  # (m,) label names
-    lab_ids: np.ndarray  # (m,) task ids of the labelled rows
-    pool_ids: np.ndarray  # (n,) task ids
-    x_pool: np.ndarray  # (n, d) float16, the store's type (2.5 GB at 1M x 1,280); the proxy converts per batch
-    labelled_total: int  # every labelled task, with features or not (what round_due compares against)
-
-
-@dataclass
-class RoundRanking:
-    strategy: str
-    proxy: Any  # None at cold start
-    scores: np.ndarray  # (n,) lower = label first
-    labels: np.ndarray  # (n,) the suggested label per pool task (the proxy's, or see pre_annotations), "" at cold start
-
-
 def load_inputs(generation: Any, tasks: dict[int, SyncedTask]) -> RoundInputs:
     ids, vectors = generation.matrix()
     row_of = {int(tid): row for row, tid in enumerate(ids.tolist())}
@@ -116,70 +100,16 @@ def load_inputs(generation: Any, tasks: dict[int, SyncedTask]) -> RoundInputs:
     dim = vectors.shape[1]
     lab_rows = np.array([row_of[tid] for tid, _ in labelled], dtype=np.int64)
     pool_rows = np.array([row_of[tid] for tid in pool_ids.tolist()], dtype=np.int64)
-    return RoundInputs(
-        x_lab=np.asarray(vectors[lab_rows], dtype=np.float32).reshape(-1, dim),
-        y_lab=np.array([label for _, label in labelled], dtype=object),
-        lab_ids=np.array([tid for tid, _ in labelled], dtype=np.int64),
-        pool_ids=pool_ids,
-        x_pool=vectors[pool_rows].reshape(-1, dim),
-        labelled_total=sum(1 for t in tasks.values() if t.label is not None),
-    )
+    return RoundInputs.from_arrays(
+        np.array([tid for tid, _ in labelled], dtype=np.int64), np.asarray(vectors[lab_rows], dtype=np.float32),
+        np.array([label for _, label in labelled], dtype=object), pool_ids, vectors[pool_rows].reshape(-1, dim),
+        labelled_total=sum(1 for t in tasks.values() if t.label is not None))
 
 
-def rank_pool(inputs: RoundInputs, settings: Any, round_no: int, device: str, batch: int | None = None) -> RoundRanking:
-    """Train the proxy (from two labelled classes on) and let the strategy score every pool task.
-
-    Set-based strategies pick the batch labelled before the next round (`batch`, default BATCH_SIZE), not
-    the whole pushed top: TypiClust then makes one cluster per pick, and the rest is ranked by the proxy's
-    uncertainty."""
-    from asvp_backend.selection import SelectionInput, create_proxy, create_strategy
-
-    n = len(inputs.pool_ids)
-    proxy, probs, labels = None, None, np.full(n, "")
-    if len(set(inputs.y_lab.tolist())) >= 2:
-        proxy = create_proxy(settings.proxy, device=device, seed=settings.seed).fit(inputs.x_lab, inputs.y_lab)
-        if n:
-            probs = proxy.predict_proba(inputs.x_pool)
-            # label names, not indices: a label config edited later must not turn "cat" into another class
-            labels = np.asarray(proxy.classes_).astype(str)[probs.argmax(axis=1)]
-        strategy_name = settings.strategy
-    else:  # nothing (or one class) labelled: a cold-start strategy ranks on features alone
-        strategy_name = settings.cold_start_strategy
-    strategy = create_strategy(strategy_name, seed=settings.seed + round_no, epsilon=settings.epsilon, device=device)
-    scores: np.ndarray = np.zeros(0)
-    if n:
-        pool = SelectionInput(inputs.x_pool, probs, inputs.x_lab, proxy)
-        picks = settings.selection_batch if batch is None else batch
-        scores = np.asarray(strategy.rank(pool, min(n, picks)).scores, dtype=np.float64)
-    return RoundRanking(strategy_name, proxy, scores, labels)
-
-
-def place_audit(ranking: RoundRanking, inputs: RoundInputs, audit: AuditState, tasks: dict[int, SyncedTask],
-                settings: Any) -> np.ndarray:
-    """Interleave the audit picks into the ranking (selection/audit.py) at the positions the labels given
-    since the audit started call for, among the pushed top. Returns the picks' task ids."""
-    policy = AuditPolicy.from_settings(settings)
+def audit_since(audit: AuditState, inputs: RoundInputs, tasks: dict[int, SyncedTask]) -> tuple[int, int]:
+    """(labels since the audit started, audit labels): what places this round's audit picks."""
     started = audit.started_labelled if audit.started_labelled is not None else inputs.labelled_total
-    horizon = min(len(inputs.pool_ids), settings.push_top_k)
-    positions = policy.positions(max(0, inputs.labelled_total - started), len(audit.labelled(tasks)), horizon)
-    placed = interleave(ranking.scores, inputs.pool_ids, settings.seed, positions)
-    check_scores(placed.scores)  # Label Studio drops a prediction scored outside [0, 1] without a word
-    ranking.scores = placed.scores
-    return inputs.pool_ids[placed.audit_rows]
-
-
-def audit_estimate(inputs: RoundInputs, audit_ids: list[int], settings: Any, device: str) -> dict[str, Any] | None:
-    """The proxy's accuracy on the pool, estimated on the audit labels, each predicted by a proxy that did not
-    train on it (alignment/gate.py); None without audit labels."""
-    from asvp_backend.selection import create_proxy
-
-    is_audit = np.isin(inputs.lab_ids, np.asarray(audit_ids, dtype=np.int64))
-    if not is_audit.any():
-        return None
-    right = cross_fitted_right(lambda: create_proxy(settings.proxy, device=device, seed=settings.seed),
-                               inputs.x_lab[~is_audit], inputs.y_lab[~is_audit], inputs.x_lab[is_audit],
-                               inputs.y_lab[is_audit], seed=settings.seed)
-    return None if right is None else AuditEstimate.from_right(right).to_dict()
+    return max(0, inputs.labelled_total - started), len(audit.labelled(tasks))
 
 
 def predictions_for(spec: ClassificationSpec, version: ModelVersion, task_ids: np.ndarray, scores: np.ndarray,
@@ -244,14 +174,15 @@ def run_round(ctx: JobContext) -> dict[str, Any]:
 
     device = proxy_device(settings.device)
     version = ModelVersion(generation.info.generation, state.round + 1)
-    ranking = rank_pool(inputs, settings, version.round, device,
+    queue = QueueSettings.from_settings(settings)
+    ranking = rank_pool(inputs, queue, version.round, device,
                         batch=settings.batch_size if settings.batch_size is not None else every)
     if ranking.proxy is not None:
         ranking.labels, label_source = pre_annotations(layout, state, inputs, version.generation, ranking.labels,
                                                        state.audit.labelled(tasks), settings, device)
     else:
         label_source = {"source": None, "reason": "cold start: no label is suggested"}
-    audit_picks = place_audit(ranking, inputs, state.audit, tasks, settings)
+    audit_picks = inputs.pool_ids[place_audit(ranking, inputs, queue, *audit_since(state.audit, inputs, tasks))]
     ctx.check_fence()  # the stop set is drawn (written) at the first round
     stop, stop_entry = predict_stop_set(layout, settings.seed, inputs.pool_ids, generation, ranking.proxy,
                                         previous_version=state.version)
@@ -363,7 +294,7 @@ def _audit_estimate_of_round(state: ProjectState, ranking: RoundRanking, inputs:
     last = next((r.get("audit") for r in reversed(state.rounds) if r.get("audit")), None)
     if last is not None and last.get("n") == n and last.get("generation") == version.generation:
         return {**last, "carried": True}
-    estimate = audit_estimate(inputs, audit_ids, settings, device)
+    estimate = audit_estimate(inputs, audit_ids, QueueSettings.from_settings(settings), device)
     if estimate is None:
         return None
     return {**estimate, "generation": version.generation, "version": str(version), "carried": False}

@@ -152,7 +152,8 @@ def test_proxy_batches_hold_the_audit_picks_and_rounds_record_the_audit_estimate
     first = svpp.rounds[0]
     pool = np.setdiff1d(np.arange(300), first["added"])
     picks = pool[np.argsort(audit_keys(pool, 0), kind="stable")][:4]  # 20% of the first 20 labels
-    assert first["selected"][:4] == picks.tolist() and svpp.audit[:4] == picks.tolist()
+    # placed as the backend's queue places them: one label in five, smallest keys first
+    assert [first["selected"][i] for i in (4, 9, 14, 19)] == picks.tolist() and svpp.audit[:4] == picks.tolist()
     assert len(svpp.audit) == AuditPolicy().owed(40) == 8
     assert svpp.rounds[0]["audit"] is None and svpp.rounds[1]["audit"]["n"] == 4
     _, (plain,) = simulate(tmp_path / "off", methods=("svpp",), audit_fraction=0.0)
