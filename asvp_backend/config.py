@@ -198,6 +198,9 @@ class Settings:
     audit_fraction: float = _env("AUDIT_FRACTION", _float_in(0.0, 0.5), default=0.05)
     audit_early_fraction: float = _env("AUDIT_EARLY_FRACTION", _float_in(0.0, 0.5), default=0.2)
     audit_min_labels: int = _env("AUDIT_MIN_LABELS", _int_in(1), default=60)
+    # "random": the labels present at the first round were drawn at random (say so only when they were) and
+    # start the audit sample; "ignore": how they were chosen is unknown, and they never judge a model
+    audit_existing: str = _env("AUDIT_EXISTING", _choice("ignore", "random"), default="ignore")
     align_gate: bool = _env("ALIGN_GATE", _bool, default=True)  # false: a refresh serves unjudged (comparisons)
     gate_z: float = _env("GATE_Z", _float_in(0.0, 10.0), default=1.0)
     training_method: str = _env("TRAINING_METHOD", _choice("auto", "ft", "lpft"), default="auto")

@@ -137,13 +137,21 @@ class AuditState:
     """The audit sample of one project (selection/audit.py draws it, alignment/gate.py judges with it).
 
     `started_labelled` is the number of labels when the first audited round ran: labels given before it are
-    never audit labels (how they were chosen is unknown). `tasks` are the audit tasks: those labelled while
+    not audit labels (how they were chosen is unknown), unless AUDIT_EXISTING=random says they were drawn at
+    random. `tasks` are the audit tasks: those labelled while
     they were audit picks, and the unlabelled picks of the latest round; a pick a later round no longer places
     leaves the list, so a task the strategy chose later is never counted as an audit label.
     """
 
     started_labelled: int | None = None
     tasks: list[int] = field(default_factory=list)
+
+    def started(self, labelled_now: Iterable[int], labelled_total: int, existing_random: bool) -> AuditState:
+        """The audit as the first round starts it (itself once started): the labels given before it are audit
+        labels only when the user says they were drawn at random (AUDIT_EXISTING=random)."""
+        if self.started_labelled is not None:
+            return self
+        return AuditState(labelled_total, sorted({int(t) for t in labelled_now}) if existing_random else [])
 
     def labelled(self, tasks: Mapping[int, Any]) -> list[int]:
         """The audit labels: audit tasks that are labelled now."""

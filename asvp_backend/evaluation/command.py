@@ -128,6 +128,9 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
                             f"(default {AuditPolicy.early_fraction:g})")  # fmt: skip
     audit.add_argument("--audit-min-labels", type=int, default=AuditPolicy.min_labels,
                        help=f"audit labels the gate needs to judge (default {AuditPolicy.min_labels})")
+    audit.add_argument("--audit-existing", choices=("ignore", "random"), default="ignore",
+                       help="random: the random initial labels start the audit sample, as AUDIT_EXISTING=random "
+                            "does for labels given before a project's first round (default ignore)")
     audit.add_argument("--gate-z", type=float, default=Gate.z, help="standard errors of the paired difference a "
                        f"refresh must gain on the audit labels (default {Gate.z:g})")  # fmt: skip
 
@@ -157,7 +160,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         align_min_labels=args.align_min_labels, align_min_new_labels=args.align_min_new_labels,
         align_max_updates=args.align_max_updates, training_method=args.training_method,
         audit_fraction=args.audit_fraction, audit_early_fraction=args.audit_early_fraction,
-        audit_min_labels=args.audit_min_labels, gate_z=args.gate_z,
+        audit_min_labels=args.audit_min_labels, audit_existing=args.audit_existing, gate_z=args.gate_z,
     )  # fmt: skip
 
 

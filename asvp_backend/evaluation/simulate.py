@@ -123,6 +123,7 @@ class SimulationConfig:
     audit_fraction: float = AuditPolicy.fraction  # the backend's audit sample, in the proxy methods' batches
     audit_early_fraction: float = AuditPolicy.early_fraction
     audit_min_labels: int = AuditPolicy.min_labels
+    audit_existing: str = "ignore"  # "random": the random initial labels start the audit (AUDIT_EXISTING)
     gate_z: float = Gate.z
     extract_batch: int = 128
 
@@ -151,6 +152,8 @@ class SimulationConfig:
         self.policy()  # validates the training method
         if not 0.0 <= self.audit_fraction <= 0.5 or not 0.0 <= self.audit_early_fraction <= 0.5:
             raise ValueError("--audit-fraction and --audit-early-fraction must be between 0 and 0.5")
+        if self.audit_existing not in ("ignore", "random"):
+            raise ValueError(f"--audit-existing must be ignore or random, got {self.audit_existing!r}")
         if self.audit_min_labels < 1 or self.gate_z < 0:
             raise ValueError("need --audit-min-labels >= 1 and --gate-z >= 0")
 
@@ -159,7 +162,8 @@ class SimulationConfig:
                                self.align_min_new_labels, self.align_max_updates, self.training_method)
 
     def audit(self) -> AuditPolicy:
-        return AuditPolicy(self.audit_fraction, self.audit_early_fraction, self.audit_min_labels)
+        return AuditPolicy(self.audit_fraction, self.audit_early_fraction, self.audit_min_labels,
+                           self.audit_existing == "random")
 
     def gate(self) -> Gate:
         return Gate(self.gate_z, self.audit_min_labels)
@@ -552,6 +556,8 @@ class ProxyMethod(Method):
         round (the initial labels are not audited)."""
         x = self._features(run, run.checkpoint, "train", "extraction", laps) if x is None else x
         queue = self._queue(run)
+        if round_no == 0 and queue.audit.existing_random:  # the initial labels are random: they start the audit
+            run.audit = sorted({*run.audit, *(int(r) for r in rows)})
         with laps("selection"):
             pool = self._pool(rows)
             inputs = RoundInputs.from_arrays(rows, x[rows], self.ws.dataset.train.labels[rows], pool, x[pool])

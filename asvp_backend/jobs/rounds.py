@@ -108,8 +108,8 @@ def load_inputs(generation: Any, tasks: dict[int, SyncedTask]) -> RoundInputs:
 
 def audit_since(audit: AuditState, inputs: RoundInputs, tasks: dict[int, SyncedTask]) -> tuple[int, int]:
     """(labels since the audit started, audit labels): what places this round's audit picks."""
-    started = audit.started_labelled if audit.started_labelled is not None else inputs.labelled_total
-    return max(0, inputs.labelled_total - started), len(audit.labelled(tasks))
+    assert audit.started_labelled is not None
+    return max(0, inputs.labelled_total - audit.started_labelled), len(audit.labelled(tasks))
 
 
 def predictions_for(spec: ClassificationSpec, version: ModelVersion, task_ids: np.ndarray, scores: np.ndarray,
@@ -182,7 +182,8 @@ def run_round(ctx: JobContext) -> dict[str, Any]:
                                                        state.audit.labelled(tasks), settings, device)
     else:
         label_source = {"source": None, "reason": "cold start: no label is suggested"}
-    audit_picks = inputs.pool_ids[place_audit(ranking, inputs, queue, *audit_since(state.audit, inputs, tasks))]
+    audit = state.audit.started(inputs.lab_ids.tolist(), inputs.labelled_total, queue.audit.existing_random)
+    audit_picks = inputs.pool_ids[place_audit(ranking, inputs, queue, *audit_since(audit, inputs, tasks))]
     ctx.check_fence()  # the stop set is drawn (written) at the first round
     stop, stop_entry = predict_stop_set(layout, settings.seed, inputs.pool_ids, generation, ranking.proxy,
                                         previous_version=state.version)
@@ -223,7 +224,7 @@ def run_round(ctx: JobContext) -> dict[str, Any]:
         current.advance_to(version)
         current.labels_at_last_round = inputs.labelled_total
         if current.audit.started_labelled is None:
-            current.audit.started_labelled = inputs.labelled_total
+            current.audit.started_labelled, current.audit.tasks = audit.started_labelled, list(audit.tasks)
         current.audit.placed(tasks, audit_picks.tolist())
         current.record_round(record)
         current.record_job(ctx.job_id)

@@ -36,15 +36,18 @@ def audit_keys(task_ids: np.ndarray, seed: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class AuditPolicy:
-    """AUDIT_FRACTION, AUDIT_EARLY_FRACTION, AUDIT_MIN_LABELS (0 turns the audit off with AUDIT_FRACTION=0)."""
+    """AUDIT_FRACTION, AUDIT_EARLY_FRACTION, AUDIT_MIN_LABELS (0 turns the audit off with AUDIT_FRACTION=0) and
+    AUDIT_EXISTING (`existing_random`: the labels present at the first round start the audit)."""
 
     fraction: float = 0.05
     early_fraction: float = 0.2
     min_labels: int = 60
+    existing_random: bool = False
 
     @classmethod
     def from_settings(cls, settings: Any) -> AuditPolicy:
-        return cls(settings.audit_fraction, settings.audit_early_fraction, settings.audit_min_labels)
+        return cls(settings.audit_fraction, settings.audit_early_fraction, settings.audit_min_labels,
+                   settings.audit_existing == "random")
 
     @property
     def enabled(self) -> bool:

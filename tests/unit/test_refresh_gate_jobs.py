@@ -157,3 +157,28 @@ def state_tasks(stack: Stack) -> dict:
     from asvp_backend.state import TaskSnapshot
 
     return TaskSnapshot(stack.runtime.settings.model_dir, PID).load()
+
+
+def test_labels_the_user_says_were_random_start_the_audit_and_no_pick_is_owed_yet(tmp_path):
+    stack = Stack(tmp_path, n_tasks=N_TASKS, AUDIT_MIN_LABELS="20", RETRAIN_EVERY="1", AUDIT_EXISTING="random")
+    for tid in range(1, 11):
+        stack.fake.annotate(tid, by_parity(tid))
+    sync(stack.ctx("sync"))
+    run_round(stack.ctx("round"))
+    state = stack.state()
+    # the ten labels count as audit labels: the quota (20% of the labels since the start) owes no new one for
+    # the next 50 labels, so the first audit pick of the queue comes after its first 50 tasks
+    assert state.audit.started_labelled == 10 and state.audit.tasks[:10] == list(range(1, 11))
+    assert state.audit.labelled(state_tasks(stack)) == list(range(1, 11))
+    version = stack.fake.project["model_version"]
+    queue = sorted((p["score"], p["task"]) for p in stack.fake.predictions if p["model_version"] == version)
+    positions = [i for i, (_, tid) in enumerate(queue) if tid in state.audit.tasks]
+    assert state.rounds[-1]["audit_picks"] == len(positions) > 0 and min(positions) >= 50
+    run_round(stack.ctx("round", force_round=True))
+    assert stack.state().rounds[-1]["audit"]["n"] == 10  # they judge the proxy from the next round on
+    ignored = Stack(tmp_path / "ignore", n_tasks=N_TASKS, AUDIT_MIN_LABELS="20", RETRAIN_EVERY="1")
+    for tid in range(1, 11):
+        ignored.fake.annotate(tid, by_parity(tid))
+    sync(ignored.ctx("sync"))
+    run_round(ignored.ctx("round"))
+    assert not set(ignored.state().audit.tasks) & set(range(1, 11))  # the default: unknown selection, not audit

@@ -358,3 +358,12 @@ def test_mnist_5k_csv(tmp_path: Path):
         load_dataset(f"mnist-5k:{bad}")
     with pytest.raises(FileNotFoundError, match="not found"):
         load_dataset(f"mnist-5k:{tmp_path / 'missing.csv.gz'}")
+
+
+def test_random_initial_labels_can_start_the_audit(tmp_path: Path):
+    _, (svpp,) = simulate(tmp_path, methods=("svpp",), audit_existing="random")
+    first = svpp.rounds[0]
+    assert set(first["added"]) <= set(svpp.audit)  # the random initial labels are audit labels
+    assert svpp.rounds[0]["audit"]["n"] == len(first["added"])  # and judge the first proxy
+    with pytest.raises(ValueError, match="--audit-existing"):
+        SimulationConfig(dataset="digits", audit_existing="some")
