@@ -158,7 +158,8 @@ def cmd_extract(settings: Settings, args: argparse.Namespace) -> int:
                   "sends when it connects the project", file=sys.stderr)
             return 2
         bar = _ProgressBar(f"project {args.project}")
-        ctx = JobContext("extract", args.project, "cli", {"no_time_slice": True}, runtime, reporter=bar)
+        ctx = JobContext("extract", args.project, "cli", {"no_time_slice": True, "full": True,
+                                                          "full_reason": "asvp-backend extract"}, runtime, reporter=bar)
         sync_summary = None
         if not args.no_sync:
             with _wait_for_lease(runtime, args.project, "sync"):

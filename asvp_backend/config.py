@@ -184,6 +184,8 @@ class Settings:
     retrain_cadence: int | str = _env("RETRAIN_EVERY", _retrain_every, default="auto")
     batch_size: int | None = _env("BATCH_SIZE", _int_in(1), default=None)  # None: RETRAIN_EVERY
     push_top_k: int = _env("PUSH_TOP_K", _int_in(1), default=2000)
+    # seconds after which a sync reads every task again (catches lost webhooks); 0: only when one is needed
+    reconcile_every: int = _env("RECONCILE_EVERY", _int_in(0), default=3600)
     ls_sampling: str = _env("LS_SAMPLING", _choice("uncertainty", "keep"), default="uncertainty")
     seed: int = _env("SEED", _int_in(0), default=0)
     # Alignment (ASVP): the LogME-PED trigger and the training method, see alignment/policy.py

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from asvp_backend.config import ConfigError, Settings
+from asvp_backend.jobs.changes import ChangeLog, MemoryChangeLog, RedisChangeLog
 from asvp_backend.jobs.inprocess import InProcessJobQueue
 from asvp_backend.jobs.leases import FileLease, Lease, RedisLease
 from asvp_backend.jobs.queue import JobQueue
@@ -35,6 +36,7 @@ class Runtime:
     _label_studio: Any = field(default=None, repr=False)  # one client for every project (tests inject a fake)
     _clients: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False)
     fence: Callable[[], None] | None = field(default=None, repr=False)  # a job's lease check (fenced())
+    changes: ChangeLog = field(default_factory=MemoryChangeLog)  # what webhooks said changed (jobs/changes.py)
 
     def label_studio(self, project_id: int | None = None) -> Any:
         """The Label Studio client that reads `project_id`: the environment's, or the one /setup's hostname and
@@ -116,12 +118,10 @@ def build_runtime(settings: Settings, start_jobs: bool = True) -> Runtime:
     from asvp_backend.jobs.runner import run_job
 
     if settings.redis_url:
-        connection = connect_redis(settings.redis_url)
-        queue: JobQueue = RqJobQueue(
-            connection, job_timeout=settings.job_timeout, async_redis=connect_redis_async(settings.redis_url)
-        )
+        connection, async_connection = connect_redis(settings.redis_url), connect_redis_async(settings.redis_url)
+        queue: JobQueue = RqJobQueue(connection, job_timeout=settings.job_timeout, async_redis=async_connection)
         return Runtime(settings=settings, store=create_state_store(settings.model_dir, connection), queue=queue,
-                       redis=connection)
+                       redis=connection, changes=RedisChangeLog(connection, async_connection))
     # only the process that runs the jobs owns the journal (a CLI command must not overwrite the server's)
     in_process = InProcessJobQueue(journal=queue_journal(settings.model_dir) if start_jobs else None)
     runtime = Runtime(settings=settings, store=create_state_store(settings.model_dir, None), queue=in_process)

@@ -180,6 +180,7 @@ class ProjectState:
     acceptance: AcceptanceState = field(default_factory=AcceptanceState)
     config_changes: list[dict[str, Any]] = field(default_factory=list)  # oldest first (config_change)
     audit: AuditState = field(default_factory=AuditState)
+    last_full_sync: float | None = None  # when a sync last read every task (the reconcile, jobs/tasks.py)
 
     @property
     def version(self) -> ModelVersion:
@@ -447,6 +448,7 @@ class SyncedTask:
     image: str | None
     label: str | None
     problem: str | None = None  # why the task's image value cannot be used (the extract job records it)
+    annotations: tuple[int, ...] = ()  # its annotations' ids: a deletion event names only those (jobs/changes.py)
 
 
 class TaskSnapshot:
@@ -463,14 +465,16 @@ class TaskSnapshot:
     def load(self) -> dict[int, SyncedTask]:
         try:
             raw = json.loads(self.path.read_bytes())
-            return {int(k): SyncedTask(*v) for k, v in raw.items()}
+            return {int(k): SyncedTask(v[0], v[1], v[2] if len(v) > 2 else None, tuple(v[3]) if len(v) > 3 else ())
+                    for k, v in raw.items()}
         except FileNotFoundError:
             return {}
         except (ValueError, TypeError, IndexError, AttributeError) as exc:
             raise StateCorrupt(str(self.path), f"{type(exc).__name__}: {str(exc)[:200]}") from None
 
     def save(self, tasks: dict[int, SyncedTask]) -> None:
-        payload = {str(k): [t.image, t.label] + ([t.problem] if t.problem else []) for k, t in tasks.items()}
+        payload = {str(k): [t.image, t.label] + ([t.problem, list(t.annotations)] if t.annotations else
+                                                 [t.problem] if t.problem else []) for k, t in tasks.items()}
         atomic_write_bytes(self.path, json.dumps(payload, separators=(",", ":")).encode())
 
 

@@ -22,6 +22,9 @@ class FakeLabelStudio:
         self.project: dict[str, Any] = {"model_version": "", "sampling": "Sequential sampling"}
         self.calls: list[str] = []
         self.fail_on: tuple[str, int] | None = None  # (method, n): the n-th call of method raises
+        # Label Studio's webhooks: called with the annotated task's id on every annotate/unannotate (a test
+        # that drops it models lost webhooks)
+        self.on_change: Any = None
         self._counts: Counter[str] = Counter()
 
     def _call(self, name: str) -> None:
@@ -46,6 +49,11 @@ class FakeLabelStudio:
         self._call("iter_tasks")
         yield from (dict(t) for t in self.tasks.values())
 
+    def get_task(self, task_id: int) -> dict[str, Any] | None:
+        self._call("get_task")
+        task = self.tasks.get(int(task_id))
+        return None if task is None else dict(task)
+
     def import_predictions(self, pid: int, predictions: list[dict[str, Any]]) -> int:
         self._call("import_predictions")
         self.predictions.extend(predictions)
@@ -68,6 +76,13 @@ class FakeLabelStudio:
         result = [{"from_name": from_name, "to_name": "image", "type": "choices", "value": {"choices": [label]}}]
         self.tasks[task_id]["annotations"] = [{"id": task_id, "result": result, "was_cancelled": False,
                                                "updated_at": "2026-01-01T00:00:00Z"}]
+        if self.on_change is not None:
+            self.on_change(task_id)
+
+    def unannotate(self, task_id: int) -> None:
+        self.tasks[task_id]["annotations"] = []
+        if self.on_change is not None:
+            self.on_change(task_id)
 
     def versions_with_predictions(self) -> set[str]:
         return {p["model_version"] for p in self.predictions}

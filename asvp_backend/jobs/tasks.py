@@ -18,6 +18,7 @@ from asvp_backend.alignment.policy import AlignmentPolicy
 from asvp_backend.artefacts import round_versions_on_disk
 from asvp_backend.config import ConfigError
 from asvp_backend.jobs.alignment import run_finetune
+from asvp_backend.jobs.changes import Changes
 from asvp_backend.jobs.context import JobContext
 from asvp_backend.jobs.extraction import extract_project, feature_store
 from asvp_backend.jobs.registry import register_job
@@ -31,11 +32,12 @@ from asvp_backend.state import ProjectState, StateCorrupt, SyncedTask, TaskSnaps
 log = logging.getLogger(__name__)
 
 HOUR = 3600
+TARGETED_MAX_TASKS = 1000  # more changed tasks than this are read page by page (a bulk import, a bulk delete)
 
 
 @register_job("sync", queue="cpu", time_limit=HOUR)
 def sync(ctx: JobContext) -> dict[str, Any]:
-    """Read the project's tasks and labels from Label Studio, record them, queue what follows."""
+    """Bring the project's snapshot and state up to what Label Studio holds, then queue what follows."""
     summary, tasks, state = sync_tasks(ctx)
     summary["next"] = follow_up(ctx, state, tasks)
     return summary
@@ -44,11 +46,94 @@ def sync(ctx: JobContext) -> dict[str, Any]:
 def synced_task(task: dict[str, Any], spec: ClassificationSpec) -> SyncedTask:
     value = spec.image_of(task)
     problem = image_value_problem(value)
-    return SyncedTask(image=None if problem else str(value), label=spec.label_of(task), problem=problem)
+    annotations = tuple(sorted(int(a["id"]) for a in task.get("annotations") or () if isinstance(a.get("id"), int)))
+    return SyncedTask(image=None if problem else str(value), label=spec.label_of(task), problem=problem,
+                      annotations=annotations)
 
 
 def sync_tasks(ctx: JobContext) -> tuple[dict[str, Any], dict[int, SyncedTask], ProjectState | None]:
-    """The sync itself: every task and label, from Label Studio into the snapshot and the state."""
+    """The sync itself. A targeted read re-reads only the tasks the webhooks pointed at (jobs/changes.py);
+    a full read (the reconcile) reads every task: when a pointer cannot be followed or the counts do not add
+    up, on Start Training, /setup and `asvp-backend sync`, for a rebuilt state or snapshot, and when the last
+    full read is older than RECONCILE_EVERY. Either way the pointers it started from are cleared only after
+    the snapshot is saved."""
+    runtime, pid = ctx.runtime, ctx.project_id
+    pending = runtime.changes.pending(pid)
+    reason = _full_read_reason(ctx, pending.changes)
+    result = None
+    if reason is None:
+        result, reason = _read_changed(ctx, pending.changes)
+    if result is None:
+        result = _read_all(ctx, reason or "a full read")
+    runtime.changes.done(pid, pending.upto)
+    return result
+
+
+def _full_read_reason(ctx: JobContext, changes: Changes) -> str | None:
+    """Why this sync must read every task, or None when the pointers are enough."""
+    runtime, pid = ctx.runtime, ctx.project_id
+    if ctx.params.get("full"):
+        return str(ctx.params.get("full_reason") or "requested")
+    if ctx.kind == "train":
+        return "Start Training"
+    if changes.full:
+        return "an event named no task to read"
+    try:
+        state = runtime.store.get(pid)
+        snapshot_exists = TaskSnapshot(runtime.settings.model_dir, pid).path.is_file()
+    except StateCorrupt:
+        return "the state is unreadable"
+    if state is None or not snapshot_exists:
+        return "first sync"
+    every = runtime.settings.reconcile_every
+    if every and (state.last_full_sync is None or time.time() - state.last_full_sync >= every):
+        return f"reconcile due (RECONCILE_EVERY={every} s)"
+    return None
+
+
+def _read_changed(ctx: JobContext, changes: Changes) -> tuple[tuple[dict[str, Any], dict[int, SyncedTask],
+                                                                     ProjectState | None] | None, str | None]:
+    """The targeted read: the project, then each pointed-at task. Returns (result, None), or (None, why a
+    full read is needed instead)."""
+    runtime, pid = ctx.runtime, ctx.project_id
+    started = time.time()
+    state = runtime.store.require(pid)
+    client = runtime.label_studio(pid)
+    project = client.get_project(pid)
+    if (project.get("label_config") or state.label_config) != state.label_config:
+        return None, "the label config changed"
+    try:
+        tasks = TaskSnapshot(runtime.settings.model_dir, pid).load()
+    except StateCorrupt as exc:
+        return None, f"the snapshot is unreadable ({exc})"
+    task_ids = set(changes.tasks)
+    if changes.annotations:
+        owner = {a: tid for tid, task in tasks.items() for a in task.annotations}
+        unknown = sorted(changes.annotations - owner.keys())
+        if unknown:
+            return None, f"annotation(s) {unknown[:5]} of no task in the snapshot"
+        task_ids |= {owner[a] for a in changes.annotations}
+    if len(task_ids) > TARGETED_MAX_TASKS:
+        return None, f"{len(task_ids)} tasks changed (more than {TARGETED_MAX_TASKS} read one by one)"
+    reviews: list[tuple[int, str, bool]] = []
+    previous = dict(tasks)
+    for done, tid in enumerate(sorted(task_ids)):
+        task = client.get_task(tid)
+        if task is None or task.get("project", pid) != pid:  # deleted, or not this project's (a forged id)
+            tasks.pop(tid, None)
+        else:
+            tasks[tid] = synced_task(task, state.spec)
+            reviews += reviewed_pre_annotations(task, state.spec)
+        ctx.progress(done + 1, len(task_ids), stage="reading changed tasks")
+    total = int(project.get("task_number") or 0)
+    if total != len(tasks):
+        return None, f"Label Studio holds {total} tasks, the snapshot {len(tasks)} after the targeted read"
+    return _save_sync(ctx, project, state, tasks, previous, reviews, started, read="targeted",
+                      tasks_read=len(task_ids)), None
+
+
+def _read_all(ctx: JobContext, reason: str) -> tuple[dict[str, Any], dict[int, SyncedTask], ProjectState | None]:
+    """The full read (reconcile): every task and label, from Label Studio into the snapshot and the state."""
     runtime, pid = ctx.runtime, ctx.project_id
     started = time.time()
     try:
@@ -60,34 +145,47 @@ def sync_tasks(ctx: JobContext) -> tuple[dict[str, Any], dict[int, SyncedTask], 
     project = client.get_project(pid)
     state = stored if stored is not None else _rebuild_state(ctx, project)
 
-    spec, config_error = state.spec, None
-    label_config = project.get("label_config") or state.label_config
-    if label_config != state.label_config:
-        try:
-            spec = parse_label_config(label_config)
-        except LabelConfigError as exc:  # keep serving the last good config, and say why
-            config_error, label_config = str(exc), state.label_config
-
     total = int(project.get("task_number") or 0)
     tasks: dict[int, SyncedTask] = {}
     reviews: list[tuple[int, str, bool]] = []  # served pre-annotations accepted or corrected (learning.py)
+    spec = _spec_of(project, state)[0]
     for task in client.iter_tasks(pid):
         tasks[int(task["id"])] = synced_task(task, spec)
         reviews += reviewed_pre_annotations(task, spec)
         ctx.progress(len(tasks), max(total, len(tasks)), stage="reading tasks")
     _clear_connection_problem(ctx)
-    snapshot = TaskSnapshot(runtime.settings.model_dir, pid)
     try:
-        previous = snapshot.load()
+        previous = TaskSnapshot(runtime.settings.model_dir, pid).load()
     except StateCorrupt as exc:  # rebuilt right below from what Label Studio just said
         log.warning("project %s: %s; rebuilding it", pid, exc)
         previous = {}
-    ctx.check_fence()  # a job whose lease was lost writes nothing more (jobs/fencing.py)
-    snapshot.save(tasks)
+    return _save_sync(ctx, project, state, tasks, previous, reviews, started, read="full", reason=reason)
 
+
+def _spec_of(project: dict[str, Any], state: ProjectState) -> tuple[ClassificationSpec, str, str | None]:
+    """The label config to serve (Label Studio's, or the last good one when it cannot be served) and why not."""
+    label_config = project.get("label_config") or state.label_config
+    if label_config == state.label_config:
+        return state.spec, label_config, None
+    try:
+        return parse_label_config(label_config), label_config, None
+    except LabelConfigError as exc:  # keep serving the last good config, and say why
+        return state.spec, state.label_config, str(exc)
+
+
+def _save_sync(ctx: JobContext, project: dict[str, Any], state: ProjectState, tasks: dict[int, SyncedTask],
+               previous: dict[int, SyncedTask], reviews: list[tuple[int, str, bool]], started: float, *,
+               read: str, **detail: Any) -> tuple[dict[str, Any], dict[int, SyncedTask], ProjectState | None]:
+    """Save the snapshot, then record the sync in the state (the label config, pre-annotation reviews)."""
+    runtime, pid = ctx.runtime, ctx.project_id
+    spec, label_config, config_error = _spec_of(project, state)
+    ctx.check_fence()  # a job whose lease was lost writes nothing more (jobs/fencing.py)
+    TaskSnapshot(runtime.settings.model_dir, pid).save(tasks)
     labelled = sum(1 for t in tasks.values() if t.label is not None)
     summary = {
         "at": time.time(),
+        "read": read,
+        **detail,
         "tasks": len(tasks),
         "labelled": labelled,
         "max_task_id": max(tasks, default=-1),
@@ -102,6 +200,8 @@ def sync_tasks(ctx: JobContext) -> tuple[dict[str, Any], dict[int, SyncedTask], 
         if current is None:
             return None
         current.last_sync = summary
+        if read == "full":
+            current.last_full_sync = started
         current.title = str(project["title"])[:200] if project.get("title") else current.title
         current.record_config_change(config_change(current.spec, spec))
         current.acceptance.record(reviews)
@@ -111,7 +211,8 @@ def sync_tasks(ctx: JobContext) -> tuple[dict[str, Any], dict[int, SyncedTask], 
 
     new_state = runtime.store.update(pid, record)
     ctx.progress(len(tasks), len(tasks), stage="done", force=True)
-    log.info("project %s synced: %s tasks, %s labelled", pid, len(tasks), labelled)
+    log.info("project %s synced (%s read%s): %s tasks, %s labelled", pid, read,
+             f", {detail['reason']}" if detail.get("reason") else "", len(tasks), labelled)
     return summary, tasks, new_state
 
 

@@ -110,6 +110,15 @@ class LabelStudioClient:
                 return
             page += 1
 
+    def get_task(self, task_id: int) -> dict[str, Any] | None:
+        """One task with its annotations; None when Label Studio has no such task (deleted)."""
+        try:
+            return self.request("GET", f"/api/tasks/{int(task_id)}/")
+        except LabelStudioError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
     def ordered_task_ids(self, project_id: int, view_id: int | None = None) -> list[int]:
         """Unlabelled task ids in the order of our Data Manager view (lowest prediction score first)."""
         query = {"filters": _UNLABELLED_FILTER, "ordering": ["tasks:predictions_score"]}

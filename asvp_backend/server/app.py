@@ -39,6 +39,7 @@ from asvp_backend.alignment.summary import alignment_summary, generations_of, mo
 from asvp_backend.artefacts import round_versions_on_disk
 from asvp_backend.health import project_problems
 from asvp_backend.jobs.alignment import force_update
+from asvp_backend.jobs.changes import Changes, changes_of
 from asvp_backend.jobs.queue import Submitted
 from asvp_backend.labelstudio.label_config import LabelConfigError, parse_label_config
 from asvp_backend.logs import install_secret_filter, secrets_of
@@ -424,7 +425,8 @@ def create_app(runtime: Runtime) -> FastAPI:
         reply = {"model_version": str(state.version), "status": "ok", **connection}
         if why_sync and connection.get("label_studio", {}).get("tasks_readable"):
             # ranked before the first task is opened: the sync queues extraction and the cold-start round
-            submitted = queue.submit("sync", project_id, reason=f"/setup: {why_sync[0]}")
+            submitted = queue.submit("sync", project_id, reason=f"/setup: {why_sync[0]}", full=True,
+                                     full_reason=f"/setup: {why_sync[0]}")
             reply["sync"] = {"job": submitted.job_id, "reason": why_sync[0]}
         return JSONResponse(reply)
 
@@ -479,7 +481,8 @@ def create_app(runtime: Runtime) -> FastAPI:
             if outcome.problem:  # the round's ranking is unreadable: a new round replaces it
                 queue.submit("round", project_id, reason=outcome.problem[:200], force_round=True)
             elif outcome.needs_sync(state):
-                # tasks no sync has seen yet: a (deduplicated) sync extracts them and re-ranks
+                # tasks no sync has seen yet: a (deduplicated) sync reads them, extracts them and re-ranks
+                runtime.changes.note_now(project_id, Changes(tasks=frozenset(int(t) for t in task_ids)))
                 queue.submit("sync", project_id, reason="predict asked for tasks no sync has seen")
         # rendered here, in the worker thread: FastAPI would encode a returned dict on the event loop
         return JSONResponse({"results": outcome.results})
@@ -527,6 +530,8 @@ def create_app(runtime: Runtime) -> FastAPI:
                 metrics.webhooks.labels(action, "deduplicated").inc()
                 message = joined_message(under_way.kind, under_way.status.value, under_way.progress)
                 return JSONResponse({"status": "ok", "job": under_way.id, "deduplicated": True, "message": message})
+        if trigger.job == "sync":  # pointers for the sync's targeted read, never data (jobs/changes.py)
+            await runtime.changes.note(project_id, changes_of(action, body.model_dump()))
         waiting = await queue.waiting_job(trigger.job, project_id)
         if waiting is not None:
             submitted = Submitted(waiting, deduplicated=True)

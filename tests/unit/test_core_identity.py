@@ -21,6 +21,7 @@ from asvp_backend.evaluation.simulate import (
 )
 from asvp_backend.features import FeatureStore
 from asvp_backend.features.store import GenerationInfo
+from asvp_backend.jobs.changes import Changes
 from asvp_backend.jobs.context import JobContext
 from asvp_backend.jobs.inprocess import InProcessJobQueue
 from asvp_backend.jobs.rounds import run_round
@@ -66,6 +67,7 @@ class Backend:
         generation.append(list(range(N)), vectors)
         store.activate(0)
         self.layout = ProjectLayout(tmp_path, PID)
+        self.fake.on_change = lambda tid: self.runtime.changes.note_now(PID, Changes(tasks=frozenset({tid})))
 
     def round(self, label: list[int]) -> dict:
         for tid in label:

@@ -10,6 +10,7 @@ from asvp_backend.artefacts import RANKING_FILE, read_ranking
 from asvp_backend.config import Settings
 from asvp_backend.features import FeatureStore
 from asvp_backend.features.store import GenerationInfo
+from asvp_backend.jobs.changes import Changes
 from asvp_backend.jobs.context import JobContext
 from asvp_backend.jobs.inprocess import InProcessJobQueue
 from asvp_backend.jobs.rounds import rescore_new_tasks, run_round
@@ -43,6 +44,8 @@ class Stack:
         self.queue = InProcessJobQueue()  # not started: the tests run jobs themselves and look at what was queued
         self.runtime = Runtime(settings=settings, store=FileStateStore(tmp_path), queue=self.queue,
                                _label_studio=self.fake)
+        # every annotation reaches the backend as a webhook would: a pointer to its task (jobs/changes.py)
+        self.fake.on_change = lambda tid: self.runtime.changes.note_now(PID, Changes(tasks=frozenset({tid})))
         self.runtime.store.update(PID, lambda _: ProjectState.new(PID, IMAGE_CONFIG, parse_label_config(IMAGE_CONFIG)))
         self.store = FeatureStore(ProjectLayout(tmp_path, PID).features_dir)
         self.generation = self.store.create_generation(GenerationInfo(0, "fake", "none", {}, DIM))
