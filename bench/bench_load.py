@@ -364,7 +364,8 @@ def run_load(args: argparse.Namespace) -> int:
 def run_scale(args: argparse.Namespace) -> int:
     header = host_line()
     stack = Stack(args.redis_url, args.image_size, {"PUSH_TOP_K": str(args.push_top_k),
-                                                    "EXTRACT_BATCH_SIZE": str(args.batch_size)})
+                                                    "EXTRACT_BATCH_SIZE": str(args.batch_size),
+                                                    "RETRAIN_EVERY": str(args.retrain_every)})
     steps: dict[str, float] = {}
     try:
         clock = time.perf_counter()
@@ -412,9 +413,81 @@ def run_scale(args: argparse.Namespace) -> int:
         print("\n| process | peak RSS MiB |\n|---|---|")
         for name, mib in memory.items():
             print(f"| {name} | {mib:.0f} |")
+        if args.annotate or args.burst:
+            annotation_latency(stack, pid, args)
         return 0
     finally:
         stack.stop()
+
+
+def annotation_latency(stack: Stack, pid: int, args: argparse.Namespace) -> None:
+    """Annotations made through Label Studio's API after the chain: the time until the backend's state records
+    each (its webhook, the sync's targeted read), a burst from several annotators, and a full reconcile."""
+    page = stack.ls.call("GET", "/api/tasks", params={"project": pid, "page": 2, "page_size": args.labels,
+                                                      "fields": "task_only"})
+    free = [int(t["id"]) for t in (page.get("tasks", []) if isinstance(page, dict) else page)]
+    assert len(free) >= args.annotate + args.burst, "not enough unlabelled tasks on the second page"
+    stack.memory = PeakRSS()
+    for name, proc in (("API (asvp-backend serve)", stack.backend.proc), *(
+            (f"{w.name} (rq, with its work-horses)", w.proc) for w in stack.workers)):
+        stack.memory.watch(name, proc.pid)
+    stack.memory.start()
+
+    def labelled() -> int:
+        return int((stack.state(pid).get("last_sync") or {}).get("labelled") or 0)
+
+    def annotate(tid: int) -> None:
+        result = [{"from_name": "label", "to_name": "image", "type": "choices",
+                   "value": {"choices": [LABELS[tid % 2]]}}]
+        stack.ls.call("POST", f"/api/tasks/{tid}/annotations", json={"result": result})
+
+    def until(count: int, started: float) -> float:
+        wait_for(lambda: labelled() >= count, timeout=args.timeout, interval=0.05, what=f"{count} labels")
+        return time.perf_counter() - started
+
+    singles = []
+    for tid in free[: args.annotate]:
+        before = labelled()
+        started = time.perf_counter()
+        annotate(tid)
+        singles.append(until(before + 1, started))
+    burst_tasks = free[args.annotate : args.annotate + args.burst]
+    before = labelled()
+    started = time.perf_counter()
+    annotators = 5
+    threads = [threading.Thread(target=lambda part=burst_tasks[k::annotators]: [annotate(t) for t in part])
+               for k in range(annotators)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    submitted = time.perf_counter() - started
+    burst_all = until(before + len(burst_tasks), started)
+    wait_idle(stack, pid, timeout=args.timeout, fail_fast=False)
+    syncs = [j for j in stack.jobs(pid) if j["kind"] == "sync" and j["status"] == "finished"]
+    targeted = [j for j in syncs if (j.get("result") or {}).get("read") == "targeted"]
+    queue_job(stack, pid, "sync")  # from the status page: a full read (the reconcile)
+    clock = time.perf_counter()
+    jobs = wait_idle(stack, pid, timeout=args.timeout, fail_fast=False)
+    full = [j for j in jobs if j["kind"] == "sync" and (j.get("result") or {}).get("read") == "full"]
+    reconcile = full[0]["ended_at"] - full[0]["started_at"] if full else float("nan")
+    reconcile_wall = time.perf_counter() - clock
+    memory = stack.memory.stop()
+    print(f"\n### An annotation to the backend's state, {args.tasks}-task project (targeted sync)\n")
+    print("Each annotation is made through Label Studio's API; its webhook reaches `/webhook`, the sync re-reads "
+          "the task it names, and the time runs until `GET /projects/N` shows the new label count (polled every "
+          f"50 ms). RETRAIN_EVERY={args.retrain_every}, so no round runs in between (with one worker a round of a "
+          "project this size holds the queue for about a minute; see the chain above).\n")
+    print("| measure | seconds |\n|---|---|")
+    print(f"| one annotation to the state: median of {len(singles)} | {statistics.median(singles):.2f} |")
+    print(f"| one annotation to the state: max of {len(singles)} | {max(singles):.2f} |")
+    print(f"| a burst of {len(burst_tasks)} annotations from {annotators} annotators: all sent | {submitted:.2f} |")
+    print(f"| the same burst: all {len(burst_tasks)} in the state | {burst_all:.2f} |")
+    print(f"| full reconcile (every task read again; job time) | {reconcile:.1f} |")
+    print(f"| full reconcile (wall, queued from the status page) | {reconcile_wall:.1f} |")
+    print(f"\nSync jobs that served the {len(singles) + len(burst_tasks)} annotations: {len(targeted)} targeted "
+          f"reads of {sum((j.get('result') or {}).get('tasks_read', 0) for j in targeted)} tasks in all.")
+    print("Peak RSS during these (MiB): " + ", ".join(f"{name} {mib:.0f}" for name, mib in memory.items()) + ".")
 
 
 def main() -> int:
@@ -439,6 +512,10 @@ def main() -> int:
     scale.add_argument("--push-top-k", type=int, default=2000)
     scale.add_argument("--batch-size", type=int, default=256, help="EXTRACT_BATCH_SIZE")
     scale.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the chain")
+    scale.add_argument("--annotate", type=int, default=20, help="single annotations timed after the chain")
+    scale.add_argument("--burst", type=int, default=100, help="annotations in the burst (5 annotators)")
+    scale.add_argument("--retrain-every", type=int, default=100_000,
+                       help="RETRAIN_EVERY (high: the annotations are timed without rounds in between)")
     args = parser.parse_args()
     return run_load(args) if args.mode == "load" else run_scale(args)
 

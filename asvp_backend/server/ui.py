@@ -14,6 +14,7 @@ has no LABEL_STUDIO_URL): a person's browser opens Label Studio where Label Stud
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import re
@@ -175,7 +176,9 @@ def ui_router(runtime: Runtime) -> APIRouter:
             return JSONResponse({"detail": f"unknown project {project_id}"}, status_code=404)
         retry_of = str(body.get("retry_of") or "")[:100]
         reason = f"queued again from the status page (retry of {retry_of})" if retry_of else "from the status page"
-        submitted = await run_in_threadpool(runtime.queue.submit, kind, project_id, reason)
+        # a sync a person asks for reads every task again (a retry goes on from the pointers left pending)
+        params = {"full": True, "full_reason": reason} if kind == "sync" and not retry_of else {}
+        submitted = await run_in_threadpool(functools.partial(runtime.queue.submit, kind, project_id, reason, **params))
         return JSONResponse({"job": submitted.job_id, "deduplicated": submitted.deduplicated}, status_code=202)
 
     return router
