@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-#: an event that names nothing usable: the next sync reads every task
+#: an event that names nothing usable, or an API that just started: the next sync reads every task
 FULL = "full"
 #: ids one event may point at; Label Studio splits bulk events at 5,000, so more is not an event of its
 MAX_POINTERS = 10_000

@@ -77,7 +77,7 @@ def _full_read_reason(ctx: JobContext, changes: Changes) -> str | None:
     if ctx.kind == "train":
         return "Start Training"
     if changes.full:
-        return "an event named no task to read"
+        return "asked for: an event named no task to read, or the API started (webhooks may have been lost)"
     try:
         state = runtime.store.get(pid)
         snapshot_exists = TaskSnapshot(runtime.settings.model_dir, pid).path.is_file()

@@ -297,6 +297,10 @@ def create_app(runtime: Runtime) -> FastAPI:
     store, queue = runtime.store, runtime.queue
     redis_probe = RedisProbe(settings.redis_url) if settings.redis_url else None
 
+    def reconcile_after_downtime() -> None:
+        for project_id in store.project_ids():
+            runtime.changes.note_now(project_id, Changes(full=True))
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # uvicorn has configured its loggers by now: mask secrets in its access lines too
@@ -305,6 +309,10 @@ def create_app(runtime: Runtime) -> FastAPI:
             await asyncio.wait_for(queue.warm_up(), timeout=WARM_UP_TIMEOUT_S)
         except Exception as exc:  # Redis down or hung at start: serve anyway; /health says DEGRADED, routes 503
             log.warning("could not warm up the job queue: %s", _short_reason(exc))
+        try:  # webhooks sent while no API listened are lost: each project's next sync reads every task
+            await run_in_threadpool(reconcile_after_downtime)
+        except Exception as exc:
+            log.warning("could not mark the projects for a full read: %s", _short_reason(exc))
         yield
         if redis_probe is not None:
             redis_probe.close()

@@ -92,7 +92,7 @@ def test_a_forged_pointer_reads_a_task_and_injects_nothing(stack):
 
 def test_events_that_name_nothing_usable_and_a_due_reconcile_read_everything(stack):
     stack.runtime.changes.note_now(PID, changes_of("ANNOTATION_CREATED", {"annotation": {"task": "x"}}))
-    assert synced(stack)["reason"] == "an event named no task to read"
+    assert synced(stack)["reason"].startswith("asked for: an event named no task to read")
     stack.runtime.store.update(PID, lambda s: setattr(s, "last_full_sync", time.time() - 7200) or s)
     stack.fake.annotate(7, "dog")
     summary = synced(stack)
@@ -156,3 +156,18 @@ def test_change_logs_remove_only_what_a_sync_saw(kind, clean_redis):
 def _url(connection) -> str:
     kwargs = connection.connection_pool.connection_kwargs
     return f"redis://{kwargs.get('host', '127.0.0.1')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
+
+
+def test_an_api_that_starts_asks_every_project_for_a_full_read(tmp_path):
+    """Webhooks sent while no API listened are lost: the first sync after a start reads every task."""
+    from tests.unit.test_server import make_client, setup_project
+
+    client, runtime = make_client(tmp_path)
+    assert setup_project(client).status_code == 200
+    runtime.changes.done(3, runtime.changes.pending(3).upto)
+    assert not runtime.changes.pending(3).changes
+    with client:  # the app's lifespan: what a process start runs
+        assert runtime.changes.pending(3).changes.full
+    webhook = {"action": "ANNOTATION_CREATED", "project": {"id": 3}, "annotation": {"id": 8, "task": 42}}
+    assert client.post("/webhook", json=webhook).status_code in (200, 201)
+    assert runtime.changes.pending(3).changes == Changes(tasks=frozenset({42}), full=True)
