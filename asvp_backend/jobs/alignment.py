@@ -431,10 +431,15 @@ def serve_generation(ctx: JobContext, store: Any, generation: Any) -> tuple[bool
             ctx.check_fence()
             refresh_held(runtime, pid, generation.info.generation, verdict)
             return False, verdict
-    ctx.check_fence()
-    store.activate(generation.info.generation)
-    generation_served(runtime, pid, generation.info.generation, verdict)
+    _activate(ctx, store, generation.info.generation, verdict)
     return True, verdict
+
+
+def _activate(ctx: JobContext, store: Any, generation: int, verdict: GateDecision | None) -> None:
+    """The one place a generation becomes current: fenced, then the store's switch, then the state's record."""
+    ctx.check_fence()
+    store.activate(generation)
+    generation_served(ctx.runtime, ctx.project_id, generation, verdict)
 
 
 def is_refresh(alignment: AlignmentState) -> bool:
@@ -525,8 +530,7 @@ def judge_waiting_refresh(ctx: JobContext, state: ProjectState, tasks: dict[int,
 
     ctx.check_fence()
     runtime.store.update(pid, adopt)
-    store.activate(generation)
-    generation_served(runtime, pid, generation, verdict)
+    _activate(ctx, store, generation, verdict)
     runtime.queue.count("decision_adopted", "alignment")
     runtime.queue.submit("extract", pid, reason="adopted feature update", force_round=True)
     return verdict.to_dict() if verdict is not None else {"decision": ADOPTED, "reason": "ALIGN_GATE is off"}
