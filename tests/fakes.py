@@ -49,6 +49,10 @@ class FakeLabelStudio:
         self._call("iter_tasks")
         yield from (dict(t) for t in self.tasks.values())
 
+    def newest_task_id(self, pid: int) -> int | None:
+        self._call("newest_task_id")
+        return max(self.tasks, default=None)
+
     def get_task(self, task_id: int) -> dict[str, Any] | None:
         self._call("get_task")
         task = self.tasks.get(int(task_id))

@@ -128,6 +128,9 @@ def _read_changed(ctx: JobContext, changes: Changes) -> tuple[tuple[dict[str, An
     total = int(project.get("task_number") or 0)
     if total != len(tasks):
         return None, f"Label Studio holds {total} tasks, the snapshot {len(tasks)} after the targeted read"
+    newest = client.newest_task_id(pid)  # a lost TASKS_CREATED beside a lost TASKS_DELETED keeps the count
+    if newest is not None and newest > max(tasks, default=0):
+        return None, f"task {newest} is newer than every task of the snapshot"
     return _save_sync(ctx, project, state, tasks, previous, reviews, started, read="targeted",
                       tasks_read=len(task_ids)), None
 

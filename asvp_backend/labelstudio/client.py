@@ -119,6 +119,15 @@ class LabelStudioClient:
                 return None
             raise
 
+    def newest_task_id(self, project_id: int) -> int | None:
+        """The project's highest task id (None without tasks). Label Studio numbers new tasks upwards, so one
+        above the snapshot's newest was created without its webhook reaching the backend."""
+        params = {"project": int(project_id), "page_size": 1, "fields": "task_only",
+                  "query": json.dumps({"ordering": ["-tasks:id"]})}
+        body = self.request("GET", "/api/tasks", params=params)
+        tasks = body.get("tasks", []) if isinstance(body, dict) else body
+        return int(tasks[0]["id"]) if tasks else None
+
     def ordered_task_ids(self, project_id: int, view_id: int | None = None) -> list[int]:
         """Unlabelled task ids in the order of our Data Manager view (lowest prediction score first)."""
         query = {"filters": _UNLABELLED_FILTER, "ordering": ["tasks:predictions_score"]}

@@ -42,7 +42,7 @@ def test_one_annotation_costs_one_task_read(stack):
     stack.fake.annotate(5, "dog")
     summary = synced(stack)
     assert summary["read"] == "targeted" and summary["tasks_read"] == 1
-    assert summary["calls"] == {"iter_tasks": 0, "get_task": 1, "get_project": 1}
+    assert summary["calls"] == {"iter_tasks": 0, "get_task": 1, "get_project": 1}  # and newest_task_id
     assert snapshot(stack)[5].label == "dog" and snapshot(stack)[5].annotations == (5,)
     assert stack.state().last_sync["labelled"] == 1 and stack.runtime.changes.pending(PID).changes == Changes()
 
@@ -77,6 +77,15 @@ def test_tasks_created_or_deleted_without_a_webhook_are_caught_by_the_count(stac
     stack.runtime.changes.note_now(PID, changes_of("TASKS_DELETED", {"tasks": [{"id": 41}]}))
     summary = synced(stack)
     assert summary["read"] == "targeted" and summary["deleted_tasks"] == 1 and 41 not in snapshot(stack)
+
+
+def test_a_task_created_and_another_deleted_without_webhooks_are_caught_by_the_newest_id(stack):
+    del stack.fake.tasks[40]
+    stack.fake.tasks[41] = stack.task(41)  # the count is the same
+    stack.fake.annotate(2, "cat")
+    summary = synced(stack)
+    assert summary["read"] == "full" and summary["reason"] == "task 41 is newer than every task of the snapshot"
+    assert 41 in snapshot(stack) and 40 not in snapshot(stack)
 
 
 def test_a_forged_pointer_reads_a_task_and_injects_nothing(stack):
