@@ -186,6 +186,11 @@ class ProjectState:
     def version(self) -> ModelVersion:
         return ModelVersion(self.generation, self.round)
 
+    def reconcile_due(self, every: int, now: float) -> bool:
+        """RECONCILE_EVERY: a full read is due when none was made or the last is `every` seconds old (0: never
+        on a schedule). The sync job and the API's schedule (server/reconcile.py) both ask this."""
+        return bool(every) and (self.last_full_sync is None or now - self.last_full_sync >= every)
+
     def advance_round(self) -> ModelVersion:
         """Move to the next round of the same generation and record the version."""
         return self.advance_to(self.version.next_round())

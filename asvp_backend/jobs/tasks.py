@@ -86,7 +86,7 @@ def _full_read_reason(ctx: JobContext, changes: Changes) -> str | None:
     if state is None or not snapshot_exists:
         return "first sync"
     every = runtime.settings.reconcile_every
-    if every and (state.last_full_sync is None or time.time() - state.last_full_sync >= every):
+    if state.reconcile_due(every, time.time()):
         return f"reconcile due (RECONCILE_EVERY={every} s)"
     return None
 

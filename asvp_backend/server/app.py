@@ -47,6 +47,7 @@ from asvp_backend.prediction import predict_tasks
 from asvp_backend.runtime import Runtime
 from asvp_backend.server.guards import RequestGuard
 from asvp_backend.server.metrics import Metrics
+from asvp_backend.server.reconcile import reconcile_schedule
 from asvp_backend.server.schemas import (
     BadRequest,
     PredictRequest,
@@ -313,7 +314,9 @@ def create_app(runtime: Runtime) -> FastAPI:
             await run_in_threadpool(reconcile_after_downtime)
         except Exception as exc:
             log.warning("could not mark the projects for a full read: %s", _short_reason(exc))
+        schedule = asyncio.create_task(reconcile_schedule(runtime))
         yield
+        schedule.cancel()
         if redis_probe is not None:
             redis_probe.close()
 

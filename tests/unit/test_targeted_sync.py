@@ -6,6 +6,7 @@ are removed only once read, in the memory log and in the Redis one alike."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -180,3 +181,18 @@ def test_an_api_that_starts_asks_every_project_for_a_full_read(tmp_path):
     webhook = {"action": "ANNOTATION_CREATED", "project": {"id": 3}, "annotation": {"id": 8, "task": 42}}
     assert client.post("/webhook", json=webhook).status_code in (200, 201)
     assert runtime.changes.pending(3).changes == Changes(tasks=frozenset({42}), full=True)
+
+
+def test_the_schedule_queues_a_full_sync_for_projects_whose_last_full_read_is_old(tmp_path):
+    from asvp_backend.server.reconcile import submit_due_reconciles
+    from tests.unit.test_server import make_client, setup_project
+
+    client, runtime = make_client(tmp_path, LABEL_STUDIO_URL="http://ls.invalid", LABEL_STUDIO_API_KEY="k")
+    assert setup_project(client).status_code == 200
+    runtime.store.update(3, lambda s: setattr(s, "last_full_sync", 1000.0) or s)
+    assert submit_due_reconciles(runtime, now=1000.0 + 3599) == []
+    assert submit_due_reconciles(runtime, now=1000.0 + 3600) == [3]
+    (job,) = [j for j in runtime.queue.jobs(3) if j.reason.startswith("scheduled reconcile")]
+    assert job.kind == "sync" and "RECONCILE_EVERY=3600" in job.reason
+    off = dataclasses.replace(runtime, settings=dataclasses.replace(runtime.settings, reconcile_every=0))
+    assert submit_due_reconciles(off, now=10**10) == []
