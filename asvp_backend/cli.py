@@ -158,7 +158,7 @@ def cmd_extract(settings: Settings, args: argparse.Namespace) -> int:
                   "sends when it connects the project", file=sys.stderr)
             return 2
         bar = _ProgressBar(f"project {args.project}")
-        ctx = JobContext("extract", args.project, "cli", {"no_time_slice": True, "full": True,
+        ctx = JobContext("extract", args.project, "cli", {"no_time_slice": True, "whole": True,
                                                           "full_reason": "asvp-backend extract"}, runtime, reporter=bar)
         sync_summary = None
         if not args.no_sync:

@@ -186,6 +186,8 @@ class Settings:
     push_top_k: int = _env("PUSH_TOP_K", _int_in(1), default=2000)
     # seconds after which a sync reads every task again (catches lost webhooks); 0: only when one is needed
     reconcile_every: int = _env("RECONCILE_EVERY", _int_in(0), default=3600)
+    # seconds a reconcile reads before it yields to the project's targeted reads and other projects (0: one page)
+    reconcile_slice_seconds: int = _env("RECONCILE_SLICE_SECONDS", _int_in(0), default=20)
     ls_sampling: str = _env("LS_SAMPLING", _choice("uncertainty", "keep"), default="uncertainty")
     seed: int = _env("SEED", _int_in(0), default=0)
     # Alignment (ASVP): the LogME-PED trigger and the training method, see alignment/policy.py

@@ -180,7 +180,8 @@ class ProjectState:
     acceptance: AcceptanceState = field(default_factory=AcceptanceState)
     config_changes: list[dict[str, Any]] = field(default_factory=list)  # oldest first (config_change)
     audit: AuditState = field(default_factory=AuditState)
-    last_full_sync: float | None = None  # when a sync last read every task (the reconcile, jobs/tasks.py)
+    last_full_sync: float | None = None  # when the last complete read of every task started (jobs/tasks.py)
+    reconcile: dict[str, Any] | None = None  # a reconcile under way: its start, reason and the last task id read
 
     @property
     def version(self) -> ModelVersion:

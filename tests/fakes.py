@@ -49,6 +49,10 @@ class FakeLabelStudio:
         self._call("iter_tasks")
         yield from (dict(t) for t in self.tasks.values())
 
+    def tasks_after(self, pid: int, task_id: int, page_size: int = 500) -> list[dict[str, Any]]:
+        self._call("tasks_after")
+        return [dict(self.tasks[t]) for t in sorted(self.tasks) if t > task_id][:page_size]
+
     def newest_task_id(self, pid: int) -> int | None:
         self._call("newest_task_id")
         return max(self.tasks, default=None)

@@ -32,7 +32,8 @@ from asvp_backend.state import ProjectState, StateCorrupt, SyncedTask, TaskSnaps
 log = logging.getLogger(__name__)
 
 HOUR = 3600
-TARGETED_MAX_TASKS = 1000  # more changed tasks than this are read page by page (a bulk import, a bulk delete)
+TARGETED_MAX_TASKS = 1000  # more changed tasks than this are reconciled instead (a bulk import, a bulk delete)
+RECONCILE_PAGE = 500  # tasks per request of a reconcile (keyset pages in id order)
 
 
 @register_job("sync", queue="cpu", time_limit=HOUR)
@@ -52,32 +53,42 @@ def synced_task(task: dict[str, Any], spec: ClassificationSpec) -> SyncedTask:
 
 
 def sync_tasks(ctx: JobContext) -> tuple[dict[str, Any], dict[int, SyncedTask], ProjectState | None]:
-    """The sync itself. A targeted read re-reads only the tasks the webhooks pointed at (jobs/changes.py);
-    a full read (the reconcile) reads every task: when a pointer cannot be followed or the counts do not add
-    up, on Start Training, /setup and `asvp-backend sync`, for a rebuilt state or snapshot, and when the last
-    full read is older than RECONCILE_EVERY. Either way the pointers it started from are cleared only after
-    the snapshot is saved."""
+    """The sync itself. A targeted read re-reads only the tasks the webhooks pointed at (jobs/changes.py).
+    A reconcile reads every task again in time slices of RECONCILE_SLICE_SECONDS, each its own job, so a
+    targeted read never waits behind it for longer than one slice: when a pointer cannot be followed or the
+    counts do not add up, on Start Training, after an API start, from the status page, and when the last full
+    read is older than RECONCILE_EVERY. A whole read (one job) builds a first or unreadable snapshot or state,
+    and follows a label config change (`asvp-backend extract` and `/setup` ask for one too). The pointers a
+    sync started from are cleared only after the snapshot is saved."""
     runtime, pid = ctx.runtime, ctx.project_id
     pending = runtime.changes.pending(pid)
-    reason = _full_read_reason(ctx, pending.changes)
-    result = None
-    if reason is None:
-        result, reason = _read_changed(ctx, pending.changes)
-    if result is None:
-        result = _read_all(ctx, reason or "a full read")
+    whole = _whole_read_reason(ctx)
+    if whole is not None:
+        result = _read_all(ctx, whole)
+    else:
+        reason = _reconcile_reason(ctx, pending.changes)
+        reconciling = runtime.store.require(pid).reconcile is not None
+        result = None
+        if reason is None or reconciling:  # the pointers first: they never wait behind a whole reconcile
+            result, why = _read_changed(ctx, pending.changes, check=reason is None and not reconciling)
+            if why == LABEL_CONFIG_CHANGED:
+                result = _read_all(ctx, why)
+            reason = reason or why
+        if (reason or reconciling) and reason != LABEL_CONFIG_CHANGED:
+            result = _reconcile_slice(ctx, reason or "continuing")
     runtime.changes.done(pid, pending.upto)
+    assert result is not None
     return result
 
 
-def _full_read_reason(ctx: JobContext, changes: Changes) -> str | None:
-    """Why this sync must read every task, or None when the pointers are enough."""
+LABEL_CONFIG_CHANGED = "the label config changed"
+
+
+def _whole_read_reason(ctx: JobContext) -> str | None:
+    """Why this sync must read every task in one job, or None."""
     runtime, pid = ctx.runtime, ctx.project_id
-    if ctx.params.get("full"):
+    if ctx.params.get("whole"):
         return str(ctx.params.get("full_reason") or "requested")
-    if ctx.kind == "train":
-        return "Start Training"
-    if changes.full:
-        return "asked for: an event named no task to read, or the API started (webhooks may have been lost)"
     try:
         state = runtime.store.get(pid)
         snapshot_exists = TaskSnapshot(runtime.settings.model_dir, pid).path.is_file()
@@ -85,23 +96,35 @@ def _full_read_reason(ctx: JobContext, changes: Changes) -> str | None:
         return "the state is unreadable"
     if state is None or not snapshot_exists:
         return "first sync"
-    every = runtime.settings.reconcile_every
-    if state.reconcile_due(every, time.time()):
+    return None
+
+
+def _reconcile_reason(ctx: JobContext, changes: Changes) -> str | None:
+    """Why this sync must reconcile (read every task again, in slices), or None when the pointers are enough."""
+    if ctx.params.get("full"):
+        return str(ctx.params.get("full_reason") or "requested")
+    if ctx.kind == "train":
+        return "Start Training"
+    if changes.full:
+        return "asked for: an event named no task to read, or the API started (webhooks may have been lost)"
+    every = ctx.runtime.settings.reconcile_every
+    if ctx.runtime.store.require(ctx.project_id).reconcile_due(every, time.time()):
         return f"reconcile due (RECONCILE_EVERY={every} s)"
     return None
 
 
-def _read_changed(ctx: JobContext, changes: Changes) -> tuple[tuple[dict[str, Any], dict[int, SyncedTask],
-                                                                     ProjectState | None] | None, str | None]:
+def _read_changed(ctx: JobContext, changes: Changes, check: bool = True) -> tuple[
+        tuple[dict[str, Any], dict[int, SyncedTask], ProjectState | None] | None, str | None]:
     """The targeted read: the project, then each pointed-at task. Returns (result, None), or (None, why a
-    full read is needed instead)."""
+    reconcile is needed instead). `check`: verify the task count and the newest id afterwards (not while a
+    reconcile is under way: it is bringing them in)."""
     runtime, pid = ctx.runtime, ctx.project_id
     started = time.time()
     state = runtime.store.require(pid)
     client = runtime.label_studio(pid)
     project = client.get_project(pid)
     if (project.get("label_config") or state.label_config) != state.label_config:
-        return None, "the label config changed"
+        return None, LABEL_CONFIG_CHANGED
     try:
         tasks = TaskSnapshot(runtime.settings.model_dir, pid).load()
     except StateCorrupt as exc:
@@ -113,7 +136,7 @@ def _read_changed(ctx: JobContext, changes: Changes) -> tuple[tuple[dict[str, An
         if unknown:
             return None, f"annotation(s) {unknown[:5]} of no task in the snapshot"
         task_ids |= {owner[a] for a in changes.annotations}
-    if len(task_ids) > TARGETED_MAX_TASKS:
+    if len(task_ids) > TARGETED_MAX_TASKS and check:
         return None, f"{len(task_ids)} tasks changed (more than {TARGETED_MAX_TASKS} read one by one)"
     reviews: list[tuple[int, str, bool]] = []
     previous = dict(tasks)
@@ -126,9 +149,9 @@ def _read_changed(ctx: JobContext, changes: Changes) -> tuple[tuple[dict[str, An
             reviews += reviewed_pre_annotations(task, state.spec)
         ctx.progress(done + 1, len(task_ids), stage="reading changed tasks")
     total = int(project.get("task_number") or 0)
-    if total != len(tasks):
+    if check and total != len(tasks):
         return None, f"Label Studio holds {total} tasks, the snapshot {len(tasks)} after the targeted read"
-    newest = client.newest_task_id(pid)  # a lost TASKS_CREATED beside a lost TASKS_DELETED keeps the count
+    newest = client.newest_task_id(pid) if check else None  # a lost create beside a lost delete keeps the count
     if newest is not None and newest > max(tasks, default=0):
         return None, f"task {newest} is newer than every task of the snapshot"
     return _save_sync(ctx, project, state, tasks, previous, reviews, started, read="targeted",
@@ -162,7 +185,51 @@ def _read_all(ctx: JobContext, reason: str) -> tuple[dict[str, Any], dict[int, S
     except StateCorrupt as exc:  # rebuilt right below from what Label Studio just said
         log.warning("project %s: %s; rebuilding it", pid, exc)
         previous = {}
-    return _save_sync(ctx, project, state, tasks, previous, reviews, started, read="full", reason=reason)
+    return _save_sync(ctx, project, state, tasks, previous, reviews, started, read="full", reason=reason,
+                      reconcile=None, full_started=started)
+
+
+def _reconcile_slice(ctx: JobContext, reason: str) -> tuple[dict[str, Any], dict[int, SyncedTask],
+                                                              ProjectState | None]:
+    """One slice of a reconcile: tasks in id order from the last one read (keyset pages, stable while tasks are
+    added or deleted), each page written over the snapshot; a snapshot task inside a page's id range that Label
+    Studio no longer returns is gone. Queues the next slice until the last page; then the read is complete."""
+    runtime, pid = ctx.runtime, ctx.project_id
+    started = time.time()
+    state = runtime.store.require(pid)
+    client = runtime.label_studio(pid)
+    project = client.get_project(pid)
+    progress = dict(state.reconcile or {"started": started, "cursor": 0, "reason": reason, "read": 0})
+    tasks = TaskSnapshot(runtime.settings.model_dir, pid).load()
+    previous = dict(tasks)
+    reviews: list[tuple[int, str, bool]] = []
+    deadline = time.monotonic() + runtime.settings.reconcile_slice_seconds
+    total = int(project.get("task_number") or 0)
+    finished = False
+    while not finished:
+        cursor = int(progress["cursor"])
+        page = client.tasks_after(pid, cursor, RECONCILE_PAGE)
+        read = {int(task["id"]): task for task in page}
+        finished = len(page) < RECONCILE_PAGE
+        upper = None if finished else max(read)
+        for tid in [t for t in tasks if t > cursor and (upper is None or t <= upper) and t not in read]:
+            del tasks[tid]  # in the range just read, and not in Label Studio any more
+        for tid, task in read.items():
+            tasks[tid] = synced_task(task, state.spec)
+            reviews += reviewed_pre_annotations(task, state.spec)
+        progress["cursor"], progress["read"] = upper if upper is not None else cursor, progress["read"] + len(page)
+        ctx.progress(int(progress["read"]), max(total, int(progress["read"])), stage="reconciling")
+        if time.monotonic() >= deadline:
+            break
+    if finished:
+        _clear_connection_problem(ctx)
+    result = _save_sync(ctx, project, state, tasks, previous, reviews, started,
+                        read="full" if finished else "reconcile", reason=str(progress["reason"]),
+                        reconciled=int(progress["read"]), reconcile=None if finished else progress,
+                        full_started=float(progress["started"]))
+    if not finished:  # behind the other projects' jobs and this project's targeted reads
+        runtime.queue.submit("sync", pid, reason="continuing the reconcile")
+    return result
 
 
 def _spec_of(project: dict[str, Any], state: ProjectState) -> tuple[ClassificationSpec, str, str | None]:
@@ -178,8 +245,10 @@ def _spec_of(project: dict[str, Any], state: ProjectState) -> tuple[Classificati
 
 def _save_sync(ctx: JobContext, project: dict[str, Any], state: ProjectState, tasks: dict[int, SyncedTask],
                previous: dict[int, SyncedTask], reviews: list[tuple[int, str, bool]], started: float, *,
-               read: str, **detail: Any) -> tuple[dict[str, Any], dict[int, SyncedTask], ProjectState | None]:
-    """Save the snapshot, then record the sync in the state (the label config, pre-annotation reviews)."""
+               read: str, reconcile: dict[str, Any] | None | bool = False, full_started: float | None = None,
+               **detail: Any) -> tuple[dict[str, Any], dict[int, SyncedTask], ProjectState | None]:
+    """Save the snapshot, then record the sync in the state (the label config, pre-annotation reviews, and a
+    reconcile's progress: `reconcile` False leaves it as it is, None ends it)."""
     runtime, pid = ctx.runtime, ctx.project_id
     spec, label_config, config_error = _spec_of(project, state)
     ctx.check_fence()  # a job whose lease was lost writes nothing more (jobs/fencing.py)
@@ -203,8 +272,10 @@ def _save_sync(ctx: JobContext, project: dict[str, Any], state: ProjectState, ta
         if current is None:
             return None
         current.last_sync = summary
-        if read == "full":
-            current.last_full_sync = started
+        if read == "full" and full_started is not None:
+            current.last_full_sync = full_started
+        if not isinstance(reconcile, bool):  # False: leave a reconcile under way as it is
+            current.reconcile = reconcile
         current.title = str(project["title"])[:200] if project.get("title") else current.title
         current.record_config_change(config_change(current.spec, spec))
         current.acceptance.record(reviews)

@@ -119,6 +119,17 @@ class LabelStudioClient:
                 return None
             raise
 
+    def tasks_after(self, project_id: int, task_id: int, page_size: int = 500) -> list[dict[str, Any]]:
+        """Up to `page_size` tasks with ids above `task_id`, in id order, with their annotations: keyset pages,
+        which neither skip nor repeat a task while others are added or deleted (offset pages would)."""
+        query = {"filters": {"conjunction": "and", "items": [{"filter": "filter:tasks:id", "operator": "greater",
+                                                              "type": "Number", "value": int(task_id)}]},
+                 "ordering": ["tasks:id"]}
+        params = {"project": int(project_id), "page": 1, "page_size": int(page_size), "fields": "all",
+                  "query": json.dumps(query)}
+        body = self.request("GET", "/api/tasks", params=params)
+        return list(body.get("tasks", []) if isinstance(body, dict) else body)
+
     def newest_task_id(self, project_id: int) -> int | None:
         """The project's highest task id (None without tasks). Label Studio numbers new tasks upwards, so one
         above the snapshot's newest was created without its webhook reaching the backend."""

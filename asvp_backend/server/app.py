@@ -436,7 +436,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         reply = {"model_version": str(state.version), "status": "ok", **connection}
         if why_sync and connection.get("label_studio", {}).get("tasks_readable"):
             # ranked before the first task is opened: the sync queues extraction and the cold-start round
-            submitted = queue.submit("sync", project_id, reason=f"/setup: {why_sync[0]}", full=True,
+            submitted = queue.submit("sync", project_id, reason=f"/setup: {why_sync[0]}", whole=True,
                                      full_reason=f"/setup: {why_sync[0]}")
             reply["sync"] = {"job": submitted.job_id, "reason": why_sync[0]}
         return JSONResponse(reply)

@@ -96,7 +96,9 @@ def test_lost_webhooks_are_caught_by_the_reconcile_and_a_forged_one_injects_noth
         task_ids = sorted(t["id"] for t in ls.tasks(pid))
         from asvp_backend.labelstudio.client import LabelStudioClient
 
-        assert LabelStudioClient(label_studio["url"], label_studio["token"]).newest_task_id(pid) == task_ids[-1]
+        client = LabelStudioClient(label_studio["url"], label_studio["token"])
+        assert client.newest_task_id(pid) == task_ids[-1]
+        assert [t["id"] for t in client.tasks_after(pid, task_ids[3], 4)] == task_ids[4:8]  # a reconcile's page
         for tid in task_ids[:9]:  # nine annotations: the relay drops the 3rd, 6th and 9th webhook
             annotate(ls, tid, "cat" if tid % 2 else "dog")
         assert len(relay.dropped) == 3

@@ -196,3 +196,30 @@ def test_the_schedule_queues_a_full_sync_for_projects_whose_last_full_read_is_ol
     assert job.kind == "sync" and "RECONCILE_EVERY=3600" in job.reason
     off = dataclasses.replace(runtime, settings=dataclasses.replace(runtime.settings, reconcile_every=0))
     assert submit_due_reconciles(off, now=10**10) == []
+
+
+def test_a_reconcile_reads_in_slices_and_targeted_reads_go_between_them(tmp_path, monkeypatch):
+    monkeypatch.setattr("asvp_backend.jobs.tasks.RECONCILE_PAGE", 10)
+    stack = Stack(tmp_path, RECONCILE_SLICE_SECONDS="0")  # one page per slice
+    assert synced(stack)["reason"] == "first sync"
+    stack.fake.on_change = None  # webhooks lost from here on ...
+    stack.fake.annotate(25, "dog")
+    del stack.fake.tasks[35]
+    stack.fake.tasks[41] = stack.task(41)
+    stack.fake.on_change = lambda tid: stack.runtime.changes.note_now(PID, Changes(tasks=frozenset({tid})))
+    first = sync(stack.ctx("sync", full=True, full_reason="from the status page"))
+    assert first["read"] == "reconcile" and first["reconciled"] == 10 and stack.state().reconcile["cursor"] == 10
+    assert stack.queue.jobs(PID)[0].reason == "continuing the reconcile"
+    stack.fake.annotate(30, "cat")  # ... but this one arrives while the reconcile is under way
+    between = synced(stack)
+    assert between["calls"]["get_task"] == 1 and snapshot(stack)[30].label == "cat"  # read before the next slice
+    assert between["read"] == "reconcile" and between["reconciled"] == 20
+    assert snapshot(stack)[25].label is None and 35 in snapshot(stack)  # not reached yet
+    slices = 2
+    while (summary := synced(stack))["read"] == "reconcile":
+        slices += 1
+    assert summary["read"] == "full" and summary["reason"] == "from the status page" and slices == 4
+    tasks = snapshot(stack)
+    assert tasks[25].label == "dog" and 35 not in tasks and 41 in tasks and tasks[30].label == "cat"
+    state = stack.state()
+    assert state.reconcile is None and state.last_full_sync == pytest.approx(time.time(), abs=60)
