@@ -71,10 +71,11 @@ def sync_tasks(ctx: JobContext) -> tuple[dict[str, Any], dict[int, SyncedTask], 
         result = None
         if reason is None or reconciling:  # the pointers first: they never wait behind a whole reconcile
             result, why = _read_changed(ctx, pending.changes, check=reason is None and not reconciling)
-            if why == LABEL_CONFIG_CHANGED:
-                result = _read_all(ctx, why)
-            reason = reason or why
-        if (reason or reconciling) and reason != LABEL_CONFIG_CHANGED:
+            if _needs_whole_read(why):
+                result, reason, reconciling = _read_all(ctx, str(why)), None, False
+            else:
+                reason = reason or why
+        if reason or reconciling:
             result = _reconcile_slice(ctx, reason or "continuing")
     runtime.changes.done(pid, pending.upto)
     assert result is not None
@@ -82,6 +83,13 @@ def sync_tasks(ctx: JobContext) -> tuple[dict[str, Any], dict[int, SyncedTask], 
 
 
 LABEL_CONFIG_CHANGED = "the label config changed"
+SNAPSHOT_UNREADABLE = "the snapshot is unreadable"
+
+
+def _needs_whole_read(why: str | None) -> bool:
+    """A targeted read that found something only a whole read fixes: every task's label under a new config, or
+    a snapshot to rebuild."""
+    return why is not None and why.startswith((LABEL_CONFIG_CHANGED, SNAPSHOT_UNREADABLE))
 
 
 def _whole_read_reason(ctx: JobContext) -> str | None:
@@ -128,7 +136,7 @@ def _read_changed(ctx: JobContext, changes: Changes, check: bool = True) -> tupl
     try:
         tasks = TaskSnapshot(runtime.settings.model_dir, pid).load()
     except StateCorrupt as exc:
-        return None, f"the snapshot is unreadable ({exc})"
+        return None, f"{SNAPSHOT_UNREADABLE} ({exc})"
     task_ids = set(changes.tasks)
     if changes.annotations:
         owner = {a: tid for tid, task in tasks.items() for a in task.annotations}
@@ -200,7 +208,10 @@ def _reconcile_slice(ctx: JobContext, reason: str) -> tuple[dict[str, Any], dict
     client = runtime.label_studio(pid)
     project = client.get_project(pid)
     progress = dict(state.reconcile or {"started": started, "cursor": 0, "reason": reason, "read": 0})
-    tasks = TaskSnapshot(runtime.settings.model_dir, pid).load()
+    try:
+        tasks = TaskSnapshot(runtime.settings.model_dir, pid).load()
+    except StateCorrupt as exc:  # nothing to go on from: read every task in this job
+        return _read_all(ctx, f"{SNAPSHOT_UNREADABLE} ({exc})")
     previous = dict(tasks)
     reviews: list[tuple[int, str, bool]] = []
     deadline = time.monotonic() + runtime.settings.reconcile_slice_seconds

@@ -223,3 +223,12 @@ def test_a_reconcile_reads_in_slices_and_targeted_reads_go_between_them(tmp_path
     assert tasks[25].label == "dog" and 35 not in tasks and 41 in tasks and tasks[30].label == "cat"
     state = stack.state()
     assert state.reconcile is None and state.last_full_sync == pytest.approx(time.time(), abs=60)
+
+
+@pytest.mark.parametrize("params", [{}, {"full": True, "full_reason": "from the status page"}])
+def test_an_unreadable_snapshot_is_rebuilt_by_a_whole_read(stack, params):
+    stack.fake.annotate(4, "cat")
+    TaskSnapshot(stack.runtime.settings.model_dir, PID).path.write_text('{"1": ["a"')
+    summary = sync(stack.ctx("sync", **params))
+    assert summary["read"] == "full" and summary["reason"].startswith("the snapshot is unreadable")
+    assert len(snapshot(stack)) == 40 and snapshot(stack)[4].label == "cat"
