@@ -167,7 +167,7 @@ def _read_changed(ctx: JobContext, changes: Changes, check: bool = True) -> tupl
 
 
 def _read_all(ctx: JobContext, reason: str) -> tuple[dict[str, Any], dict[int, SyncedTask], ProjectState | None]:
-    """The full read (reconcile): every task and label, from Label Studio into the snapshot and the state."""
+    """The whole read: every task and label in one job, from Label Studio into the snapshot and the state."""
     runtime, pid = ctx.runtime, ctx.project_id
     started = time.time()
     try:
@@ -207,6 +207,8 @@ def _reconcile_slice(ctx: JobContext, reason: str) -> tuple[dict[str, Any], dict
     state = runtime.store.require(pid)
     client = runtime.label_studio(pid)
     project = client.get_project(pid)
+    if (project.get("label_config") or state.label_config) != state.label_config:
+        return _read_all(ctx, LABEL_CONFIG_CHANGED)  # every task's label under the new config, in one job
     progress = dict(state.reconcile or {"started": started, "cursor": 0, "reason": reason, "read": 0})
     try:
         tasks = TaskSnapshot(runtime.settings.model_dir, pid).load()

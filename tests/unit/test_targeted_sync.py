@@ -232,3 +232,11 @@ def test_an_unreadable_snapshot_is_rebuilt_by_a_whole_read(stack, params):
     summary = sync(stack.ctx("sync", **params))
     assert summary["read"] == "full" and summary["reason"].startswith("the snapshot is unreadable")
     assert len(snapshot(stack)) == 40 and snapshot(stack)[4].label == "cat"
+
+
+def test_a_label_config_change_is_read_whole_even_when_a_reconcile_was_asked_for(stack):
+    stack.fake.label_config = stack.fake.label_config.replace('<Choice value="dog"/>',
+                                                              '<Choice value="dog"/><Choice value="bird"/>')
+    summary = sync(stack.ctx("sync", full=True, full_reason="from the status page"))
+    assert summary["read"] == "full" and summary["reason"] == "the label config changed"
+    assert "bird" in stack.state().spec.labels
