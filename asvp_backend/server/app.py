@@ -39,7 +39,7 @@ from asvp_backend.alignment.summary import alignment_summary, generations_of, mo
 from asvp_backend.artefacts import round_versions_on_disk
 from asvp_backend.health import project_problems
 from asvp_backend.jobs.alignment import force_update
-from asvp_backend.jobs.changes import Changes, changes_of
+from asvp_backend.jobs.changes import MAX_POINTERS, Changes, changes_of
 from asvp_backend.jobs.queue import Submitted
 from asvp_backend.labelstudio.label_config import LabelConfigError, parse_label_config
 from asvp_backend.logs import install_secret_filter, secrets_of
@@ -493,7 +493,9 @@ def create_app(runtime: Runtime) -> FastAPI:
                 queue.submit("round", project_id, reason=outcome.problem[:200], force_round=True)
             elif outcome.needs_sync(state):
                 # tasks no sync has seen yet: a (deduplicated) sync reads them, extracts them and re-ranks
-                runtime.changes.note_now(project_id, Changes(tasks=frozenset(int(t) for t in task_ids)))
+                asked = frozenset(int(t) for t in task_ids)
+                runtime.changes.note_now(project_id, Changes(tasks=asked) if len(asked) <= MAX_POINTERS
+                                         else Changes(full=True))
                 queue.submit("sync", project_id, reason="predict asked for tasks no sync has seen")
         # rendered here, in the worker thread: FastAPI would encode a returned dict on the event loop
         return JSONResponse({"results": outcome.results})
