@@ -434,7 +434,10 @@ def create_app(runtime: Runtime) -> FastAPI:
         known_projects.add(project_id)
         connection = setup_check(project_id, body.hostname, body.access_token)
         reply = {"model_version": str(state.version), "status": "ok", **connection}
-        if why_sync and connection.get("label_studio", {}).get("tasks_readable"):
+        under_way = queue.active(project_id, frozenset({"sync"})) if why_sync else None
+        if under_way is not None:  # Label Studio calls /setup twice on connecting: one first read is enough
+            reply["sync"] = {"job": under_way.id, "reason": f"{why_sync[0]}; the first sync is under way"}
+        elif why_sync and connection.get("label_studio", {}).get("tasks_readable"):
             # ranked before the first task is opened: the sync queues extraction and the cold-start round
             submitted = queue.submit("sync", project_id, reason=f"/setup: {why_sync[0]}", whole=True,
                                      full_reason=f"/setup: {why_sync[0]}")
