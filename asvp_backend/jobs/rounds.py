@@ -58,8 +58,8 @@ AUTO_MAX_LABELS = 10  # ... and never fewer rounds than the former default, RETR
 def labels_between_rounds(setting: int | str, round_seconds: float | None) -> int:
     """RETRAIN_EVERY for the next round: a number as it is set; `auto` (the default): after as many labels
     as the last round, with the sync before it, took periods of AUTO_SECONDS_PER_LABEL (at least 1, at most
-    AUTO_MAX_LABELS; 1 before any round was timed). A round's cost grows with the project's size (its sync
-    re-reads every task, its push and the deletion of an old version are per prediction) and with the proxy
+    AUTO_MAX_LABELS; 1 before any round was timed). A round's cost grows with the project's size (the pool it
+    ranks, its push and the deletion of an old version are per prediction) and with the proxy
     (an MLP fits four times per round on a CPU): bench/results/cadence_cpu.md. So a project whose round takes
     at most ~3 s is re-ranked after every label, and the rounds of an annotator who labels an image per ~3 s
     or slower never queue behind each other."""

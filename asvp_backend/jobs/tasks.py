@@ -1,7 +1,8 @@
 """The job functions. Each reads what it needs from Label Studio and the shared volume, never from a
-webhook payload, so a lost or forged webhook can neither lose nor inject a label.
+webhook payload, so a lost or forged webhook can neither lose nor inject a label (a webhook's ids only say
+which tasks the sync reads again; the reconcile catches what a lost one did not say).
 
-The chain: `sync` reads every task and label, then queues `extract` (tasks without features), else a
+The chain: `sync` reads the changed tasks (or every task), then queues `extract` (tasks without features), else a
 `round` (when due), else a `rescore` (new tasks the current round has not ranked). `extract` works in time
 slices and queues its own continuation, so one project's slow image server cannot hold the gpu queue.
 A round whose alignment decision fires queues `align` (a fine-tune), which queues `extract` of the next generation;
