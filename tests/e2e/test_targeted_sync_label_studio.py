@@ -89,6 +89,9 @@ def test_lost_webhooks_are_caught_by_the_reconcile_and_a_forged_one_injects_noth
         ls.call("POST", "/api/ml", json={"url": f"http://127.0.0.1:{port}", "project": pid, "title": "asvp"})
         first = wait_for(lambda: idle(port, pid), timeout=180, what="the syncs, extraction and round after /setup")
         assert first["last_sync"]["read"] == "full" and first["last_sync"]["tasks"] == N_TASKS
+        jobs = requests.get(f"http://127.0.0.1:{port}/jobs", params={"project": pid}, timeout=5).json()["jobs"]
+        # Label Studio calls /setup twice on connecting: the second joins the first sync, never a second read
+        assert len([j for j in jobs if j["kind"] == "sync" and j["reason"].startswith("/setup")]) == 1, jobs
         (hook,) = [h for h in ls.call("GET", "/api/webhooks/", params={"project": pid})
                    if h["url"].startswith(f"http://127.0.0.1:{port}")]
         ls.call("PATCH", f"/api/webhooks/{hook['id']}/", json={"url": relay.url})
