@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from asvp_backend.alignment.policy import AlignmentPolicy
@@ -67,17 +68,18 @@ def sync_tasks(ctx: JobContext) -> tuple[dict[str, Any], dict[int, SyncedTask], 
     if whole is not None:
         result = _read_all(ctx, whole)
     else:
-        reason = _reconcile_reason(ctx, pending.changes)
-        reconciling = runtime.store.require(pid).reconcile is not None
-        result = None
-        if reason is None or reconciling:  # the pointers first: they never wait behind a whole reconcile
-            result, why = _read_changed(ctx, pending.changes, check=reason is None and not reconciling)
-            if _needs_whole_read(why):
-                result, reason, reconciling = _read_all(ctx, str(why)), None, False
-            else:
+        opened = _open(ctx)
+        if isinstance(opened, str):
+            result = _read_all(ctx, opened)
+        else:
+            reason = _reconcile_reason(ctx, pending.changes, opened.state)
+            reconciling = opened.state.reconcile is not None
+            result = None
+            if reason is None or reconciling:  # the pointers first: they never wait behind a whole reconcile
+                result, why = _read_changed(ctx, opened, pending.changes, check=reason is None and not reconciling)
                 reason = reason or why
-        if reason or reconciling:
-            result = _reconcile_slice(ctx, reason or "continuing")
+            if reason or reconciling:
+                result = _reconcile_slice(ctx, opened, reason or "continuing")
     runtime.changes.done(pid, pending.upto)
     assert result is not None
     return result
@@ -87,10 +89,31 @@ LABEL_CONFIG_CHANGED = "the label config changed"
 SNAPSHOT_UNREADABLE = "the snapshot is unreadable"
 
 
-def _needs_whole_read(why: str | None) -> bool:
-    """A targeted read that found something only a whole read fixes: every task's label under a new config, or
-    a snapshot to rebuild."""
-    return why is not None and why.startswith((LABEL_CONFIG_CHANGED, SNAPSHOT_UNREADABLE))
+@dataclass
+class _Opened:
+    """What a targeted read and a reconcile slice start from, read once per sync job (they may run one after
+    the other in it): the state, Label Studio's project (its counts) and the snapshot, changed in place."""
+
+    state: ProjectState
+    client: Any
+    project: dict[str, Any]
+    tasks: dict[int, SyncedTask]
+
+
+def _open(ctx: JobContext) -> _Opened | str:
+    """The state, the project and the snapshot; or why only a whole read will do (every task's label under a
+    new config, or a snapshot to rebuild)."""
+    runtime, pid = ctx.runtime, ctx.project_id
+    state = runtime.store.require(pid)
+    client = runtime.label_studio(pid)
+    project = client.get_project(pid)
+    if (project.get("label_config") or state.label_config) != state.label_config:
+        return LABEL_CONFIG_CHANGED
+    try:
+        tasks = TaskSnapshot(runtime.settings.model_dir, pid).load()
+    except StateCorrupt as exc:
+        return f"{SNAPSHOT_UNREADABLE} ({exc})"
+    return _Opened(state, client, project, tasks)
 
 
 def _whole_read_reason(ctx: JobContext) -> str | None:
@@ -108,7 +131,7 @@ def _whole_read_reason(ctx: JobContext) -> str | None:
     return None
 
 
-def _reconcile_reason(ctx: JobContext, changes: Changes) -> str | None:
+def _reconcile_reason(ctx: JobContext, changes: Changes, state: ProjectState) -> str | None:
     """Why this sync must reconcile (read every task again, in slices), or None when the pointers are enough."""
     if ctx.params.get("full"):
         return str(ctx.params.get("full_reason") or "requested")
@@ -117,27 +140,18 @@ def _reconcile_reason(ctx: JobContext, changes: Changes) -> str | None:
     if changes.full:
         return "asked for: an event named no task to read, or the API started (webhooks may have been lost)"
     every = ctx.runtime.settings.reconcile_every
-    if ctx.runtime.store.require(ctx.project_id).reconcile_due(every, time.time()):
+    if state.reconcile_due(every, time.time()):
         return f"reconcile due (RECONCILE_EVERY={every} s)"
     return None
 
 
-def _read_changed(ctx: JobContext, changes: Changes, check: bool = True) -> tuple[
+def _read_changed(ctx: JobContext, opened: _Opened, changes: Changes, check: bool = True) -> tuple[
         tuple[dict[str, Any], dict[int, SyncedTask], ProjectState | None] | None, str | None]:
     """The targeted read: the project, then each pointed-at task. Returns (result, None), or (None, why a
     reconcile is needed instead). `check`: verify the task count and the newest id afterwards (not while a
     reconcile is under way: it is bringing them in)."""
-    runtime, pid = ctx.runtime, ctx.project_id
-    started = time.time()
-    state = runtime.store.require(pid)
-    client = runtime.label_studio(pid)
-    project = client.get_project(pid)
-    if (project.get("label_config") or state.label_config) != state.label_config:
-        return None, LABEL_CONFIG_CHANGED
-    try:
-        tasks = TaskSnapshot(runtime.settings.model_dir, pid).load()
-    except StateCorrupt as exc:
-        return None, f"{SNAPSHOT_UNREADABLE} ({exc})"
+    pid, started = ctx.project_id, time.time()
+    state, client, project, tasks = opened.state, opened.client, opened.project, opened.tasks
     task_ids = set(changes.tasks)
     if changes.annotations:
         owner = {a: tid for tid, task in tasks.items() for a in task.annotations}
@@ -198,23 +212,14 @@ def _read_all(ctx: JobContext, reason: str) -> tuple[dict[str, Any], dict[int, S
                       reconcile=None, full_started=started)
 
 
-def _reconcile_slice(ctx: JobContext, reason: str) -> tuple[dict[str, Any], dict[int, SyncedTask],
-                                                              ProjectState | None]:
+def _reconcile_slice(ctx: JobContext, opened: _Opened, reason: str) -> tuple[
+        dict[str, Any], dict[int, SyncedTask], ProjectState | None]:
     """One slice of a reconcile: tasks in id order from the last one read (keyset pages, stable while tasks are
     added or deleted), each page written over the snapshot; a snapshot task inside a page's id range that Label
     Studio no longer returns is gone. Queues the next slice until the last page; then the read is complete."""
-    runtime, pid = ctx.runtime, ctx.project_id
-    started = time.time()
-    state = runtime.store.require(pid)
-    client = runtime.label_studio(pid)
-    project = client.get_project(pid)
-    if (project.get("label_config") or state.label_config) != state.label_config:
-        return _read_all(ctx, LABEL_CONFIG_CHANGED)  # every task's label under the new config, in one job
+    runtime, pid, started = ctx.runtime, ctx.project_id, time.time()
+    state, client, project, tasks = opened.state, opened.client, opened.project, opened.tasks
     progress = dict(state.reconcile or {"started": started, "cursor": 0, "reason": reason, "read": 0})
-    try:
-        tasks = TaskSnapshot(runtime.settings.model_dir, pid).load()
-    except StateCorrupt as exc:  # nothing to go on from: read every task in this job
-        return _read_all(ctx, f"{SNAPSHOT_UNREADABLE} ({exc})")
     previous = dict(tasks)
     reviews: list[tuple[int, str, bool]] = []
     deadline = time.monotonic() + runtime.settings.reconcile_slice_seconds
