@@ -170,6 +170,8 @@ class Settings:
     extract_workers: int | None = _env("EXTRACT_WORKERS", _int_in(0, 64), default=None)  # None: by device
     allow_private_image_hosts: bool = _env("ALLOW_PRIVATE_IMAGE_HOSTS", _bool, default=False)
     extract_slice_seconds: int = _env("EXTRACT_SLICE_SECONDS", _int_in(10), default=600)
+    # a large extraction is split into this many gpu-queue jobs (jobs/extraction.py): the number of gpu workers
+    extract_parts: int = _env("EXTRACT_PARTS", _int_in(1, 64), default=1)
     fetch_concurrency: int = _env("FETCH_CONCURRENCY", _int_in(1, 64), default=8)
     image_timeout: float = _env("IMAGE_TIMEOUT", _float_in(1.0, 600.0), default=30.0)
     # MiB of image decoding at once per process, across fetch threads (labelstudio/images.py::DecodeBudget)

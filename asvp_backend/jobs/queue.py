@@ -66,7 +66,8 @@ class Submitted:
 
 
 def new_job_id(kind: str, project_id: int) -> str:
-    return f"{kind}-p{project_id}-{uuid.uuid4().hex[:10]}"
+    """`extract-p3-<hex>`; a slotted kind's colon becomes a dash (rq allows letters, digits, `_` and `-`)."""
+    return f"{kind.replace(':', '-')}-p{project_id}-{uuid.uuid4().hex[:10]}"
 
 
 class JobQueue(ABC):

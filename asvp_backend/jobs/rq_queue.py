@@ -15,7 +15,7 @@ from typing import Any
 
 from asvp_backend.jobs.leases import lease_holder
 from asvp_backend.jobs.queue import START_GRACE, JobInfo, JobQueue, Submitted, marked_job_waits, new_job_id
-from asvp_backend.jobs.registry import JOB_KINDS, QUEUES, job_kind
+from asvp_backend.jobs.registry import QUEUES, UnknownJobKind, job_kind
 from asvp_backend.jobs.status import JobStatus, parse_status
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,10 @@ class RqJobQueue(JobQueue):
         is deferred, within milliseconds of starting; a holder's lease lapses LEASE_SECONDS after it died.)"""
         if started_at is None or time.time() - started_at.timestamp() < START_GRACE:
             return False
-        lease = JOB_KINDS[kind].lease if kind in JOB_KINDS else kind
+        try:
+            lease = job_kind(kind).lease_for(kind)
+        except UnknownJobKind:
+            lease = kind
         return lease_holder(self.redis, project, lease) != job_id
 
     # ------------------------------------------------------------------ delayed jobs

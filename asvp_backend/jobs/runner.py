@@ -36,7 +36,7 @@ def run_job(runtime: Runtime, kind: str, project_id: int, job_id: str, params: d
             reporter: Reporter | None = None) -> Any:
     spec = job_kind(kind)
     queue = runtime.queue
-    lease = runtime.lease(project_id, spec.lease, job_id)
+    lease = runtime.lease(project_id, spec.lease_for(kind), job_id)
     if not lease.acquire():
         attempt = int(params.get("busy_attempt", 0))
         later = queue.defer(kind, project_id, job_id, {**params, "busy_attempt": attempt + 1}, defer_delay(attempt))

@@ -4,7 +4,8 @@ which tasks the sync reads again; the reconcile catches what a lost one did not 
 
 The chain: `sync` reads the changed tasks (or every task), then queues `extract` (tasks without features), else a
 `round` (when due), else a `rescore` (new tasks the current round has not ranked). `extract` works in time
-slices and queues its own continuation, so one project's slow image server cannot hold the gpu queue.
+slices and queues its own continuation, so one project's slow image server cannot hold the gpu queue; a large
+extraction it splits into `extract_part:<k>` jobs for several gpu workers (jobs/extraction.py).
 A round whose alignment decision fires queues `align` (a fine-tune), which queues `extract` of the next generation;
 once that generation serves, a round on it follows (jobs/alignment.py).
 """
@@ -22,7 +23,7 @@ from asvp_backend.config import ConfigError
 from asvp_backend.jobs.alignment import run_finetune
 from asvp_backend.jobs.changes import Changes
 from asvp_backend.jobs.context import JobContext
-from asvp_backend.jobs.extraction import extract_project, feature_store
+from asvp_backend.jobs.extraction import EXTRACT_PART, extract_project, extract_share, feature_store
 from asvp_backend.jobs.registry import register_job
 from asvp_backend.jobs.rounds import rescore_new_tasks, round_due, run_round, unranked_pool
 from asvp_backend.labelstudio import credentials
@@ -369,10 +370,14 @@ def extract(ctx: JobContext) -> dict[str, Any]:
     """Cache features for the project's tasks that lack them (and drop deleted tasks), one time slice."""
     runtime, pid = ctx.runtime, ctx.project_id
     force = bool(ctx.params.get("force_round"))
-    summary = extract_project(ctx, retry_skipped=force)
+    # skipped images are retried once per request, not again in every slice or part that follows it
+    summary = extract_project(ctx, retry_skipped=force and not ctx.params.get("continued"))
+    if summary.get("parts"):
+        summary["next"] = EXTRACT_PART  # the last part queues this job again
+        return summary
     if summary.get("remaining"):
         # the slice ended: continue behind the other projects' jobs instead of holding the queue
-        runtime.queue.submit("extract", pid, reason="continuing extraction", force_round=force)
+        runtime.queue.submit("extract", pid, reason="continuing extraction", force_round=force, continued=True)
         summary["next"] = "extract"
         return summary
     state = runtime.store.require(pid)
@@ -382,6 +387,20 @@ def extract(ctx: JobContext) -> dict[str, Any]:
     if generation is not None and not force:
         force = _labels_caught_up(state, tasks, generation, runtime.settings.retrain_every)
     summary["next"] = _after_features(ctx, state, tasks, generation, force) if generation is not None else "none"
+    return summary
+
+
+@register_job(EXTRACT_PART, queue="gpu", slots=True)
+def extract_part(ctx: JobContext) -> dict[str, Any]:
+    """One part of a split extraction (EXTRACT_PARTS), one time slice; the last part queues `extract`."""
+    summary = extract_share(ctx)
+    if summary["remaining"]:
+        ctx.runtime.queue.submit(ctx.kind, ctx.project_id, reason="continuing its share", **ctx.params)
+        summary["next"] = ctx.kind
+    else:
+        ctx.runtime.queue.submit("extract", ctx.project_id, reason=f"{ctx.kind} is done", continued=True,
+                                 force_round=bool(ctx.params.get("force_round")))
+        summary["next"] = "extract"
     return summary
 
 

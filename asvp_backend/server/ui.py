@@ -28,7 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 
 from asvp_backend.alignment.summary import damaged_models
 from asvp_backend.artefacts import ArtefactCorrupt, read_ranking
-from asvp_backend.jobs.registry import JOB_KINDS
+from asvp_backend.jobs.registry import queueable_kinds
 from asvp_backend.labelstudio import credentials
 from asvp_backend.learning import acceptance_summary, learning_summary, round_accuracy
 from asvp_backend.runtime import Runtime
@@ -155,7 +155,7 @@ def ui_router(runtime: Runtime) -> APIRouter:
         return JSONResponse(body)
 
     job_body = {"type": "object", "required": ["kind"],
-                "properties": {"kind": {"enum": sorted(JOB_KINDS)}, "retry_of": {"type": "string"}}}
+                "properties": {"kind": {"enum": queueable_kinds()}, "retry_of": {"type": "string"}}}
     job_request = {"requestBody": {"required": True, "content": {"application/json": {"schema": job_body}}}}
 
     @router.post("/projects/{project}/jobs", openapi_extra=job_request)  # the body is read by hand: described here
@@ -170,8 +170,8 @@ def ui_router(runtime: Runtime) -> APIRouter:
         except ValueError:
             return JSONResponse({"detail": "the body is not JSON"}, status_code=400)
         kind = body.get("kind") if isinstance(body, dict) else None
-        if kind not in JOB_KINDS:
-            return JSONResponse({"detail": f"kind must be one of {', '.join(sorted(JOB_KINDS))}"}, status_code=400)
+        if kind not in queueable_kinds():
+            return JSONResponse({"detail": f"kind must be one of {', '.join(queueable_kinds())}"}, status_code=400)
         if not await run_in_threadpool(store.exists, project_id):
             return JSONResponse({"detail": f"unknown project {project_id}"}, status_code=404)
         retry_of = str(body.get("retry_of") or "")[:100]
