@@ -6,6 +6,10 @@ extraction and rounds (a feeder imports new tasks with labels into Label Studio 
 webhooks keep sync -> extract -> round going); /health is polled beside it. Reports the error rate,
 latency percentiles, requests/s and which jobs ran during the window.
 
+`parts`: one N-task project's first extraction with 1 worker, then with 2 workers and EXTRACT_PARTS=2 (the
+extraction split into two jobs that the workers run at once); the wall time from the first extract job's
+start to the last extraction job's end, and the ratio.
+
 `scale`: an N-task project end to end: import into Label Studio, sync, extract, round (with the push of
 PUSH_TOP_K predictions); the time of each step and the peak RSS of each process tree (Label Studio, API,
 worker and its forked work-horses), sampled from /proc.
@@ -16,12 +20,14 @@ the flow and the bookkeeping are measured, not the backbone at full size (see be
 
     python bench/bench_load.py load --duration 60 --clients 20
     python bench/bench_load.py scale --tasks 100000
+    python bench/bench_load.py parts --tasks 20000
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import platform
 import statistics
@@ -131,14 +137,14 @@ class Stack:
         self.memory.watch("Label Studio", self.ls_server.process.proc.pid)
         self.memory.start()
 
-    def start_backend(self, split_queues: bool = False) -> None:
-        """The API and one worker on both queues, or (split_queues) one worker per queue, so that a round (cpu)
-        and an extraction (gpu) can run at the same time."""
+    def start_backend(self, split_queues: bool = False, workers: int = 1) -> None:
+        """The API and `workers` workers on both queues, or (split_queues) one worker per queue, so that a round
+        (cpu) and an extraction (gpu) can run at the same time."""
         (self.tmp / "backend").mkdir(exist_ok=True)
         self.backend = start_backend(self.tmp / "backend", self.port, **self.env)
         self.memory.watch("API (asvp-backend serve)", self.backend.proc.pid)
-        for queues in (["cpu", "gpu"] if split_queues else ["cpu,gpu"]):
-            name = f"worker-{queues.replace(',', '-')}"
+        for number, queues in enumerate(["cpu", "gpu"] if split_queues else ["cpu,gpu"] * workers):
+            name = f"worker-{queues.replace(',', '-')}" + (f"-{number}" if workers > 1 else "")
             if split_queues:
                 args = [sys.executable, "-m", "asvp_backend", "worker", "--queues", queues]
                 worker = Process(name, args, backend_env(**self.env), self.tmp / "backend")
@@ -232,6 +238,51 @@ def lat_row(name: str, samples: list[float], errors: int, seconds: float) -> str
     return (f"| {name} | {total} | {errors} ({errors / total:.2%}) | {statistics.median(samples):.1f} "
             f"| {percentile(samples, 90):.1f} | {percentile(samples, 99):.1f} | {max(samples):.1f} "
             f"| {len(samples) / seconds:.1f} |")
+
+
+# -------------------------------------------------------------------------------------------- parts
+def _activated(stack: Stack, pid: int) -> bool:
+    return any(j["kind"] == "extract" and (j["result"] or {}).get("activated") for j in stack.jobs(pid))
+
+
+def run_parts(args: argparse.Namespace) -> int:
+    """The same project extracted by each configuration in turn, each in a fresh stack."""
+    header = host_line()
+    configs = [("1 worker, EXTRACT_PARTS=1", 1, {}),
+               ("2 workers, EXTRACT_PARTS=2", 2, {"EXTRACT_PARTS": "2"}),
+               ("2 workers, EXTRACT_PARTS=2, OMP_NUM_THREADS=1 each", 2,
+                {"EXTRACT_PARTS": "2", "OMP_NUM_THREADS": "1"})]
+    rows = []
+    for name, workers, env in configs:
+        stack = Stack(args.redis_url, args.image_size, {"EXTRACT_BATCH_SIZE": str(args.batch_size), **env})
+        try:
+            write_images(stack.docroot, 0, args.tasks)
+            pid = connect(stack, f"parts bench: {name}")
+            import_tasks(stack.ls, pid, 0, args.tasks, labelled=0)
+            stack.start_backend(workers=workers)
+            attach_backend(stack, pid)
+            wait_for(functools.partial(_activated, stack, pid), timeout=args.timeout, interval=2,
+                     what="the extraction")
+            jobs = wait_idle(stack, pid, timeout=args.timeout, need_round=0)
+            extraction = [j for j in jobs if j["kind"].partition(":")[0] in {"extract", "extract_part"}
+                          and j["status"] == "finished"]
+            wall = max(j["ended_at"] for j in extraction) - min(j["started_at"] for j in extraction)
+            extracted = sum((j["result"] or {}).get("extracted", 0) for j in extraction)
+            cached = max((j["result"] or {}).get("cached", 0) for j in extraction if j["kind"] == "extract")
+            rows.append((name, wall, extracted, cached, len(extraction)))
+            print(f"{name}: {wall:.1f} s, {extracted} extracted, {cached} cached", file=sys.stderr)
+        finally:
+            stack.stop()
+    print(f"### One project's first extraction, {args.tasks} tasks ({header})\n")
+    print(f"Tiny 32x32 PNG files read through LOCAL_FILES_DOCUMENT_ROOT, IMAGE_SIZE={args.image_size}, "
+          f"EXTRACT_BATCH_SIZE={args.batch_size}, EXTRACT_WORKERS=0, tf_efficientnet_lite0 on the CPU; each "
+          "configuration in a fresh stack (Label Studio, API, workers), one after the other.\n")
+    print("| configuration | extraction wall s | images/s | ratio to 1 worker | jobs | vectors |")
+    print("|---|---|---|---|---|---|")
+    base = rows[0][1]
+    for name, wall, extracted, cached, count in rows:
+        print(f"| {name} | {wall:.1f} | {extracted / wall:.0f} | {base / wall:.2f} | {count} | {cached} |")
+    return 0
 
 
 # --------------------------------------------------------------------------------------------- load
@@ -518,8 +569,12 @@ def main() -> int:
     scale.add_argument("--burst", type=int, default=100, help="annotations in the burst (5 annotators)")
     scale.add_argument("--retrain-every", type=int, default=100_000,
                        help="RETRAIN_EVERY (high: the annotations are timed without rounds in between)")
+    parts = modes.add_parser("parts", help="one project's extraction by 1 worker, then by 2 (EXTRACT_PARTS=2)")
+    parts.add_argument("--tasks", type=int, default=20_000)
+    parts.add_argument("--batch-size", type=int, default=64, help="EXTRACT_BATCH_SIZE")
+    parts.add_argument("--timeout", type=float, default=1800, help="seconds to wait for each extraction")
     args = parser.parse_args()
-    return run_load(args) if args.mode == "load" else run_scale(args)
+    return {"load": run_load, "scale": run_scale, "parts": run_parts}[args.mode](args)
 
 
 if __name__ == "__main__":
