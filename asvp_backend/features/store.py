@@ -20,21 +20,18 @@ would exhaust the usual limit of 1024. A writer may delete shards a reader's ind
 (compaction, repair), so a read that finds a file missing or damaged retries with the newest manifest and
 reports corruption only when that manifest still names the file.
 
-Corruption (disk errors, partial copies, hand edits) is detected, named and repaired, never hidden:
+Corruption (disk errors, partial copies, hand edits) is detected and named, never hidden:
 
 * Reads raise ``FeatureStoreCorrupt(path, problem)`` instead of bare NumPy/JSON errors when a file is
   bad: a shard that is missing, truncated or not a .npy file, holds the wrong dtype or dimension, or
   whose ids file disagrees with it or with the manifest; a manifest that is not valid JSON or not a
   manifest; a ``CURRENT`` that is garbage or names a missing generation.
-* ``verify()`` (a generation, or the whole store) lists such problems by reading headers and sizes only.
-* ``repair()`` fixes what can be fixed without guessing: bad shards leave the manifest (their tasks count
-  as missing, so the next extraction recomputes them); a lost manifest is rebuilt from ``info.json`` and
-  the shard files (tombstones and skip reasons are lost: the extract job drops deleted tasks again and
-  retries skipped images); a generation without ``info.json`` is moved aside; a bad ``CURRENT`` points at
-  the newest generation that verifies clean (or is removed when none is left). Each step logs a warning.
 * ``FeatureStore.current()`` raises ``FeatureStoreCorrupt`` on a bad pointer or manifest: a status
   command must see the problem, not a silently repaired store. Jobs call ``current(repair=True)``, which
   verifies the current generation and repairs the store when anything is wrong.
+* ``verify()`` and ``repair()`` (of a generation, or the whole store) list such problems and fix what can
+  be fixed without guessing. Their machinery is in ``repair.py``, which builds on the file format defined
+  here (manifest and shard checks); the methods import it when called, so only it imports the other.
 """
 
 from __future__ import annotations
@@ -50,13 +47,15 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from asvp_backend.fsutil import atomic_write_bytes, flocked, fsync_dir
+
+if TYPE_CHECKING:
+    from asvp_backend.features.repair import RepairReport
 
 log = logging.getLogger(__name__)
 
@@ -107,46 +106,6 @@ class Problem:
 
     def to_dict(self) -> dict[str, str]:
         return {"path": str(self.path), "problem": self.problem}
-
-
-@dataclass
-class RepairReport:
-    """What ``repair()`` found and did, for the job's log and summary."""
-
-    problems: list[Problem] = field(default_factory=list)
-    dropped_shards: list[Path] = field(default_factory=list)  # g<N>/shards/<name>, now out of the manifest
-    lost_vectors: int = 0  # vectors the dropped shards held according to the manifest; now missing
-    rebuilt: list[Path] = field(default_factory=list)  # manifests rebuilt from info.json and the shards
-    quarantined: list[Path] = field(default_factory=list)  # where unrebuildable generations were moved
-    actions: list[str] = field(default_factory=list)  # one line per change, as logged
-
-    @property
-    def clean(self) -> bool:
-        """Nothing was wrong (so nothing was changed)."""
-        return not self.problems
-
-    def merge(self, other: RepairReport) -> None:
-        self.problems += other.problems
-        self.dropped_shards += other.dropped_shards
-        self.lost_vectors += other.lost_vectors
-        self.rebuilt += other.rebuilt
-        self.quarantined += other.quarantined
-        self.actions += other.actions
-
-    def act(self, line: str) -> None:
-        """Record and log one repair step: repairs change data, so each one is a warning."""
-        log.warning("feature store repair: %s", line)
-        self.actions.append(line)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "problems": [p.to_dict() for p in self.problems],
-            "dropped_shards": [str(p) for p in self.dropped_shards],
-            "lost_vectors": self.lost_vectors,
-            "rebuilt": [str(p) for p in self.rebuilt],
-            "quarantined": [str(p) for p in self.quarantined],
-            "actions": list(self.actions),
-        }
 
 
 @dataclass(frozen=True)
@@ -311,134 +270,25 @@ def _load_manifest(path: Path) -> tuple[dict[str, Any], tuple[int, int, int]]:
     return manifest, (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-def _shard_problems(path: Path, manifest: dict[str, Any]) -> dict[str, FeatureStoreCorrupt]:
-    """Shard name -> what is wrong with it, for every bad shard the manifest names."""
-    dim = int(manifest["info"]["dim"])
-    bad = {}
-    for entry in manifest["shards"]:
-        try:
-            _inspect_shard(path / "shards", entry["name"], dim, entry["count"])
-        except FeatureStoreCorrupt as e:
-            bad[entry["name"]] = e
-    return bad
-
-
-def _verify_generation(path: Path) -> list[Problem]:
-    """Problems of one generation, without its lock: a writer that replaces the manifest meanwhile (and
-    deletes shards) makes us look again rather than report a file it legitimately removed."""
-    problems: list[Problem] = []
-    for _attempt in range(_SHARD_RETRIES):
-        try:
-            manifest, key = _load_manifest(path)
-        except FileNotFoundError:
-            return [Problem(path / MANIFEST, "is missing")]
-        except FeatureStoreCorrupt as e:
-            return [e.as_problem()]
-        problems = [e.as_problem() for e in _shard_problems(path, manifest).values()]
-        with contextlib.suppress(FileNotFoundError):
-            if not problems or _file_key(path / MANIFEST) == key:
-                return problems
-    return problems
-
-
-def _holds_shard_files(path: Path) -> bool:
-    shard_dir = path / "shards"
-    return shard_dir.is_dir() and any(_SHARD_FILE_RE.match(p.name) for p in shard_dir.iterdir())
-
-
-def _set_aside(path: Path, names: Iterable[str]) -> None:
-    """Move the files of shards that left the manifest into ``corrupt/``: out of the writers' way (they
-    delete unnamed shard files) but kept for whoever investigates."""
-    aside = path / CORRUPT_DIR
-    aside.mkdir(exist_ok=True)
-    for name in names:
-        for file in _shard_paths(path / "shards", name):
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(file, aside / file.name)
-    fsync_dir(aside)
-    fsync_dir(path / "shards")
-
-
-def _rebuild_manifest(path: Path, problem: str, report: RepairReport) -> None:
-    """Write a new manifest from ``info.json`` and every shard that checks out, in write order (so the
-    newest vector of an id still wins). Raises FeatureStoreCorrupt when the generation cannot say which
-    backbone made its vectors. Caller holds the generation's lock."""
-    manifest_path = path / MANIFEST
-    try:
-        info = GenerationInfo.from_dict(json.loads((path / INFO).read_bytes()))
-    except FileNotFoundError:
-        raise FeatureStoreCorrupt(manifest_path, f"{problem}, and there is no {INFO} to rebuild it from") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise FeatureStoreCorrupt(manifest_path, f"{problem}, and {INFO} is unreadable too ({e!r})") from e
-    shard_dir = path / "shards"
-    shard_dir.mkdir(exist_ok=True)
-    names = set()
-    for p in shard_dir.iterdir():
-        match = _SHARD_FILE_RE.match(p.name)
-        if match:
-            names.add(match.group(1))
-    entries, bad = [], {}
-    for name in sorted(names, key=lambda n: int(n[1:])):
-        try:
-            _, vec = _inspect_shard(shard_dir, name, info.dim, None)
-        except FeatureStoreCorrupt as e:
-            bad[name] = e
-        else:
-            entries.append({"name": name, "count": vec.shape[0]})
-    manifest = {
+def _new_manifest(
+    info: GenerationInfo, shards: list[dict[str, Any]] | None = None, next_shard: int = 0
+) -> dict[str, Any]:
+    """A generation's first manifest (or one rebuilt from its shards): no tombstones, no skip reasons."""
+    return {
         "format": FORMAT_VERSION,
         "version": 1,
         "info": info.to_dict(),
-        "shards": entries,
-        "next_shard": max((int(n[1:]) + 1 for n in names), default=0),
+        "shards": shards or [],
+        "next_shard": next_shard,
         "tombstones": [],
         "skips": {},
     }
-    atomic_write_bytes(manifest_path, json.dumps(manifest, separators=(",", ":")).encode())
-    report.rebuilt.append(manifest_path)
-    report.act(f"rebuilt {manifest_path} from {len(entries)} shards ({problem}); tombstones and skips are reset")
-    _drop_shards(path, bad, {}, report)
 
 
-def _drop_shards(path: Path, bad: dict[str, FeatureStoreCorrupt], counts: dict[str, int], report: RepairReport) -> None:
-    """Record and set aside shards that already left the manifest."""
-    for name, error in bad.items():
-        report.problems.append(error.as_problem())
-        report.dropped_shards.append(path / "shards" / name)
-        report.lost_vectors += counts.get(name, 0)
-        report.act(
-            f"dropped shard {name} ({counts.get(name, 'unknown number of')} vectors) of {path}: "
-            f"{error.path.name} {error.problem}; its tasks will be extracted again"
-        )
-    if bad:
-        _set_aside(path, bad)
-
-
-def _repair_generation(path: Path) -> RepairReport:
-    """Drop bad shards from the manifest, or rebuild a lost manifest. Raises FeatureStoreCorrupt when the
-    manifest is lost and cannot be rebuilt (the store then moves the generation aside)."""
-    report = RepairReport()
-    with flocked(path / ".lock"):
-        try:
-            manifest, _ = _load_manifest(path)
-        except FileNotFoundError:
-            _rebuild_manifest(path, f"{MANIFEST} is missing", report)
-            report.problems.insert(0, Problem(path / MANIFEST, "is missing"))
-            return report
-        except FeatureStoreCorrupt as e:
-            _rebuild_manifest(path, e.problem, report)
-            report.problems.insert(0, e.as_problem())
-            return report
-        if not (path / INFO).exists():  # make an older generation rebuildable from now on
-            atomic_write_bytes(path / INFO, json.dumps(manifest["info"]).encode())
-        bad = _shard_problems(path, manifest)
-        if bad:
-            counts = {s["name"]: int(s["count"]) for s in manifest["shards"]}
-            manifest["shards"] = [s for s in manifest["shards"] if s["name"] not in bad]
-            manifest["version"] = int(manifest.get("version", 0)) + 1
-            atomic_write_bytes(path / MANIFEST, json.dumps(manifest, separators=(",", ":")).encode())
-            _drop_shards(path, bad, counts, report)
-    return report
+def _holds_shard_files(path: Path) -> bool:
+    """Whether ``path`` holds shard files (a generation whose manifest is lost still has vectors)."""
+    shard_dir = path / "shards"
+    return shard_dir.is_dir() and any(_SHARD_FILE_RE.match(p.name) for p in shard_dir.iterdir())
 
 
 # ---------------------------------------------------------------------------------------------- generation
@@ -524,13 +374,17 @@ class FeatureGeneration:
 
     def verify(self) -> list[Problem]:
         """Damaged files of this generation (manifest, shards), from headers and sizes only."""
-        return _verify_generation(self.path)
+        from asvp_backend.features.repair import verify_generation  # builds on this module: imported when used
+
+        return verify_generation(self.path)
 
     def repair(self) -> RepairReport:
         """Take bad shards out of the manifest (their tasks become missing), or rebuild a lost manifest
         from ``info.json`` and the shards. Raises FeatureStoreCorrupt when the manifest is lost and cannot
         be rebuilt; ``FeatureStore.repair()`` then moves the generation aside."""
-        report = _repair_generation(self.path)
+        from asvp_backend.features.repair import repair_generation
+
+        report = repair_generation(self.path)
         self._cache = None
         return report
 
@@ -813,11 +667,6 @@ class FeatureStore:
     def _gen_path(self, g: int) -> Path:
         return self.root / f"g{int(g)}"
 
-    def _generation_dirs(self) -> list[Path]:
-        """Every ``g<N>`` directory, complete or not, by generation number."""
-        found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := _GEN_RE.match(p.name)) and p.is_dir()]
-        return [p for _, p in sorted(found)]
-
     def generations(self) -> list[int]:
         """Complete generations (those with a manifest), ascending."""
         out = []
@@ -876,70 +725,20 @@ class FeatureStore:
             raise FeatureStoreCorrupt(self.root / CURRENT, f"names generation {g}, which does not exist")
         return self.generation(g)
 
-    def _pointer_problem(self) -> Problem | None:
-        try:
-            self._open_current()
-        except FeatureStoreCorrupt as e:
-            if e.path == self.root / CURRENT:
-                return e.as_problem()
-        return None  # a bad manifest is the generation's problem, reported with it
-
     # -- verify and repair ---------------------------------------------------------------------------------
 
     def verify(self) -> list[Problem]:
         """Every damaged file in the store (pointer, manifests, shards), from headers and sizes only."""
-        problems = []
-        pointer = self._pointer_problem()
-        if pointer is not None:
-            problems.append(pointer)
-        for path in self._generation_dirs():
-            if (path / MANIFEST).exists():
-                problems += _verify_generation(path)
-            elif _holds_shard_files(path):
-                problems.append(Problem(path / MANIFEST, "is missing, but shards/ holds shard files"))
-        return problems
+        from asvp_backend.features.repair import verify_store  # builds on this module: imported when used
+
+        return verify_store(self)
 
     def repair(self) -> RepairReport:
         """Repair every generation (bad shards leave the manifest, a lost manifest is rebuilt or its
         generation moved aside), then point a bad ``CURRENT`` at the newest clean generation."""
-        report = RepairReport()
-        with flocked(self.root / ".lock"):
-            for path in self._generation_dirs():
-                if not (path / MANIFEST).exists() and not _holds_shard_files(path):
-                    continue  # an empty leftover; create_generation() replaces it
-                try:
-                    report.merge(_repair_generation(path))
-                except FeatureStoreCorrupt as e:
-                    report.problems.append(e.as_problem())
-                    self._quarantine(path, str(e), report)
-            pointer = self._pointer_problem()
-            if pointer is not None:
-                report.problems.append(pointer)
-                self._repoint(pointer, report)
-        return report
+        from asvp_backend.features.repair import repair_store
 
-    def _repoint(self, pointer: Problem, report: RepairReport) -> None:
-        """Point CURRENT at the newest generation that verifies clean; remove it when there is none."""
-        clean = [g for g in self.generations() if not _verify_generation(self._gen_path(g))]
-        if clean:
-            atomic_write_bytes(self.root / CURRENT, json.dumps({"generation": clean[-1]}).encode())
-            report.act(f"{pointer}; pointed it at generation {clean[-1]}")
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                (self.root / CURRENT).unlink()
-            fsync_dir(self.root)
-            report.act(f"{pointer}; removed it, no generation is left")
-
-    def _quarantine(self, path: Path, reason: str, report: RepairReport) -> None:
-        """Move an unrebuildable generation aside (never delete it) so extraction starts a fresh one.
-        Caller holds the store's lock."""
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-        target = self.root / f".corrupt-{path.name}-{stamp}"
-        with flocked(path / ".lock"):  # no writer is half-way through an append
-            os.replace(path, target)
-        fsync_dir(self.root)
-        report.quarantined.append(target)
-        report.act(f"moved {path} to {target}: {reason}")
+        return repair_store(self)
 
     # -- generations ---------------------------------------------------------------------------------------
 
@@ -956,20 +755,14 @@ class FeatureStore:
                     )
                 return gen
             if _holds_shard_files(path):  # vectors without a manifest: keep them for repair or inspection
-                self._quarantine(path, f"{path / MANIFEST} is missing", RepairReport())
+                from asvp_backend.features.repair import RepairReport, quarantine
+
+                quarantine(self.root, path, f"{path / MANIFEST} is missing", RepairReport())
             elif path.exists():
                 shutil.rmtree(path)
             tmp = Path(tempfile.mkdtemp(prefix=f".g{info.generation}.", dir=self.root))
             (tmp / "shards").mkdir()
-            manifest = {
-                "format": FORMAT_VERSION,
-                "version": 1,
-                "info": info.to_dict(),
-                "shards": [],
-                "next_shard": 0,
-                "tombstones": [],
-                "skips": {},
-            }
+            manifest = _new_manifest(info)
             atomic_write_bytes(tmp / INFO, json.dumps(info.to_dict()).encode())
             atomic_write_bytes(tmp / MANIFEST, json.dumps(manifest).encode())
             os.replace(tmp, path)
