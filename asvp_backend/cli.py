@@ -58,25 +58,25 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
             "asvp-backend worker needs REDIS_URL (without it, `serve` runs jobs in-process)", file=sys.stderr
         )
         return 2
-    import asvp_backend.jobs.tasks  # noqa: F401  (import job code once, before forking work-horses)
-    from asvp_backend.jobs.registry import QUEUES
+    from asvp_backend.bootstrap import build_runtime
+    from asvp_backend.jobs.registry import QUEUES, preload
     from asvp_backend.jobs.worker import run_worker
-    from asvp_backend.runtime import build_runtime
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
     unknown = set(queues) - set(QUEUES)
     if unknown:
         print(f"unknown queue(s): {', '.join(sorted(unknown))}; use cpu and/or gpu", file=sys.stderr)
         return 2
+    preload()  # import the job code once, before forking work-horses
     run_worker(build_runtime(settings), queues, name=args.name, burst=args.burst, in_process=args.in_process)
     return 0
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     from asvp_backend.alignment.summary import alignment_summary, damaged_models, model_summary
+    from asvp_backend.bootstrap import build_runtime
     from asvp_backend.health import project_problems
     from asvp_backend.learning import learning_summary
-    from asvp_backend.runtime import build_runtime
     from asvp_backend.status_table import format_status
     from asvp_backend.stopping import StopRule
 
@@ -142,10 +142,10 @@ def cmd_extract(settings: Settings, args: argparse.Namespace) -> int:
     if args.images is not None:
         return _extract_images(settings, args)
 
+    from asvp_backend.bootstrap import build_runtime
     from asvp_backend.jobs.context import JobContext
     from asvp_backend.jobs.extraction import extract_project
-    from asvp_backend.jobs.tasks import sync_tasks
-    from asvp_backend.runtime import build_runtime
+    from asvp_backend.jobs.sync import sync_tasks
 
     runtime = build_runtime(settings, start_jobs=False)
     try:
@@ -194,7 +194,7 @@ def _extract_images(settings: Settings, args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from asvp_backend.features import FeatureStore, extract_dir, generation_info
-    from asvp_backend.jobs.extraction import backbone_for, loader_workers
+    from asvp_backend.jobs.resources import backbone_for, loader_workers
 
     directory = Path(args.images)
     if not directory.is_dir():
@@ -223,8 +223,8 @@ def _extract_images(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_align(settings: Settings, args: argparse.Namespace) -> int:
+    from asvp_backend.bootstrap import build_runtime
     from asvp_backend.jobs.alignment import force_update
-    from asvp_backend.runtime import build_runtime
 
     if not settings.redis_url:
         print("embedded mode: the serving process runs the jobs; ask it with curl -X POST -H "
@@ -249,8 +249,8 @@ def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
 
     from asvp_backend.alignment.export import WorseThanProxy, export_model
     from asvp_backend.alignment.summary import damaged_models
+    from asvp_backend.bootstrap import build_runtime
     from asvp_backend.layout import ProjectLayout
-    from asvp_backend.runtime import build_runtime
 
     runtime = build_runtime(settings, start_jobs=False)
     try:

@@ -1,30 +1,24 @@
-"""The wiring of one process: settings, Redis (if any), the state store, the job queue and job leases.
-
-Each process builds one Runtime and hands it down: the API gives it to `create_app`, the rq worker to
-every job (jobs/worker.py), the in-process queue runs jobs through a callback bound to it. There is no
-process-global runtime.
+"""The record of one process's parts: settings, Redis (if any), the state store, the job queue, job leases and
+Label Studio clients. It is built in one place (bootstrap.py, the composition root) and handed down: the API
+gives it to `create_app`, the rq worker to every job (jobs/worker.py), the in-process queue runs jobs through a
+callback bound to it. There is no process-global runtime, and this module imports no queue engine or job code.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from asvp_backend.config import ConfigError, Settings
-from asvp_backend.jobs.changes import ChangeLog, MemoryChangeLog, RedisChangeLog
-from asvp_backend.jobs.inprocess import InProcessJobQueue
+from asvp_backend.jobs.changes import ChangeLog, MemoryChangeLog
 from asvp_backend.jobs.leases import FileLease, Lease, RedisLease
 from asvp_backend.jobs.queue import JobQueue
 from asvp_backend.labelstudio import credentials
 from asvp_backend.labelstudio.credentials import Connection
-from asvp_backend.layout import ProjectLayout, queue_journal
-from asvp_backend.state import StateStore, create_state_store
-
-REDIS_CONNECT_TIMEOUT = 2.0  # seconds: with Redis down, routes answer 503 quickly instead of hanging
-REDIS_READ_TIMEOUT = 5.0
+from asvp_backend.layout import ProjectLayout
+from asvp_backend.state import StateStore
 
 
 @dataclass
@@ -94,37 +88,3 @@ class Runtime:
 
     def close(self) -> None:
         self.queue.close()
-
-
-def connect_redis(url: str) -> Any:
-    import redis
-
-    return redis.Redis.from_url(
-        url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT, socket_timeout=REDIS_READ_TIMEOUT, health_check_interval=30
-    )
-
-
-def connect_redis_async(url: str) -> Any:
-    import redis.asyncio
-
-    return redis.asyncio.Redis.from_url(url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT,
-                                        socket_timeout=REDIS_READ_TIMEOUT)
-
-
-def build_runtime(settings: Settings, start_jobs: bool = True) -> Runtime:
-    """The runtime of a process. In the embedded mode `start_jobs` starts the in-process worker threads
-    (and resumes the journal's jobs); commands that only read state pass False."""
-    from asvp_backend.jobs.rq_queue import RqJobQueue
-    from asvp_backend.jobs.runner import run_job
-
-    if settings.redis_url:
-        connection, async_connection = connect_redis(settings.redis_url), connect_redis_async(settings.redis_url)
-        queue: JobQueue = RqJobQueue(connection, job_timeout=settings.job_timeout, async_redis=async_connection)
-        return Runtime(settings=settings, store=create_state_store(settings.model_dir, connection), queue=queue,
-                       redis=connection, changes=RedisChangeLog(connection, async_connection))
-    # only the process that runs the jobs owns the journal (a CLI command must not overwrite the server's)
-    in_process = InProcessJobQueue(journal=queue_journal(settings.model_dir) if start_jobs else None)
-    runtime = Runtime(settings=settings, store=create_state_store(settings.model_dir, None), queue=in_process)
-    if start_jobs:
-        in_process.start(functools.partial(run_job, runtime))
-    return runtime

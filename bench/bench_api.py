@@ -218,8 +218,8 @@ def _fake_round(model_dir: Path, redis_url: str | None, pool: int) -> None:
     import numpy as np
 
     from asvp_backend.artefacts import RankingArtefact, write_round
+    from asvp_backend.bootstrap import connect_redis
     from asvp_backend.layout import ProjectLayout
-    from asvp_backend.runtime import connect_redis
     from asvp_backend.state import create_state_store
     from asvp_backend.versioning import ModelVersion
 

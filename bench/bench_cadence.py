@@ -47,7 +47,7 @@ from asvp_backend.features.store import GenerationInfo  # noqa: E402
 from asvp_backend.jobs.context import JobContext  # noqa: E402
 from asvp_backend.jobs.inprocess import InProcessJobQueue  # noqa: E402
 from asvp_backend.jobs.rounds import labels_between_rounds, run_round  # noqa: E402
-from asvp_backend.jobs.tasks import sync  # noqa: E402
+from asvp_backend.jobs.sync import sync  # noqa: E402
 from asvp_backend.labelstudio.client import LabelStudioClient  # noqa: E402
 from asvp_backend.labelstudio.label_config import parse_label_config  # noqa: E402
 from asvp_backend.layout import ProjectLayout  # noqa: E402

@@ -1,7 +1,5 @@
-"""Jobs: queues (rq or in-process), leases, the runner and the job functions.
+"""Jobs: the queues (rq or in-process), leases, the runner, the job kinds (jobs/registry.py) and the job bodies.
 
-Importing the package registers every job kind (jobs/tasks.py), as timm's package import fills its model
-registry, so `job_kind` never has to import the job functions itself.
+The job bodies (sync, extraction, finetune, rounds, ping) import the shared modules (resources, chain, alignment)
+and never each other; importing this package loads none of them.
 """
-
-from asvp_backend.jobs import tasks as _tasks  # noqa: F401  (fills the registry)

@@ -1,7 +1,9 @@
-"""Alignment in the jobs layer: after each round, score the labelled set and record the policy's decision;
-the fine-tuning jobs (`align` for a feature update, `finetune` for the deliverable model on Start Training;
-two kinds, so that the queue's de-duplication never merges one into the other); and the hand-over of a
-fine-tuned backbone to the `extract` job.
+"""Alignment in the jobs layer (shared by the job bodies, none itself): after each round, score the labelled set
+and record the policy's decision; judge a fine-tuned model against the proxy on labels it did not train on;
+choose the model that pre-annotates; and make a refreshed generation serve only through the gate. The
+fine-tuning jobs themselves (`align` for a feature update, `finetune` for the deliverable model on Start
+Training; two kinds, so that the queue's de-duplication never merges one into the other) are in
+jobs/finetune.py.
 
 The order that keeps a project serving throughout a feature update:
 1. a round's decision fires: `pending` is set in the state (under the project's lock, so two rounds
@@ -26,14 +28,13 @@ import numpy as np
 from asvp_backend.alignment.gate import WAIT as GATE_WAIT
 from asvp_backend.alignment.gate import Gate, GateDecision, cross_fitted_right, judge_features
 from asvp_backend.alignment.policy import UPDATE, WAIT, AlignmentPolicy, Decision
-from asvp_backend.jobs.context import JobContext, JobTimeout
+from asvp_backend.jobs.context import JobContext
+from asvp_backend.jobs.resources import Project, feature_store, proxy_device
 from asvp_backend.layout import ProjectLayout
-from asvp_backend.state import AlignmentState, ProjectState, TaskSnapshot
+from asvp_backend.state import AlignmentState, ProjectState
 
 if TYPE_CHECKING:
-    from PIL import Image
-
-    from asvp_backend.jobs.rounds import RoundInputs
+    from asvp_backend.selection.queue import RoundInputs
 
 log = logging.getLogger(__name__)
 
@@ -124,125 +125,6 @@ def force_update(runtime: Any, pid: int) -> dict[str, Any]:
     return record
 
 
-# ------------------------------------------------------------------------------------------ finetune job
-class TaskImages:
-    """The labelled tasks as the fine-tuning sees them (alignment.finetune.LabelledImages): each image is
-    fetched from Label Studio through the same guarded fetcher as extraction, once."""
-
-    def __init__(self, items: Sequence[tuple[int, str, str]], fetcher: Any) -> None:
-        self.items = list(items)  # (task id, image URL, label)
-        self.fetcher = fetcher
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def label(self, index: int) -> str:
-        return self.items[index][2]
-
-    def load(self, index: int) -> Image.Image:
-        task_id, url, _ = self.items[index]
-        return self.fetcher.load(url, task_id)
-
-
-def run_finetune(ctx: JobContext) -> dict[str, Any]:
-    """Fine-tune the backbone on the labelled tasks but the audit ones (FT or LP-FT), judge it against the proxy
-    on the audit labels (on its held-out slice while they are too few), save the checkpoint, record the model
-    with the verdict; for a feature update, hand its backbone to the extract job (whatever the verdict: the
-    update is about the features, not the deliverable)."""
-    from asvp_backend.alignment.checkpoint import save_checkpoint
-    from asvp_backend.alignment.finetune import FinetuneInterrupted, finetune, recipe_for
-    from asvp_backend.jobs.extraction import image_fetcher
-
-    runtime, pid = ctx.runtime, ctx.project_id
-    settings = runtime.settings
-    layout = runtime.layout(pid)
-    purpose = "align" if ctx.kind == "align" else "deliverable"  # two kinds, so one never swallows the other
-    state = runtime.store.require(pid)
-    method = str(ctx.params.get("method") or AlignmentPolicy.from_settings(settings).method_for(state.generation))
-    tasks = TaskSnapshot(settings.model_dir, pid).load()
-    audit = set(state.audit.labelled(tasks))  # the labels that judge models are never trained on
-    items = [(tid, str(t.image), str(t.label)) for tid, t in sorted(tasks.items())
-             if t.label and t.image and tid not in audit]
-    if len({label for _, _, label in items}) < 2:
-        reason = "fine-tuning needs labelled images of at least two classes"
-        _finish_pending(runtime, pid, purpose, None, failed=reason)
-        return {"status": "skipped", "reason": reason}
-    client = runtime.label_studio(pid) if runtime.has_label_studio(pid) else None
-    images = TaskImages(items, image_fetcher(settings, client))
-    # the step floor (alignment/finetune.py recipe_for) holds unless FINETUNE_EXACT_EPOCHS says otherwise
-    insist = settings.finetune_exact_epochs
-    recipe = recipe_for(method, len(items), epochs=settings.finetune_epochs,
-                        batch_size=settings.finetune_batch_size, seed=settings.seed, insist=insist)
-    if settings.finetune_epochs is not None and recipe.epochs > settings.finetune_epochs:
-        log.info("project %s: FINETUNE_EPOCHS=%s raised to %s epochs by the step floor", pid,
-                 settings.finetune_epochs, recipe.epochs)
-    try:
-        result = finetune(settings.backbone, settings.backbone_weights, images, recipe, device=settings.device,
-                          image_size=settings.image_size, progress=_stage_progress(ctx),
-                          should_stop=lambda: ctx.time_left() < 30)
-    except FinetuneInterrupted as exc:
-        _finish_pending(runtime, pid, purpose, None, failed=f"time limit: {exc}")
-        raise JobTimeout(f"finetune job for project {pid} ran past its time limit") from exc
-    except Exception as exc:
-        _finish_pending(runtime, pid, purpose, None, failed=f"{type(exc).__name__}: {exc}")
-        raise
-    ctx.progress(0, 1, stage=JUDGING, force=True)
-    try:
-        audit_items = [(tid, str(t.image), str(t.label)) for tid, t in sorted(tasks.items())
-                       if tid in audit and t.label and t.image]
-        comparison = judge_on_audit(settings, pid, items, audit_items, result, images.fetcher) or \
-            judge_against_proxy(settings, pid, items, result.holdout_indices, result.holdout_predictions)
-    except Exception as exc:  # a missing or damaged feature store must not throw the fine-tune away
-        log.warning("project %s: the fine-tuned model could not be compared with the proxy", pid, exc_info=True)
-        comparison = {"verdict": UNJUDGED, "reason": f"no comparison with the proxy ({type(exc).__name__}: "
-                                                    f"{str(exc)[:200]})"}
-    ctx.progress(1, 1, stage=JUDGING, force=True)
-    model_id = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{method}-{len(items)}"
-    info = {"id": model_id, "purpose": purpose, "method": method, "labelled": len(items),
-            "trained_on_version": str(state.version), "at": time.time(), **_model_metrics(result.metrics),
-            "verdict": comparison["verdict"], "comparison": comparison}
-    ctx.check_fence()  # a job whose lease was lost writes nothing more (jobs/fencing.py)
-    save_checkpoint(result, layout.checkpoint_dir(model_id), extra={"project": pid, **info})
-
-    def record(current: ProjectState | None) -> ProjectState | None:
-        if current is None:
-            return None
-        current.alignment.record_model(info)
-        if purpose == "align":
-            current.alignment.feature_model = model_id
-            current.alignment.updates += 1
-            current.alignment.labels_at_last_update = len(items) + len(audit)  # the policy counts every label
-            current.alignment.pending = {**(current.alignment.pending or {}), "stage": "extract",
-                                         "model": model_id, "since": time.time()}
-        current.record_job(ctx.job_id)
-        return current
-
-    runtime.store.update(pid, record)
-    if purpose == "align":
-        info["next"] = runtime.queue.submit("extract", pid, reason="feature update", force_round=True).job_id
-    log.info("project %s: fine-tuned %s (%s, %s labels): %s", pid, model_id, method, len(items),
-             comparison["reason"])
-    return info
-
-
-def _model_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    keys = ("holdout_accuracy", "holdout_size", "lp_holdout_accuracy", "train_size", "skipped", "seconds",
-            "images_per_second", "device", "epochs", "ft_steps")
-    return {k: metrics.get(k) for k in keys}
-
-
-def _stage_progress(ctx: JobContext) -> Any:
-    """finetune's progress as the job's: every step of every stage ("ft" 22/250), throttled by the context
-    except the first report of a stage, so a page sees each stage begin."""
-    last = {"stage": ""}
-
-    def report(done: int, total: int, stage: str) -> None:
-        ctx.progress(done, total, stage=stage, force=stage != last["stage"])
-        last["stage"] = stage
-
-    return report
-
-
 # ------------------------------------------------------------------------------ the verdict against the proxy
 MODEL, PROXY, UNJUDGED = "model", "proxy", "unjudged"
 JUDGING = "comparing with the proxy"
@@ -260,8 +142,6 @@ def judge_against_proxy(settings: Any, pid: int, items: Sequence[tuple[int, str,
     is nothing to compare on (no held-out slice, no features, fewer than two classes to fit the proxy on).
     On a generation extracted by a fine-tuned backbone, that backbone may have trained on the held-out tasks,
     which favours the proxy (`proxy_generation` says which features were used)."""
-    from asvp_backend.jobs.extraction import feature_store
-    from asvp_backend.jobs.rounds import proxy_device
     from asvp_backend.selection import create_proxy
 
     if not held:
@@ -305,8 +185,6 @@ def judge_on_audit(settings: Any, pid: int, items: Sequence[tuple[int, str, str]
     (cross-fitting), the proxy that serves. None while fewer than AUDIT_MIN_LABELS audit labels have a readable
     image and features (the held-out slice judges then, `judge_against_proxy`)."""
     from asvp_backend.alignment.checkpoint import FineTunedModel
-    from asvp_backend.jobs.extraction import feature_store
-    from asvp_backend.jobs.rounds import proxy_device
     from asvp_backend.selection import create_proxy
 
     gate = Gate.from_settings(settings)
@@ -364,7 +242,7 @@ def verdict_text(comparison: dict[str, Any]) -> str:
     return f"the proxy is the better model: {figures}"
 
 
-def _finish_pending(runtime: Any, pid: int, purpose: str, model: str | None, failed: str | None = None) -> None:
+def finish_pending(runtime: Any, pid: int, purpose: str, model: str | None, failed: str | None = None) -> None:
     """An update that cannot go on ends here, with its reason among the decisions."""
     if purpose != "align":
         return
@@ -381,18 +259,6 @@ def _finish_pending(runtime: Any, pid: int, purpose: str, model: str | None, fai
     runtime.store.update(pid, clear)
     if failed:
         runtime.queue.count("decision_failed", "alignment")
-
-
-def feature_weights(layout: ProjectLayout, alignment: AlignmentState) -> str | None:
-    """The checkpoint whose backbone extracts the project's features (None: the configured pre-trained one)."""
-    from asvp_backend.alignment.integrity import CHECKPOINT_WEIGHTS
-
-    if alignment.feature_model is None:
-        return None
-    path = layout.checkpoint_dir(alignment.feature_model) / CHECKPOINT_WEIGHTS
-    if not path.is_file():  # a refresh never silently uses other weights (docs/method.md, *The alignment policy*)
-        raise FileNotFoundError(f"the feature model {alignment.feature_model} has no checkpoint at {path}")
-    return str(path)
 
 
 def generation_served(runtime: Any, pid: int, generation: int, verdict: GateDecision | None = None) -> None:
@@ -453,14 +319,13 @@ def is_refresh(alignment: AlignmentState) -> bool:
 def judge_refresh(runtime: Any, pid: int, serving: Any, candidate: Any) -> GateDecision | None:
     """The gate's verdict on a refreshed generation against the serving one, on the audit labels with features
     in both (None: ALIGN_GATE=off, it serves unjudged)."""
-    from asvp_backend.jobs.rounds import proxy_device
     from asvp_backend.selection import create_proxy
 
     settings = runtime.settings
     if not settings.align_gate:
         return None
-    state = runtime.store.require(pid)
-    tasks = TaskSnapshot(settings.model_dir, pid).load()
+    project = Project(runtime, pid)
+    state, tasks = project.state(), project.tasks()
     labelled = np.array(sorted(tid for tid, t in tasks.items() if t.label is not None), dtype=np.int64)
     found_s, x_s = serving.lookup(labelled)
     found_c, x_c = candidate.lookup(labelled)
@@ -505,16 +370,15 @@ def refresh_held(runtime: Any, pid: int, generation: int, verdict: GateDecision)
 def judge_waiting_refresh(ctx: JobContext, state: ProjectState, tasks: dict[int, Any]) -> dict[str, Any] | None:
     """A round's part: a refreshed generation that waited for audit labels is judged once there are enough.
     Adopted, it becomes current, its backbone extracts the tasks added meanwhile and a round on it follows."""
-    from asvp_backend.jobs.extraction import feature_store
 
     runtime, pid = ctx.runtime, ctx.project_id
     pending = state.alignment.pending or {}
     if pending.get("stage") != JUDGE_STAGE or len(state.audit.labelled(tasks)) < runtime.settings.audit_min_labels:
         return None
-    store = feature_store(runtime.settings.model_dir, pid)
+    store = ctx.project.features()
     serving, generation = store.current(repair=True), int(pending["generation"])
     if serving is None or generation not in store.generations():
-        _finish_pending(runtime, pid, "align", pending.get("model"),
+        finish_pending(runtime, pid, "align", pending.get("model"),
                         failed=f"the refreshed generation {generation} is gone from disk")
         return {"decision": "failed"}
     verdict = judge_refresh(runtime, pid, serving, store.generation(generation))

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from asvp_backend.jobs.leases import LeaseLost
+from asvp_backend.jobs.resources import Project
 
 if TYPE_CHECKING:
     from asvp_backend.jobs.leases import Lease
@@ -36,6 +37,11 @@ class JobContext:
     deadline: float | None = None  # time.monotonic() value; None = no limit
     lease: Lease | None = None  # the job's lease (run_job); None: nothing to fence (the CLI, tests)
     _last_report: float = field(default=0.0)
+
+    @property
+    def project(self) -> Project:
+        """The job's project: its tasks, features, state and Label Studio (jobs/resources.py)."""
+        return Project(self.runtime, self.project_id)
 
     def progress(self, done: int, total: int, stage: str = "", force: bool = False) -> None:
         """Record progress; throttled to two writes a second so a fast loop does not hammer Redis.

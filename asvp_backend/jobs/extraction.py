@@ -1,4 +1,5 @@
-"""The `extract` job: cache one feature vector per task of the project in the current generation.
+"""The `extract` and `extract_part` jobs: cache one feature vector per task of the project in the current
+generation.
 
 Runs on the gpu queue (and on a CPU when that is all there is). Only tasks that lack a vector are sent
 through the backbone, and vectors are appended shard by shard, so an interrupted run resumes where it
@@ -14,69 +15,21 @@ generation current. So a generation becomes visible once, complete, whoever extr
 from __future__ import annotations
 
 import logging
-import os
-import threading
-from pathlib import Path
+import time
 from typing import Any
 
-from asvp_backend.config import Settings
-from asvp_backend.jobs.alignment import feature_weights, serve_generation
+from asvp_backend.jobs.alignment import serve_generation
+from asvp_backend.jobs.chain import after_extraction
+from asvp_backend.jobs.context import JobContext
 from asvp_backend.jobs.registry import slot_of, slotted
-from asvp_backend.layout import ProjectLayout
-from asvp_backend.state import TaskSnapshot
+from asvp_backend.jobs.resources import loader_workers
+from asvp_backend.state import SyncedTask
 
 log = logging.getLogger(__name__)
 
 COMPACT_ABOVE_SHARDS = 16
 EXTRACT_PART = "extract_part"  # the slotted job kind of one part of a split extraction
 SPLIT_MIN_TASKS = 2000  # fewer missing tasks are extracted by one job (EXTRACT_PARTS > 1 or not)
-MAX_LOADED_BACKBONES = 3
-_backbones: dict[tuple, Any] = {}
-_backbones_lock = threading.Lock()
-
-
-def feature_store(model_dir: Path, project_id: int) -> Any:
-    from asvp_backend.features import FeatureStore
-
-    return FeatureStore(ProjectLayout(model_dir, project_id).features_dir)
-
-
-def backbone_for(settings: Settings, weights: str | None = None) -> Any:
-    """One backbone per process and configuration: loading weights costs seconds, a job should not pay it
-    twice. `weights` overrides BACKBONE_WEIGHTS (a project's fine-tuned checkpoint after a feature update);
-    only the last few backbones stay loaded."""
-    from asvp_backend.features import create_backbone
-
-    weights = weights or settings.backbone_weights
-    key = (settings.backbone, weights, settings.device, settings.image_size)
-    with _backbones_lock:
-        if key not in _backbones:
-            while len(_backbones) >= MAX_LOADED_BACKBONES:
-                _backbones.pop(next(iter(_backbones)))
-            _backbones[key] = create_backbone(settings.backbone, weights, settings.device, settings.image_size)
-        return _backbones[key]
-
-
-def loader_workers(settings: Settings, backbone: Any) -> int:
-    """Decoding processes: none on a CPU (they would fight torch's threads for the same cores, measured in
-    bench/results/extract_cpu.md), several when a GPU does the model's work."""
-    if settings.extract_workers is not None:
-        return settings.extract_workers
-    return 0 if backbone.device.type == "cpu" else min(8, os.cpu_count() or 1)
-
-
-def image_fetcher(settings: Settings, client: Any) -> Any:
-    from asvp_backend.labelstudio.images import ImageFetcher
-
-    return ImageFetcher(
-        label_studio_url=client.url if client is not None else settings.label_studio_url,
-        auth_headers=client.auth_headers if client is not None else None,
-        document_root=str(settings.local_files_document_root) if settings.local_files_document_root else None,
-        allow_private_hosts=settings.allow_private_image_hosts,
-        timeout=min(10.0, settings.image_timeout),
-        total_timeout=settings.image_timeout,
-        decode_budget_mb=settings.decode_budget_mb,
-    )
 
 
 def _target_generation(store: Any, backbone: Any) -> tuple[Any, bool]:
@@ -95,18 +48,17 @@ def _target_generation(store: Any, backbone: Any) -> tuple[Any, bool]:
     return store.create_generation(generation_info(backbone, store.next_generation())), True
 
 
-def extract_project(ctx: Any, retry_skipped: bool = False) -> dict[str, Any]:
+def extract_project(ctx: JobContext, retry_skipped: bool = False) -> dict[str, Any]:
     """Bring the project's current feature generation up to date with its synced tasks, for at most
     EXTRACT_SLICE_SECONDS (the summary's `remaining` says how many tasks are left for the next slice).
     A large extraction is split instead (`parts` in the summary): this job queues the part jobs and
     extracts nothing itself; the last part queues this job again, which activates the generation."""
-    runtime, pid = ctx.runtime, ctx.project_id
+    runtime, pid, project = ctx.runtime, ctx.project_id, ctx.project
     settings = runtime.settings
-    tasks = TaskSnapshot(settings.model_dir, pid).load()  # StateCorrupt if unreadable: never "no tasks"
-    store = feature_store(settings.model_dir, pid)
+    tasks = project.tasks()  # StateCorrupt if unreadable: never "no tasks"
+    store = project.features()
     repaired = store.repair()  # a corrupt CURRENT, manifest or shard: drop what is lost, re-extract it below
-    state = runtime.store.require(pid)
-    backbone = backbone_for(settings, feature_weights(runtime.layout(pid), state.alignment))
+    backbone = project.backbone()
 
     generation, new_generation = _target_generation(store, backbone)
     ctx.check_fence()  # a job whose lease was lost writes nothing more (jobs/fencing.py)
@@ -151,21 +103,20 @@ def extract_project(ctx: Any, retry_skipped: bool = False) -> dict[str, Any]:
     return summary
 
 
-def extract_share(ctx: Any) -> dict[str, Any]:
+def extract_share(ctx: JobContext) -> dict[str, Any]:
     """One part of a split extraction (`extract_part:<k>`): the generation's missing tasks whose id is k modulo
     `parts`, for one time slice. It writes vectors only; the generation is compacted and activated by the
     `extract` job that follows the last part. A part whose generation is no longer the one the project's
     backbone fills (a fine-tune made another) stops at once."""
-    runtime, pid = ctx.runtime, ctx.project_id
-    settings = runtime.settings
+    pid, project = ctx.project_id, ctx.project
     part, parts, number = slot_of(ctx.kind), int(ctx.params["parts"]), int(ctx.params["generation"])
-    store = feature_store(settings.model_dir, pid)
-    backbone = backbone_for(settings, feature_weights(runtime.layout(pid), runtime.store.require(pid).alignment))
+    store = project.features()
+    backbone = project.backbone()
     if number not in store.generations() or not _matches(store.generation(number), backbone):
         log.info("project %s: part %s of generation %s is stale; nothing to do", pid, part, number)
         return {"generation": number, "part": part, "stale": True, "extracted": 0, "remaining": 0}
     generation = store.generation(number)
-    tasks = TaskSnapshot(settings.model_dir, pid).load()
+    tasks = project.tasks()
     share = [tid for tid in _missing(generation, tasks) if tid % parts == part]
     ctx.check_fence()
     report = _extract(ctx, backbone, generation, tasks, share, endless=False)
@@ -175,14 +126,14 @@ def extract_share(ctx: Any) -> dict[str, Any]:
             "images_per_second": round(report.images_per_second, 1)}
 
 
-def _missing(generation: Any, tasks: dict[int, Any]) -> list[int]:
+def _missing(generation: Any, tasks: dict[int, SyncedTask]) -> list[int]:
     """Tasks with an image and neither a vector nor a recorded reason why they have none."""
     skipped = generation.skipped()
     with_image = [tid for tid, task in tasks.items() if task.image]
     return [tid for tid in generation.missing(with_image) if tid not in skipped]
 
 
-def _split(ctx: Any, missing: list[int]) -> dict[int, list[int]]:
+def _split(ctx: JobContext, missing: list[int]) -> dict[int, list[int]]:
     """The parts' shares (task id modulo EXTRACT_PARTS) of a large extraction; none for a small one, which
     one job finishes before a second worker would have loaded its backbone. While parts of this project are
     queued or running, the missing tasks are theirs: splitting again (each part keeps at most one waiting
@@ -205,22 +156,19 @@ def _matches(generation: Any, backbone: Any) -> bool:
     return bool(matches(generation.info, backbone))
 
 
-def _extract(ctx: Any, backbone: Any, generation: Any, tasks: dict[int, Any], task_ids: list[int],
+def _extract(ctx: JobContext, backbone: Any, generation: Any, tasks: dict[int, SyncedTask], task_ids: list[int],
              endless: bool) -> Any:
     """Embed `task_ids` into `generation` until done or EXTRACT_SLICE_SECONDS (or the job's time) runs out."""
-    import time
-
     from asvp_backend.features import extract_to_store
 
-    runtime, settings = ctx.runtime, ctx.runtime.settings
+    settings = ctx.runtime.settings
     items = [(tid, str(tasks[tid].image)) for tid in task_ids]
     ctx.progress(0, len(items), stage="extracting", force=True)
     slice_end = time.monotonic() + settings.extract_slice_seconds
     report = extract_to_store(
         backbone,
         items,
-        image_fetcher(settings, runtime.label_studio(ctx.project_id) if runtime.has_label_studio(ctx.project_id)
-                      else None),
+        ctx.project.image_fetcher(),
         generation,
         batch_size=settings.extract_batch_size,
         num_workers=loader_workers(settings, backbone),
@@ -230,3 +178,34 @@ def _extract(ctx: Any, backbone: Any, generation: Any, tasks: dict[int, Any], ta
     )
     ctx.progress(len(items), len(items), stage="done", force=True)
     return report
+
+
+def extract(ctx: JobContext) -> dict[str, Any]:
+    """Cache features for the project's tasks that lack them (and drop deleted tasks), one time slice."""
+    runtime, pid = ctx.runtime, ctx.project_id
+    force = bool(ctx.params.get("force_round"))
+    # skipped images are retried once per request, not again in every slice or part that follows it
+    summary = extract_project(ctx, retry_skipped=force and not ctx.params.get("continued"))
+    if summary.get("parts"):
+        summary["next"] = EXTRACT_PART  # the last part queues this job again
+        return summary
+    if summary.get("remaining"):
+        # the slice ended: continue behind the other projects' jobs instead of holding the queue
+        runtime.queue.submit("extract", pid, reason="continuing extraction", force_round=force, continued=True)
+        summary["next"] = "extract"
+        return summary
+    summary["next"] = after_extraction(ctx, activated=bool(summary.get("activated")), force=force)
+    return summary
+
+
+def extract_part(ctx: JobContext) -> dict[str, Any]:
+    """One part of a split extraction (EXTRACT_PARTS), one time slice; the last part queues `extract`."""
+    summary = extract_share(ctx)
+    if summary["remaining"]:
+        ctx.runtime.queue.submit(ctx.kind, ctx.project_id, reason="continuing its share", **ctx.params)
+        summary["next"] = ctx.kind
+    else:
+        ctx.runtime.queue.submit("extract", ctx.project_id, reason=f"{ctx.kind} is done", continued=True,
+                                 force_round=bool(ctx.params.get("force_round")))
+        summary["next"] = "extract"
+    return summary

@@ -1,12 +1,18 @@
-"""The job kinds: a registry (name -> function, queue and time limit) instead of if/elif chains.
+"""The job kinds, declared in one table: name, queue, time limit, lease, and the function that runs a job of the
+kind, named as "module:function" and imported only when a worker runs one (as rq names its job functions).
 
-A kind registered with `slots=True` runs as several independent jobs per project, one per slot, named
+Why a table of names and not decorators: importing the registry registers nothing by side effect and loads no
+job body, so the API process (which submits jobs and reports them) never imports torch or the job code; a
+worker imports every body once before it forks (`preload`). A contract test checks every name resolves.
+
+A kind declared with `slots=True` runs as several independent jobs per project, one per slot, named
 `<kind>:<slot>` (`extract_part:0`, `extract_part:1`): each slot has its own pending marker and lease, so the
 queue's rule (one running and one waiting job per project and kind) holds per slot, and slots run at once on
 different workers."""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -16,41 +22,49 @@ if TYPE_CHECKING:
 
 JobFunction = Callable[["JobContext"], Any]
 QUEUES = ("cpu", "gpu")
+HOUR = 3600
 
 
 @dataclass(frozen=True)
 class JobKind:
     name: str
     queue: str  # "cpu" or "gpu"
-    function: JobFunction
-    doc: str
-    time_limit: int | None  # seconds; None = JOB_TIMEOUT (the long GPU jobs)
-    lease: str  # kinds sharing a lease never run at once on a project (extract and finetune: one GPU job)
+    target: str  # "module:function" of the job body
+    time_limit: int | None = None  # seconds; None = JOB_TIMEOUT (the long GPU jobs)
+    lease: str | None = None  # kinds sharing a lease never run at once on a project (extract, finetune, align)
     slots: bool = False  # submitted as `<name>:<slot>`, one lease per slot
+
+    def function(self) -> JobFunction:
+        module, _, name = self.target.partition(":")
+        function: JobFunction = getattr(importlib.import_module(module), name)
+        return function
 
     def lease_for(self, kind: str) -> str:
         """The lease a job submitted as `kind` takes: the kind's lease, per slot for a slotted kind."""
-        slot = kind.partition(":")[2]
-        return f"{self.lease}:{slot}" if slot else self.lease
+        lease, slot = self.lease or self.name, kind.partition(":")[2]
+        return f"{lease}:{slot}" if slot else lease
 
     def limit(self, job_timeout: int) -> int:
         return min(self.time_limit, job_timeout) if self.time_limit is not None else job_timeout
 
 
-JOB_KINDS: dict[str, JobKind] = {}
+JOB_KINDS: dict[str, JobKind] = {kind.name: kind for kind in (
+    JobKind("sync", "cpu", "asvp_backend.jobs.sync:sync", time_limit=HOUR),
+    JobKind("train", "cpu", "asvp_backend.jobs.sync:train", time_limit=HOUR),
+    JobKind("round", "cpu", "asvp_backend.jobs.rounds:selection_round", time_limit=2 * HOUR),
+    JobKind("rescore", "cpu", "asvp_backend.jobs.rounds:rescore", time_limit=HOUR),
+    JobKind("ping", "cpu", "asvp_backend.jobs.ping:ping", time_limit=600),
+    JobKind("extract", "gpu", "asvp_backend.jobs.extraction:extract", lease="gpu"),
+    JobKind("extract_part", "gpu", "asvp_backend.jobs.extraction:extract_part", slots=True),
+    JobKind("finetune", "gpu", "asvp_backend.jobs.finetune:finetune", lease="gpu"),
+    JobKind("align", "gpu", "asvp_backend.jobs.finetune:align", lease="gpu"),
+)}
 
 
-def register_job(name: str, queue: str, time_limit: int | None = None, lease: str | None = None,
-                 slots: bool = False) -> Callable[[JobFunction], JobFunction]:
-    if queue not in QUEUES:
-        raise ValueError(f"unknown queue {queue!r}")
-
-    def decorator(function: JobFunction) -> JobFunction:
-        doc = (function.__doc__ or "").strip().splitlines()[0]
-        JOB_KINDS[name] = JobKind(name, queue, function, doc, time_limit, lease or name, slots)
-        return function
-
-    return decorator
+def preload() -> None:
+    """Import every job body once (a worker does, so that its forked work-horses do not each pay for it)."""
+    for kind in JOB_KINDS.values():
+        kind.function()
 
 
 class UnknownJobKind(KeyError):

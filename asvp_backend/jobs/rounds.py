@@ -24,13 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from asvp_backend.artefacts import RankingArtefact, extend_ranking, proxy_path, prune_rounds, read_ranking, write_round
+from asvp_backend.artefacts import RankingArtefact, extend_ranking, proxy_path, prune_rounds, write_round
 from asvp_backend.jobs.alignment import after_round, judge_waiting_refresh, pre_annotations
+from asvp_backend.jobs.chain import round_due, unranked_pool
 from asvp_backend.jobs.context import JobContext
-from asvp_backend.jobs.extraction import feature_store
+from asvp_backend.jobs.resources import proxy_device
 from asvp_backend.jobs.stop_set import predict_stop_set
 from asvp_backend.labelstudio.label_config import ClassificationSpec
-from asvp_backend.layout import ProjectLayout
 from asvp_backend.learning import accuracy_fields
 from asvp_backend.prediction import UNRANKED_SUFFIX
 from asvp_backend.selection.queue import (
@@ -41,7 +41,7 @@ from asvp_backend.selection.queue import (
     place_audit,
     rank_pool,
 )
-from asvp_backend.state import AuditState, ProjectState, SyncedTask, TaskSnapshot
+from asvp_backend.state import AuditState, ProjectState, SyncedTask
 from asvp_backend.versioning import ModelVersion
 
 log = logging.getLogger(__name__)
@@ -76,20 +76,6 @@ def last_round_seconds(state: ProjectState) -> float | None:
     if not timings:
         return None
     return float(sum(timings.values())) + float((state.last_sync or {}).get("seconds") or 0.0)
-
-
-def round_due(labelled: int, labels_at_last_round: int, rounds_done: int, retrain_every: int, force: bool) -> bool:
-    """The one rule for when a round runs: on Start Training, for the first ranking, and then whenever
-    `retrain_every` labels (`labels_between_rounds`) were added (or removed) since the last round."""
-    return force or rounds_done == 0 or abs(labelled - labels_at_last_round) >= retrain_every
-
-
-def proxy_device(setting: str) -> str:
-    import torch
-
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return setting
 
 
 def load_inputs(generation: Any, tasks: dict[int, SyncedTask]) -> RoundInputs:
@@ -159,10 +145,10 @@ def run_round(ctx: JobContext) -> dict[str, Any]:
         clock = now
         ctx.progress(step, 7, stage=name, force=True)
 
-    generation = feature_store(settings.model_dir, pid).current(repair=True)
+    generation = ctx.project.serving_generation()
     if generation is None:
         return {"status": "skipped", "reason": "no cached features yet"}
-    tasks = TaskSnapshot(settings.model_dir, pid).load()
+    tasks = ctx.project.tasks()
     labelled_now = sum(1 for t in tasks.values() if t.label is not None)
     force = bool(ctx.params.get("force_round"))
     every = labels_between_rounds(settings.retrain_cadence, last_round_seconds(state))
@@ -335,20 +321,6 @@ def _delete_old_versions(client: Any, pid: int, previous: ModelVersion, current:
 
 
 # --------------------------------------------------------------------------------------------- rescore
-def unranked_pool(layout: ProjectLayout, state: ProjectState, generation: Any,
-                  tasks: dict[int, SyncedTask]) -> list[int]:
-    """Unlabelled tasks with features that the current round's ranking does not hold (added since)."""
-    if not state.round:
-        return []
-    ranking = read_ranking(layout, state.version)
-    if ranking is None:
-        return []
-    ranked = set(ranking.task_ids.tolist())
-    unlabelled = np.array([tid for tid, t in tasks.items() if t.label is None and tid not in ranked], dtype=np.int64)
-    found, _ = generation.lookup(unlabelled)
-    return [int(t) for t in unlabelled[found].tolist()]
-
-
 def rescore_new_tasks(ctx: JobContext) -> dict[str, Any]:
     """Score tasks added since the round with the round's own proxy and strategy (no retrain), add them
     to the round's ranking and push their predictions under the current version."""
@@ -358,10 +330,10 @@ def rescore_new_tasks(ctx: JobContext) -> dict[str, Any]:
     settings = runtime.settings
     layout = runtime.layout(pid)
     state = runtime.store.require(pid)
-    generation = feature_store(settings.model_dir, pid).current(repair=True)
+    generation = ctx.project.serving_generation()
     if generation is None or not state.round or generation.info.generation != state.generation:
         return {"status": "skipped", "reason": "no current round on the current features"}
-    tasks = TaskSnapshot(settings.model_dir, pid).load()
+    tasks = ctx.project.tasks()
     new_ids = unranked_pool(layout, state, generation, tasks)
     if not new_ids:
         return {"status": "skipped", "reason": "every unlabelled task with features is ranked"}
@@ -389,3 +361,13 @@ def rescore_new_tasks(ctx: JobContext) -> dict[str, Any]:
     runtime.label_studio(pid).import_predictions(pid, predictions)
     log.info("project %s: scored %s new task(s) under %s", pid, len(ids), state.version)
     return {"status": "scored", "tasks": len(ids), "version": str(state.version), "strategy": strategy_name}
+
+
+def selection_round(ctx: JobContext) -> dict[str, Any]:
+    """Retrain the proxy, rank the unlabelled tasks and push the ranking into Label Studio."""
+    return run_round(ctx)
+
+
+def rescore(ctx: JobContext) -> dict[str, Any]:
+    """Score new tasks with the current round's proxy (no retrain) and push their predictions."""
+    return rescore_new_tasks(ctx)

@@ -51,7 +51,7 @@ def run_job(runtime: Runtime, kind: str, project_id: int, job_id: str, params: d
                          deadline, lease=lease)
         log.info("job %s started (%s, project %s, lease token %s)", job_id, kind, project_id, lease.token)
         try:
-            result = spec.function(ctx)
+            result = spec.function()(ctx)
         except LeaseLost as exc:
             queue.count("failed", kind)
             queue.count("lease_lost", kind)

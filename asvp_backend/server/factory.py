@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
+from asvp_backend.bootstrap import build_runtime
 from asvp_backend.config import Settings
 from asvp_backend.logs import configure_logging
-from asvp_backend.runtime import build_runtime
 from asvp_backend.server.app import create_app
 
 APP_FACTORY = "asvp_backend.server.factory:create_app_from_env"

@@ -152,7 +152,7 @@ def jobs_of(stack, pid: int) -> list[dict]:
 def converged(stack, pid: int, timeout: float = 180) -> dict:
     """Every label in Label Studio seen by the last round, a valid generation for every task, and that
     round's ranking pushed: Label Studio's model_version and a prediction of it on every open task."""
-    from asvp_backend.jobs.extraction import feature_store
+    from asvp_backend.jobs.resources import feature_store
 
     ls: LabelStudioAPI = stack["ls"]
     expected = labelled_in_label_studio(stack, pid)

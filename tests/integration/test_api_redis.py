@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
+from asvp_backend.bootstrap import build_runtime
 from asvp_backend.config import Settings
-from asvp_backend.runtime import build_runtime
 from asvp_backend.server.app import RedisProbe, create_app
 from tests.helpers import IMAGE_CONFIG, free_port
 

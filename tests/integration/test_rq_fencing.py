@@ -11,7 +11,7 @@ import pytest
 
 from asvp_backend.jobs.leases import LeaseLost, RedisLease, lease_holder, lease_key
 from asvp_backend.jobs.runner import run_job
-from asvp_backend.jobs.tasks import sync
+from asvp_backend.jobs.sync import sync
 from tests.unit.test_rounds_fake_label_studio import PID, Stack
 
 pytestmark = pytest.mark.integration

@@ -124,8 +124,8 @@ def test_redis_state_store_serialises_writers(clean_redis):
 def test_webhook_burst_through_the_api_on_redis_makes_one_job(clean_redis, redis_url, tmp_path):
     from fastapi.testclient import TestClient
 
+    from asvp_backend.bootstrap import build_runtime
     from asvp_backend.config import Settings
-    from asvp_backend.runtime import build_runtime
     from asvp_backend.server.app import create_app
 
     settings = Settings.from_env({"REDIS_URL": redis_url, "MODEL_DIR": str(tmp_path)})

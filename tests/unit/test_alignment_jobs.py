@@ -19,10 +19,11 @@ from asvp_backend.jobs.alignment import (
     generation_served,
     judge_against_proxy,
     pre_annotations,
-    run_finetune,
 )
+from asvp_backend.jobs.chain import follow_up
+from asvp_backend.jobs.finetune import run_finetune
 from asvp_backend.jobs.rounds import load_inputs, run_round
-from asvp_backend.jobs.tasks import follow_up, sync
+from asvp_backend.jobs.sync import sync
 from asvp_backend.layout import ProjectLayout
 from asvp_backend.state import AlignmentState, ProjectState, TaskSnapshot
 from tests.helpers import write_checkpoint
@@ -253,7 +254,7 @@ def test_start_training_records_the_verdict_and_a_model_the_proxy_beat_is_not_th
                                                                                               monkeypatch):
     from asvp_backend.alignment.export import WorseThanProxy, export_model
 
-    monkeypatch.setattr("asvp_backend.jobs.extraction.image_fetcher", lambda settings, client: PatternFetcher())
+    monkeypatch.setattr("asvp_backend.jobs.resources.image_fetcher", lambda settings, client: PatternFetcher())
     monkeypatch.setattr("asvp_backend.alignment.finetune.MIN_STEPS", 12)  # the real floor (150) takes too long here
     stack = Stack(tmp_path, **TINY_FINETUNE)
     stack.label(range(1, 41))
@@ -318,7 +319,7 @@ def test_with_audit_labels_the_fine_tuned_model_and_its_pre_annotations_are_judg
     from asvp_backend.alignment.integrity import CHECKPOINT_WEIGHTS
     from asvp_backend.features import create_backbone
 
-    monkeypatch.setattr("asvp_backend.jobs.extraction.image_fetcher", lambda settings, client: PatternFetcher())
+    monkeypatch.setattr("asvp_backend.jobs.resources.image_fetcher", lambda settings, client: PatternFetcher())
     monkeypatch.setattr("asvp_backend.alignment.finetune.MIN_STEPS", 12)
     stack = Stack(tmp_path, AUDIT_MIN_LABELS="8", **TINY_FINETUNE)
     stack.label(range(1, 41))

@@ -17,7 +17,7 @@ from starlette.routing import Route
 from asvp_backend.config import Settings
 from asvp_backend.jobs.context import JobContext
 from asvp_backend.jobs.inprocess import InProcessJobQueue
-from asvp_backend.jobs.tasks import sync
+from asvp_backend.jobs.sync import sync
 from asvp_backend.runtime import Runtime
 from asvp_backend.server.app import OPEN_ROUTES, create_app
 from asvp_backend.state import FileStateStore, TaskSnapshot

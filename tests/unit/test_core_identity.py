@@ -25,7 +25,7 @@ from asvp_backend.jobs.changes import Changes
 from asvp_backend.jobs.context import JobContext
 from asvp_backend.jobs.inprocess import InProcessJobQueue
 from asvp_backend.jobs.rounds import run_round
-from asvp_backend.jobs.tasks import sync
+from asvp_backend.jobs.sync import sync
 from asvp_backend.labelstudio.label_config import parse_label_config
 from asvp_backend.layout import ProjectLayout
 from asvp_backend.runtime import Runtime

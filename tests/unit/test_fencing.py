@@ -10,7 +10,7 @@ import pytest
 from asvp_backend.jobs.fencing import FencedLabelStudio, FencedStateStore
 from asvp_backend.jobs.leases import FileLease, Lease, LeaseLost
 from asvp_backend.jobs.runner import run_job
-from asvp_backend.jobs.tasks import sync
+from asvp_backend.jobs.sync import sync
 from asvp_backend.labelstudio.client import PREDICTION_BATCH
 from asvp_backend.state import FileStateStore, ProjectState
 from tests.fakes import FakeLabelStudio

@@ -7,12 +7,12 @@ import time
 
 import pytest
 
+from asvp_backend.bootstrap import build_runtime
 from asvp_backend.config import Settings
 from asvp_backend.jobs.context import JobContext, JobTimeout
 from asvp_backend.jobs.inprocess import InProcessJobQueue
 from asvp_backend.jobs.runner import run_job
 from asvp_backend.jobs.status import JobStatus
-from asvp_backend.runtime import build_runtime
 from tests.helpers import wait_for
 
 

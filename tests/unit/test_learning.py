@@ -8,7 +8,7 @@ import json
 import pytest
 
 from asvp_backend.jobs.rounds import run_round
-from asvp_backend.jobs.tasks import sync_tasks
+from asvp_backend.jobs.sync import sync_tasks
 from asvp_backend.labelstudio.label_config import parse_label_config
 from asvp_backend.learning import (
     acceptance_summary,

@@ -10,7 +10,7 @@ import numpy as np
 from asvp_backend.features.store import GenerationInfo
 from asvp_backend.jobs.alignment import serve_generation
 from asvp_backend.jobs.rounds import run_round
-from asvp_backend.jobs.tasks import sync
+from asvp_backend.jobs.sync import sync
 from asvp_backend.selection.audit import audit_keys
 from asvp_backend.state import ProjectState
 from tests.unit.test_rounds_fake_label_studio import DIM, PID, Stack

@@ -14,7 +14,7 @@ from asvp_backend.jobs.changes import Changes
 from asvp_backend.jobs.context import JobContext
 from asvp_backend.jobs.inprocess import InProcessJobQueue
 from asvp_backend.jobs.rounds import rescore_new_tasks, run_round
-from asvp_backend.jobs.tasks import sync
+from asvp_backend.jobs.sync import sync
 from asvp_backend.labelstudio.label_config import parse_label_config
 from asvp_backend.layout import ProjectLayout
 from asvp_backend.prediction import predict_tasks
@@ -228,7 +228,7 @@ def test_set_based_cold_start_picks_one_batch_not_the_pushed_top(tmp_path):
 
 
 def test_a_round_is_due_when_extraction_catches_up_with_labels_it_could_not_use(stack):
-    from asvp_backend.jobs.tasks import _labels_caught_up
+    from asvp_backend.jobs.chain import labels_caught_up as _labels_caught_up
 
     stack.generation.drop(list(range(1, 9)))  # tasks 1-8 have no features yet
     stack.label(range(1, 17))

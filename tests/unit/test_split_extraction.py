@@ -49,7 +49,7 @@ class SlowPatternFetcher(PatternFetcher):
 
 
 def _runtime(tmp_path, n_tasks: int, parts: int, monkeypatch) -> tuple[Runtime, InProcessJobQueue]:
-    monkeypatch.setattr("asvp_backend.jobs.extraction.image_fetcher", lambda settings, client: SlowPatternFetcher())
+    monkeypatch.setattr("asvp_backend.jobs.resources.image_fetcher", lambda settings, client: SlowPatternFetcher())
     monkeypatch.setattr("asvp_backend.jobs.extraction.SPLIT_MIN_TASKS", 20)
     settings = Settings.from_env({"MODEL_DIR": str(tmp_path), "LABEL_STUDIO_URL": "http://ls.invalid",
                                   "LABEL_STUDIO_API_KEY": "k", "EXTRACT_PARTS": str(parts), **TINY})

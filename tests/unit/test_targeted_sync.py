@@ -12,7 +12,7 @@ import time
 import pytest
 
 from asvp_backend.jobs.changes import Changes, MemoryChangeLog, RedisChangeLog, changes_of
-from asvp_backend.jobs.tasks import sync
+from asvp_backend.jobs.sync import sync
 from asvp_backend.state import TaskSnapshot
 from tests.unit.test_rounds_fake_label_studio import PID, Stack
 
@@ -199,7 +199,7 @@ def test_the_schedule_queues_a_full_sync_for_projects_whose_last_full_read_is_ol
 
 
 def test_a_reconcile_reads_in_slices_and_targeted_reads_go_between_them(tmp_path, monkeypatch):
-    monkeypatch.setattr("asvp_backend.jobs.tasks.RECONCILE_PAGE", 10)
+    monkeypatch.setattr("asvp_backend.jobs.sync.RECONCILE_PAGE", 10)
     stack = Stack(tmp_path, RECONCILE_SLICE_SECONDS="0")  # one page per slice
     assert synced(stack)["reason"] == "first sync"
     stack.fake.on_change = None  # webhooks lost from here on ...

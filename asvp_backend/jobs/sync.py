@@ -1,13 +1,14 @@
-"""The job functions. Each reads what it needs from Label Studio and the shared volume, never from a
-webhook payload, so a lost or forged webhook can neither lose nor inject a label (a webhook's ids only say
-which tasks the sync reads again; the reconcile catches what a lost one did not say).
+"""The `sync` and `train` jobs: bring the project's snapshot and state up to what Label Studio holds. A sync
+reads what it needs from Label Studio, never from a webhook payload, so a lost or forged webhook can neither
+lose nor inject a label (a webhook's ids only say which tasks the sync reads again; the reconcile catches
+what a lost one did not say).
 
-The chain: `sync` reads the changed tasks (or every task), then queues `extract` (tasks without features), else a
-`round` (when due), else a `rescore` (new tasks the current round has not ranked). `extract` works in time
-slices and queues its own continuation, so one project's slow image server cannot hold the gpu queue; a large
-extraction it splits into `extract_part:<k>` jobs for several gpu workers (jobs/extraction.py).
-A round whose alignment decision fires queues `align` (a fine-tune), which queues `extract` of the next generation;
-once that generation serves, a round on it follows (jobs/alignment.py).
+The chain (jobs/chain.py): `sync` reads the changed tasks (or every task), then queues `extract` (tasks without
+features), else a `round` (when due), else a `rescore` (new tasks the current round has not ranked). `extract`
+works in time slices and queues its own continuation, so one project's slow image server cannot hold the gpu
+queue; a large extraction it splits into `extract_part:<k>` jobs for several gpu workers (jobs/extraction.py).
+A round whose alignment decision fires queues `align` (a fine-tune, jobs/finetune.py), which queues `extract` of
+the next generation; once that generation serves, a round on it follows (jobs/alignment.py).
 """
 
 from __future__ import annotations
@@ -20,26 +21,21 @@ from typing import Any
 from asvp_backend.alignment.policy import AlignmentPolicy
 from asvp_backend.artefacts import round_versions_on_disk
 from asvp_backend.config import ConfigError
-from asvp_backend.jobs.alignment import run_finetune
+from asvp_backend.jobs.chain import follow_up
 from asvp_backend.jobs.changes import Changes
 from asvp_backend.jobs.context import JobContext
-from asvp_backend.jobs.extraction import EXTRACT_PART, extract_project, extract_share, feature_store
-from asvp_backend.jobs.registry import register_job
-from asvp_backend.jobs.rounds import rescore_new_tasks, round_due, run_round, unranked_pool
 from asvp_backend.labelstudio import credentials
 from asvp_backend.labelstudio.images import image_value_problem
 from asvp_backend.labelstudio.label_config import ClassificationSpec, LabelConfigError, parse_label_config
 from asvp_backend.learning import reviewed_pre_annotations
-from asvp_backend.state import ProjectState, StateCorrupt, SyncedTask, TaskSnapshot, config_change
+from asvp_backend.state import ProjectState, StateCorrupt, SyncedTask, config_change
 
 log = logging.getLogger(__name__)
 
-HOUR = 3600
 TARGETED_MAX_TASKS = 1000  # more changed tasks than this are reconciled instead (a bulk import, a bulk delete)
 RECONCILE_PAGE = 500  # tasks per request of a reconcile (keyset pages in id order)
 
 
-@register_job("sync", queue="cpu", time_limit=HOUR)
 def sync(ctx: JobContext) -> dict[str, Any]:
     """Bring the project's snapshot and state up to what Label Studio holds, then queue what follows."""
     summary, tasks, state = sync_tasks(ctx)
@@ -111,7 +107,7 @@ def _open(ctx: JobContext) -> _Opened | str:
     if (project.get("label_config") or state.label_config) != state.label_config:
         return LABEL_CONFIG_CHANGED
     try:
-        tasks = TaskSnapshot(runtime.settings.model_dir, pid).load()
+        tasks = ctx.project.tasks()
     except StateCorrupt as exc:
         return f"{SNAPSHOT_UNREADABLE} ({exc})"
     return _Opened(state, client, project, tasks)
@@ -124,7 +120,7 @@ def _whole_read_reason(ctx: JobContext) -> str | None:
         return str(ctx.params.get("full_reason") or "requested")
     try:
         state = runtime.store.get(pid)
-        snapshot_exists = TaskSnapshot(runtime.settings.model_dir, pid).path.is_file()
+        snapshot_exists = ctx.project.snapshot.path.is_file()
     except StateCorrupt:
         return "the state is unreadable"
     if state is None or not snapshot_exists:
@@ -205,7 +201,7 @@ def _read_all(ctx: JobContext, reason: str) -> tuple[dict[str, Any], dict[int, S
         ctx.progress(len(tasks), max(total, len(tasks)), stage="reading tasks")
     _clear_connection_problem(ctx)
     try:
-        previous = TaskSnapshot(runtime.settings.model_dir, pid).load()
+        previous = ctx.project.tasks()
     except StateCorrupt as exc:  # rebuilt right below from what Label Studio just said
         log.warning("project %s: %s; rebuilding it", pid, exc)
         previous = {}
@@ -272,7 +268,7 @@ def _save_sync(ctx: JobContext, project: dict[str, Any], state: ProjectState, ta
     runtime, pid = ctx.runtime, ctx.project_id
     spec, label_config, config_error = _spec_of(project, state)
     ctx.check_fence()  # a job whose lease was lost writes nothing more (jobs/fencing.py)
-    TaskSnapshot(runtime.settings.model_dir, pid).save(tasks)
+    ctx.project.snapshot.save(tasks)
     labelled = sum(1 for t in tasks.values() if t.label is not None)
     summary = {
         "at": time.time(),
@@ -335,111 +331,6 @@ def _rebuild_state(ctx: JobContext, project: dict[str, Any]) -> ProjectState:
     return store.require(pid)
 
 
-def follow_up(ctx: JobContext, state: ProjectState | None, tasks: dict[int, SyncedTask]) -> str:
-    """Queue what the sync made necessary: extraction for tasks without features, else a round when due,
-    else a cheap scoring of tasks the current round has not ranked."""
-    if state is None:
-        return "none"
-    runtime, pid = ctx.runtime, ctx.project_id
-    force = bool(ctx.params.get("force_round"))
-    generation = feature_store(runtime.settings.model_dir, pid).current(repair=True)
-    with_image = [tid for tid, task in tasks.items() if task.image]
-    if generation is None or set(generation.missing(with_image)) - set(generation.skipped()) or force:
-        runtime.queue.submit("extract", pid, reason="tasks without features", force_round=force)
-        return "extract"
-    if (state.alignment.pending or {}).get("stage") == "extract":  # a feature update's extraction was cut off
-        runtime.queue.submit("extract", pid, reason="feature update")
-    return _after_features(ctx, state, tasks, generation, force)
-
-
-def _after_features(ctx: JobContext, state: ProjectState, tasks: dict[int, SyncedTask], generation: Any,
-                    force: bool) -> str:
-    runtime, pid = ctx.runtime, ctx.project_id
-    labelled = sum(1 for t in tasks.values() if t.label is not None)
-    if round_due(labelled, state.labels_at_last_round, len(state.rounds), runtime.settings.retrain_every, force):
-        runtime.queue.submit("round", pid, reason="new labels", force_round=force)
-        return "round"
-    if unranked_pool(runtime.layout(pid), state, generation, tasks):
-        runtime.queue.submit("rescore", pid, reason="new tasks without a score")
-        return "rescore"
-    return "none"
-
-
-@register_job("extract", queue="gpu", lease="gpu")
-def extract(ctx: JobContext) -> dict[str, Any]:
-    """Cache features for the project's tasks that lack them (and drop deleted tasks), one time slice."""
-    runtime, pid = ctx.runtime, ctx.project_id
-    force = bool(ctx.params.get("force_round"))
-    # skipped images are retried once per request, not again in every slice or part that follows it
-    summary = extract_project(ctx, retry_skipped=force and not ctx.params.get("continued"))
-    if summary.get("parts"):
-        summary["next"] = EXTRACT_PART  # the last part queues this job again
-        return summary
-    if summary.get("remaining"):
-        # the slice ended: continue behind the other projects' jobs instead of holding the queue
-        runtime.queue.submit("extract", pid, reason="continuing extraction", force_round=force, continued=True)
-        summary["next"] = "extract"
-        return summary
-    state = runtime.store.require(pid)
-    tasks = TaskSnapshot(runtime.settings.model_dir, pid).load()
-    generation = feature_store(runtime.settings.model_dir, pid).current(repair=True)
-    force = force or bool(summary.get("activated") and state.round)  # new features: rank with them at once
-    if generation is not None and not force:
-        force = _labels_caught_up(state, tasks, generation, runtime.settings.retrain_every)
-    summary["next"] = _after_features(ctx, state, tasks, generation, force) if generation is not None else "none"
-    return summary
-
-
-@register_job(EXTRACT_PART, queue="gpu", slots=True)
-def extract_part(ctx: JobContext) -> dict[str, Any]:
-    """One part of a split extraction (EXTRACT_PARTS), one time slice; the last part queues `extract`."""
-    summary = extract_share(ctx)
-    if summary["remaining"]:
-        ctx.runtime.queue.submit(ctx.kind, ctx.project_id, reason="continuing its share", **ctx.params)
-        summary["next"] = ctx.kind
-    else:
-        ctx.runtime.queue.submit("extract", ctx.project_id, reason=f"{ctx.kind} is done", continued=True,
-                                 force_round=bool(ctx.params.get("force_round")))
-        summary["next"] = "extract"
-    return summary
-
-
-def _labels_caught_up(state: ProjectState, tasks: dict[int, SyncedTask], generation: Any, retrain_every: int) -> bool:
-    """A round counts every label it saw, but trains only on labelled tasks that had features: when the
-    extraction has since given features to RETRAIN_EVERY more of them, a round is due although no label
-    changed (bench/results/load_cpu.md found the ranking lagging behind the labels without this)."""
-    if not state.rounds:
-        return False
-    labelled = [tid for tid, task in tasks.items() if task.label is not None]
-    with_features = len(labelled) - len(generation.missing(labelled))
-    return with_features - int(state.rounds[-1].get("labelled", 0)) >= retrain_every
-
-
-@register_job("finetune", queue="gpu", lease="gpu")
-def finetune(ctx: JobContext) -> dict[str, Any]:
-    """Fine-tune the deliverable model on the labelled tasks with the policy's method (Start Training)."""
-    return run_finetune(ctx)
-
-
-@register_job("align", queue="gpu", lease="gpu")
-def align(ctx: JobContext) -> dict[str, Any]:
-    """Feature update: fine-tune (FT) on the labelled tasks, then re-extract every feature with it."""
-    return run_finetune(ctx)
-
-
-@register_job("round", queue="cpu", time_limit=2 * HOUR)
-def selection_round(ctx: JobContext) -> dict[str, Any]:
-    """Retrain the proxy, rank the unlabelled tasks and push the ranking into Label Studio."""
-    return run_round(ctx)
-
-
-@register_job("rescore", queue="cpu", time_limit=HOUR)
-def rescore(ctx: JobContext) -> dict[str, Any]:
-    """Score new tasks with the current round's proxy (no retrain) and push their predictions."""
-    return rescore_new_tasks(ctx)
-
-
-@register_job("train", queue="cpu", time_limit=HOUR)
 def train(ctx: JobContext) -> dict[str, Any]:
     """Start Training: sync, retrain the proxy whatever the number of new labels, and fine-tune the
     deliverable model with the policy's training method (features refresh only through the trigger)."""
@@ -456,16 +347,3 @@ def train(ctx: JobContext) -> dict[str, Any]:
     return summary
 
 
-@register_job("ping", queue="cpu", time_limit=600)
-def ping(ctx: JobContext) -> dict[str, Any]:
-    """Answer from a worker: proves a worker listens and can report progress (`asvp-backend status`).
-    `seconds` keeps it busy that long (operators and tests use it to watch leases and time limits)."""
-    import os
-    import socket
-
-    steps = max(3, int(float(ctx.params.get("seconds", 0)) * 10))
-    for step in range(steps):
-        if step:
-            time.sleep(float(ctx.params.get("seconds", 0)) / steps)
-        ctx.progress(step + 1, steps, stage="ping", force=step < 3 or step == steps - 1)
-    return {"pid": os.getpid(), "host": socket.gethostname(), "project": ctx.project_id}
