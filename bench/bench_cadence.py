@@ -53,7 +53,7 @@ from asvp_backend.labelstudio.label_config import parse_label_config  # noqa: E4
 from asvp_backend.layout import ProjectLayout  # noqa: E402
 from asvp_backend.runtime import Runtime  # noqa: E402
 from asvp_backend.state import FileStateStore, ProjectState  # noqa: E402
-from tests.helpers import IMAGE_CONFIG  # noqa: E402
+from tests.helpers import IMAGE_CONFIG, next_task  # noqa: E402
 from tests.processes import start_label_studio  # noqa: E402
 
 DIM = 1280
@@ -145,7 +145,7 @@ def measure(client: LabelStudioClient, url: str, token: str, tmp: Path, size: in
     top_picks, record = 0, None
     for step in range(labels + 1):
         if record is not None:  # label what Label Studio serves, as an annotator would
-            served = client.next_task(pid)
+            served = next_task(client, pid)
             assert served, "Label Studio served nothing"
             top_picks += int(served["id"]) == record["top_tasks"][0]
             annotate(client, int(served["id"]), true_class(int(served["id"]), first_id))

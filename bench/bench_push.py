@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from asvp_backend.labelstudio.client import LabelStudioClient  # noqa: E402
 from asvp_backend.labelstudio.label_config import parse_label_config  # noqa: E402
-from tests.helpers import IMAGE_CONFIG  # noqa: E402
+from tests.helpers import IMAGE_CONFIG, next_task, ordered_task_ids  # noqa: E402
 from tests.processes import start_label_studio  # noqa: E402
 
 
@@ -62,11 +62,11 @@ def main() -> int:
         client.delete_model_version(pid, "asvp-g0-r1")
         timings[f"delete {len(ids)} old predictions"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        order = client.ordered_task_ids(pid, view_id=view)
+        order = ordered_task_ids(client, pid, view)
         timings["read the first 1,000 of the ranking back"] = time.perf_counter() - clock
         assert order[:5] == ids[:5], "Label Studio's order differs from the pushed scores"
         clock = time.perf_counter()
-        nxt = client.next_task(pid)
+        nxt = next_task(client, pid)
         timings["GET next task"] = time.perf_counter() - clock
         assert nxt["id"] == ids[0]
 

@@ -9,6 +9,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import requests
@@ -165,3 +166,16 @@ def write_checkpoint(directory: Path, model: dict) -> None:
     meta = {"format": "asvp-model", "format_version": 1, "backbone": "tiny", "classes": ["cat", "dog"],
             "preprocessing": {}, **model, "weights": weights_record(weights)}
     (directory / CHECKPOINT_META).write_text(json.dumps(meta))
+
+
+def next_task(client: Any, project_id: int) -> dict | None:
+    """The task Label Studio serves an annotator next (`GET /api/projects/N/next`), read through the backend's
+    client: what the benchmarks check the ranking against."""
+    return client.request("GET", f"/api/projects/{int(project_id)}/next")
+
+
+def ordered_task_ids(client: Any, project_id: int, view_id: int) -> list[int]:
+    """Task ids in the order of a Data Manager view (the backend's ranking view: lowest score first)."""
+    body = client.request("GET", "/api/tasks", params={"project": int(project_id), "page_size": 1000,
+                                                       "fields": "task_only", "view": view_id})
+    return [int(t["id"]) for t in body.get("tasks", [])]

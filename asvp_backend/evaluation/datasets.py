@@ -353,11 +353,6 @@ DATASETS: dict[str, Callable[[str | None], _Raw]] = {
 }
 
 
-def register_dataset(kind: str, loader: Callable[[str | None], _Raw]) -> None:
-    """Add a loader for ``--dataset kind[:ARG]``."""
-    DATASETS[kind] = loader
-
-
 # ------------------------------------------------------------------------------------------------- entry
 
 

@@ -139,20 +139,6 @@ class LabelStudioClient:
         tasks = body.get("tasks", []) if isinstance(body, dict) else body
         return int(tasks[0]["id"]) if tasks else None
 
-    def ordered_task_ids(self, project_id: int, view_id: int | None = None) -> list[int]:
-        """Unlabelled task ids in the order of our Data Manager view (lowest prediction score first)."""
-        query = {"filters": _UNLABELLED_FILTER, "ordering": ["tasks:predictions_score"]}
-        params: dict[str, Any] = {"project": int(project_id), "page_size": 1000, "fields": "task_only"}
-        if view_id is not None:
-            params["view"] = view_id
-        else:
-            params["query"] = json.dumps(query)
-        body = self.request("GET", "/api/tasks", params=params)
-        return [int(t["id"]) for t in body.get("tasks", [])]
-
-    def next_task(self, project_id: int) -> dict[str, Any] | None:
-        return self.request("GET", f"/api/projects/{int(project_id)}/next")
-
     # ------------------------------------------------------------------ predictions and versions
     def import_predictions(self, project_id: int, predictions: list[dict[str, Any]]) -> int:
         done = 0
