@@ -195,12 +195,13 @@ def _extract_images(settings: Settings, args: argparse.Namespace) -> int:
 
     from asvp_backend.features import FeatureStore, extract_dir, generation_info
     from asvp_backend.jobs.resources import backbone_for, loader_workers
+    from asvp_backend.layout import image_folder_store
 
     directory = Path(args.images)
     if not directory.is_dir():
         print(f"not a directory: {directory}", file=sys.stderr)
         return 2
-    store = FeatureStore(Path(args.store) if args.store else settings.model_dir / "images" / directory.name)
+    store = FeatureStore(Path(args.store) if args.store else image_folder_store(settings.model_dir, directory))
     backbone = backbone_for(settings)
     generation = store.current() or store.create_generation(generation_info(backbone, 0))
     from tqdm import tqdm

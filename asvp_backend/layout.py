@@ -13,6 +13,7 @@ a file name, and moving a file is a one-line change:
                            /models/<model id>/ a fine-tuned model (model.safetensors + model.json)
                            /.<name>.lease     flock of the job lease for <name> (embedded mode)
     MODEL_DIR/queue.json                      the in-process queue's journal of unfinished jobs
+    MODEL_DIR/images/<folder name>/           features of a folder of images (`asvp-backend extract --images`)
 """
 
 from __future__ import annotations
@@ -78,3 +79,8 @@ def projects_root(model_dir: Path) -> Path:
 
 def queue_journal(model_dir: Path) -> Path:
     return Path(model_dir) / "queue.json"
+
+
+def image_folder_store(model_dir: Path, folder: Path) -> Path:
+    """Where `asvp-backend extract --images FOLDER` keeps the folder's features when no --store is given."""
+    return Path(model_dir) / "images" / Path(folder).name

@@ -365,7 +365,7 @@ class StateStore(ABC):
 
 
 class FileStateStore(StateStore):
-    """JSON per project under MODEL_DIR/projects/<id>/state.json, locked with flock."""
+    """JSON per project (`ProjectLayout.state_file`), locked with flock."""
 
     def __init__(self, model_dir: Path) -> None:
         self.model_dir = Path(model_dir)
@@ -385,7 +385,7 @@ class FileStateStore(StateStore):
         path = self._path(project_id)
         if not path.exists():
             return None
-        target = path.with_name(f"state.json.corrupt-{int(time.time())}")
+        target = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
         path.rename(target)
         log.warning("project %s: moved the corrupt %s aside to %s", project_id, path, target.name)
         return str(target)
@@ -397,7 +397,7 @@ class FileStateStore(StateStore):
         root = projects_root(self.model_dir)
         if not root.is_dir():
             return []
-        return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "state.json").exists())
+        return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and self._path(int(p.name)).exists())
 
     def _lock(self, project_id: int) -> contextlib.AbstractContextManager[None]:
         return flocked(ProjectLayout(self.model_dir, project_id).state_lock)

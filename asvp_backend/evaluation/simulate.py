@@ -55,6 +55,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from asvp_backend.alignment.gate import WAIT, Gate, judge_features
+from asvp_backend.alignment.integrity import CHECKPOINT_WEIGHTS
 from asvp_backend.alignment.policy import AlignmentPolicy, Decision
 from asvp_backend.fsutil import atomic_write_bytes
 from asvp_backend.selection.audit import AuditPolicy
@@ -351,7 +352,7 @@ class Workspace:
     def backbone(self, checkpoint: str | None) -> Any:
         from asvp_backend.features import create_backbone
 
-        weights = self.config.weights if checkpoint is None else str(self.out / checkpoint / "model.safetensors")
+        weights = self.config.weights if checkpoint is None else str(self.out / checkpoint / CHECKPOINT_WEIGHTS)
         return create_backbone(self.config.backbone, weights, device=self.device, image_size=self.config.image_size)
 
     def features(self, checkpoint: str | None, split: str) -> Features:
