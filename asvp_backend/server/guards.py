@@ -1,4 +1,4 @@
-"""Forged requests, refused before the body is read (issue 17, item 2). LimitsAndAuth (app.py) applies three
+"""Forged requests, refused before the body is read (issue 17, item 2). LimitsAndAuth (middleware.py) applies three
 rules to every request:
 
 1. **Host** (DNS rebinding). A page on `evil.example.com` whose name is then re-pointed at the backend's

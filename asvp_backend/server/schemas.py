@@ -16,6 +16,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
+from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -25,6 +27,7 @@ _PROJECT_TEXT = re.compile(r"([0-9]{1,10})(?:\.[0-9]{1,20})?")  # "<id>" or "<id
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD]")  # how JSON writes U+D000-U+DFFF, surrogates included
 SLICE = 2**20  # characters per C call in the work on whole bodies, so the event loop gets the GIL in between
+INLINE_JSON_BYTES = 256 * 1024  # bodies above this are parsed in a worker thread, not on the event loop
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -63,6 +66,28 @@ def check_tasks(tasks: list[Any]) -> list[dict[str, Any]]:
 def invalid_body(where: tuple[str | int, ...], message: str) -> RequestValidationError:
     """A 422 in the same shape as FastAPI's own validation errors."""
     return RequestValidationError([{"loc": ("body", *where), "msg": message, "type": "value_error"}])
+
+
+async def read_body(request: Request) -> bytearray:
+    """The body, gathered chunk by chunk: Starlette's request.body() joins a 60 MB body in one call on the
+    event loop."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+    return body
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    """The body as a JSON object; a large one is parsed in a worker thread so /health keeps answering."""
+    raw = await read_body(request)
+    if len(raw) > INLINE_JSON_BYTES:
+        return await run_in_threadpool(_parse_large_json, raw)
+    return parse_json_object(raw)
+
+
+def _parse_large_json(raw: bytearray) -> dict[str, Any]:
+    with gc_paused():
+        return parse_json_object(raw)
 
 
 def parse_json_object(raw: bytes | bytearray) -> dict[str, Any]:
