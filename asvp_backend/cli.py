@@ -73,12 +73,9 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    from asvp_backend.alignment.summary import alignment_summary, damaged_models, model_summary
     from asvp_backend.bootstrap import build_runtime
-    from asvp_backend.health import project_problems
-    from asvp_backend.learning import learning_summary
+    from asvp_backend.project_summary import ProjectSummary
     from asvp_backend.status_table import format_status
-    from asvp_backend.stopping import StopRule
 
     runtime = build_runtime(settings, start_jobs=False)
 
@@ -88,21 +85,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     try:
         states, corrupt = runtime.store.readable()
         projects: list[dict[str, Any]] = [
-            {
-                "project": state.project_id,
-                "model_version": str(state.version),
-                "labels": list(state.spec.labels),
-                "last_sync": state.last_sync,
-                "rounds": len(state.rounds),
-                "alignment": alignment_summary(state, settings),
-                "model": model_summary(state, settings)["current"],
-                "pre_annotations": model_summary(state, settings)["pre_annotations"],
-                "stopping": StopRule.from_settings(settings).evaluate(state.rounds).to_dict(),
-                "problems": project_problems(runtime.layout(state.project_id), state),
-                "learning": learning_summary(state, project_jobs(state.project_id),
-                                             damaged_models(runtime.layout(state.project_id), state)),
-            }
-            for state in states
+            ProjectSummary(settings, state).status(project_jobs(state.project_id)) for state in states
         ]
         projects += [{"project": pid, "problems": [problem]} for pid, problem in sorted(corrupt.items())]
         if settings.redis_url:
