@@ -154,7 +154,7 @@ def bench_decode(backbone, path: Path, copies: int, batch_size: int, concurrency
                  budget_mb: int | None) -> tuple[float, float, int]:  # fmt: skip
     """(seconds, peak RSS rise in MiB, extracted) for ``copies`` tasks of the image at ``path``."""
     from asvp_backend.features.extract import extract_items
-    from asvp_backend.labelstudio.images import LocalImageLoader
+    from asvp_backend.imaging import LocalImageLoader
 
     options = {"decode_budget_mb": budget_mb} if budget_mb else {}  # older code has no budget
     loader = LocalImageLoader(max_pixels=100_000_000, **options)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from asvp_backend.alignment.finetune import FinetuneRecipe, finetune  # noqa: E402
 from asvp_backend.features.device import available_cpus  # noqa: E402
 from asvp_backend.features.extract import list_images  # noqa: E402
-from asvp_backend.labelstudio.images import LocalImageLoader  # noqa: E402
+from asvp_backend.imaging import LocalImageLoader  # noqa: E402
 
 
 class FileImages:

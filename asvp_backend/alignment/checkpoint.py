@@ -33,7 +33,7 @@ from ..features.device import inference_context, prepare_input, resolve_device
 from ..features.extract import list_images
 from ..features.weights import WeightsMismatchError, WeightsUnavailableError
 from ..fsutil import atomic_file, published_dir
-from ..labelstudio.images import ImageFetchError, LocalImageLoader
+from ..imaging import ImageFetchError, LocalImageLoader
 from .finetune import FinetuneResult
 from .integrity import CHECKPOINT_META, CHECKPOINT_WEIGHTS, checkpoint_problem, weights_record
 

@@ -43,7 +43,7 @@ from torch import nn
 
 from ..features.backbones import create_backbone
 from ..features.device import inference_context, resolve_device
-from ..labelstudio.images import ImageFetchError
+from ..imaging import ImageFetchError
 
 log = logging.getLogger(__name__)
 

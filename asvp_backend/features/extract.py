@@ -21,16 +21,19 @@ from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from ..labelstudio.images import ImageFetcher, ImageFetchError, LocalImageLoader
+from ..imaging import ImageFetchError, LocalImageLoader
 from .backbones import Backbone
 from .store import FeatureGeneration, GenerationInfo
+
+if TYPE_CHECKING:
+    from ..labelstudio.images import ImageFetcher
 
 log = logging.getLogger(__name__)
 

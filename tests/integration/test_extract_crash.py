@@ -11,7 +11,7 @@ from pathlib import Path
 from asvp_backend.features import backbones as bb
 from asvp_backend.features.extract import extract_items, generation_info
 from asvp_backend.features.store import FeatureStore
-from asvp_backend.labelstudio.images import LocalImageLoader
+from asvp_backend.imaging import LocalImageLoader
 from tests.helpers import png_bytes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,7 +26,7 @@ CHILD = textwrap.dedent(
     from asvp_backend.features import backbones as bb
     from asvp_backend.features.extract import extract_items, generation_info
     from asvp_backend.features.store import FeatureStore
-    from asvp_backend.labelstudio.images import LocalImageLoader
+    from asvp_backend.imaging import LocalImageLoader
 
     class KilledAt:
         def __init__(self, n):

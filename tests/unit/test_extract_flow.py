@@ -16,7 +16,8 @@ from PIL import Image
 from asvp_backend.features import backbones as bb
 from asvp_backend.features.extract import extract_items, extract_to_store, generation_info
 from asvp_backend.features.store import FeatureGeneration, FeatureStore
-from asvp_backend.labelstudio.images import ImageFetcher, LocalImageLoader
+from asvp_backend.imaging import LocalImageLoader
+from asvp_backend.labelstudio.images import ImageFetcher
 from tests.helpers import png_bytes
 
 SLOW_SECONDS = 1.0

@@ -34,7 +34,7 @@ from asvp_backend.alignment.finetune import (
 )
 from asvp_backend.alignment.integrity import CHECKPOINT_META, CHECKPOINT_WEIGHTS, checkpoint_problem, weights_record
 from asvp_backend.features.backbones import create_backbone
-from asvp_backend.labelstudio.images import ImageFetchError
+from asvp_backend.imaging import ImageFetchError
 
 TINY = "test_efficientnet"  # timm's ~100k-parameter test model
 SIZE = 32

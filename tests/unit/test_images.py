@@ -14,15 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from asvp_backend.imaging import LocalImageLoader, decode_image, to_rgb
 from asvp_backend.labelstudio.images import (
     ImageFetcher,
     ImageFetchError,
-    LocalImageLoader,
-    decode_image,
     default_resolve,
     image_value_problem,
     is_public_address,
-    to_rgb,
 )
 
 TOKEN = "Token s3cr3t-ls-token"

@@ -148,7 +148,7 @@ def test_local_files_read_only_regular_files(tmp_path):
     a FIFO blocked the read with no deadline at all."""
     import os
 
-    from asvp_backend.labelstudio.images import LocalImageLoader
+    from asvp_backend.imaging import LocalImageLoader
 
     os.mkfifo(tmp_path / "pipe.png")
     (tmp_path / "folder.png").mkdir()
@@ -171,7 +171,7 @@ def test_a_local_read_is_under_the_image_deadline(tmp_path, monkeypatch):
     """A regular file that reads slowly (a network mount) is cut at the deadline between reads of 1 MiB."""
     import os
 
-    from asvp_backend.labelstudio import images
+    from asvp_backend import imaging as images
 
     (tmp_path / "slow.png").write_bytes(PNG + b"\0" * (8 * images._FILE_CHUNK))
     real_read = os.read

@@ -22,7 +22,7 @@ HEIGHT, WIDTH = 2000, 3000
 
 MEASURE = f"""
 import sys
-from asvp_backend.labelstudio.images import decode_image
+from asvp_backend.imaging import decode_image
 
 def status(key):
     with open("/proc/self/status") as f:
@@ -85,7 +85,7 @@ def test_high_bit_depth_decode_peak_memory(can_reset_peak, tmp_path, name, image
 ESTIMATE = """
 import io, sys
 from PIL import Image
-from asvp_backend.labelstudio.images import decode_budget, decode_cost, decode_image
+from asvp_backend.imaging import decode_budget, decode_cost, decode_image
 
 def status(key):
     with open("/proc/self/status") as f:
@@ -103,7 +103,7 @@ print(status("VmHWM:") - before, estimate)
 
 CONCURRENT = """
 import sys, threading
-from asvp_backend.labelstudio.images import decode_budget, decode_image
+from asvp_backend.imaging import decode_budget, decode_image
 
 def status(key):
     with open("/proc/self/status") as f:
@@ -198,7 +198,7 @@ def test_eight_threads_decode_within_the_budget(can_reset_peak, tmp_path):
 def test_an_image_larger_than_the_budget_is_decoded_alone_or_reduced():
     import io
 
-    from asvp_backend.labelstudio.images import DecodeBudget, decode_image
+    from asvp_backend.imaging import DecodeBudget, decode_image
 
     budget = DecodeBudget(20 * 2**20)
     png, jpeg = io.BytesIO(), io.BytesIO()
@@ -214,7 +214,7 @@ def test_the_budget_serves_in_order():
     import threading
     import time
 
-    from asvp_backend.labelstudio.images import DecodeBudget
+    from asvp_backend.imaging import DecodeBudget
 
     budget = DecodeBudget(10)
     order: list[str] = []
