@@ -19,6 +19,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,14 @@ MAX_JOB_IDS = 100
 MAX_DECISIONS = 200
 MAX_MODELS = 50
 MAX_CONFIG_CHANGES = 50
+
+
+class PendingStage(StrEnum):
+    """Where a feature update stands (`AlignmentState.pending["stage"]`); stored as its text."""
+
+    FINETUNE = "finetune"  # the `align` job fine-tunes the backbone
+    EXTRACT = "extract"  # its backbone extracts the next generation
+    JUDGE = "judge"  # the complete generation waits for enough audit labels to be judged
 
 
 @dataclass

@@ -20,19 +20,30 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
 
 TRAINING_METHODS = ("auto", "ft", "lpft")
-UPDATE, WAIT, OFF = "update", "wait", "off"
+
+
+class Action(StrEnum):
+    """What a decision says (stored as its text in the round's record)."""
+
+    UPDATE = "update"  # refresh the features: fine-tune, re-extract, gate
+    WAIT = "wait"  # keep the serving features
+    OFF = "off"  # ALIGN=off
+
+
+UPDATE, WAIT, OFF = Action.UPDATE, Action.WAIT, Action.OFF
 
 
 @dataclass(frozen=True)
 class Decision:
     """One feature-alignment decision and everything it was based on."""
 
-    decision: str  # "update" | "wait" | "off"
+    decision: Action
     reason: str
     generation: int
     labelled: int
@@ -100,7 +111,7 @@ class AlignmentPolicy:
         earlier scored rounds, oldest first (an unchanged labelled set says nothing about a stall)."""
         previous = history[-1][1] if history else None
 
-        def decision(kind: str, reason: str, fitted: Trend | None = None, method: str | None = None) -> Decision:
+        def decision(kind: Action, reason: str, fitted: Trend | None = None, method: str | None = None) -> Decision:
             return Decision(kind, reason, generation, labelled, logme, logme_ped, previous,
                             None if fitted is None else fitted.per_100, self.threshold, method,
                             None if fitted is None else fitted.span, None if fitted is None else fitted.points)

@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,12 +29,14 @@ import numpy as np
 from asvp_backend.alignment.gate import WAIT as GATE_WAIT
 from asvp_backend.alignment.gate import Gate, GateDecision, cross_fitted_right, judge_features
 from asvp_backend.alignment.policy import UPDATE, WAIT, AlignmentPolicy, Decision
+from asvp_backend.config import Settings
 from asvp_backend.jobs.context import JobContext
 from asvp_backend.jobs.resources import Project, feature_store, proxy_device
 from asvp_backend.layout import ProjectLayout
-from asvp_backend.state import AlignmentState, ProjectState
+from asvp_backend.state import AlignmentState, PendingStage, ProjectState
 
 if TYPE_CHECKING:
+    from asvp_backend.runtime import Runtime
     from asvp_backend.selection.queue import RoundInputs
 
 log = logging.getLogger(__name__)
@@ -86,7 +89,7 @@ def after_round(ctx: JobContext, inputs: RoundInputs, generation: int, version: 
         record.update(decision.to_dict(), version=version, at=time.time(), seconds=round(seconds, 3))
         alignment.record_decision(dict(record))
         if decision.fires:
-            alignment.pending = {"stage": "finetune", "since": time.time(), "version": version,
+            alignment.pending = {"stage": PendingStage.FINETUNE, "since": time.time(), "version": version,
                                  "method": decision.method, "labelled": labelled}
         return current
 
@@ -100,7 +103,7 @@ def after_round(ctx: JobContext, inputs: RoundInputs, generation: int, version: 
     return record
 
 
-def force_update(runtime: Any, pid: int) -> dict[str, Any]:
+def force_update(runtime: Runtime, pid: int) -> dict[str, Any]:
     """`asvp-backend align --project N`: fine-tune and refresh the features now, whatever the scores say
     (the cap and the minimums do not apply; an update in progress is replaced)."""
     policy = AlignmentPolicy.from_settings(runtime.settings)
@@ -114,8 +117,9 @@ def force_update(runtime: Any, pid: int) -> dict[str, Any]:
         record.update(Decision(UPDATE, "forced by `asvp-backend align`", current.generation, labelled,
                                method=method).to_dict(), version=str(current.version), at=time.time())
         current.alignment.record_decision(dict(record))
-        current.alignment.pending = {"stage": "finetune", "since": time.time(), "version": str(current.version),
-                                     "method": method, "labelled": labelled, "forced": True}
+        current.alignment.pending = {"stage": PendingStage.FINETUNE, "since": time.time(),
+                                     "version": str(current.version), "method": method, "labelled": labelled,
+                                     "forced": True}
         return current
 
     if runtime.store.update(pid, force) is None:
@@ -126,11 +130,19 @@ def force_update(runtime: Any, pid: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ the verdict against the proxy
-MODEL, PROXY, UNJUDGED = "model", "proxy", "unjudged"
+class Verdict(StrEnum):
+    """A fine-tuned model against the proxy on the same labels (stored as its text in the model's record)."""
+
+    MODEL = "model"  # the model is the more accurate: it is the deliverable and may pre-annotate
+    PROXY = "proxy"  # the proxy is at least as accurate: export refuses the model without --even-if-worse
+    UNJUDGED = "unjudged"  # nothing to compare on
+
+
+MODEL, PROXY, UNJUDGED = Verdict.MODEL, Verdict.PROXY, Verdict.UNJUDGED
 JUDGING = "comparing with the proxy"
 
 
-def judge_against_proxy(settings: Any, pid: int, items: Sequence[tuple[int, str, str]], held: Sequence[int],
+def judge_against_proxy(settings: Settings, pid: int, items: Sequence[tuple[int, str, str]], held: Sequence[int],
                         predictions: Sequence[str]) -> dict[str, Any]:
     """The fine-tuned model against the proxy on the same held-out labelled tasks: both never trained on them.
 
@@ -178,7 +190,7 @@ def judge_against_proxy(settings: Any, pid: int, items: Sequence[tuple[int, str,
     return record
 
 
-def judge_on_audit(settings: Any, pid: int, items: Sequence[tuple[int, str, str]],
+def judge_on_audit(settings: Settings, pid: int, items: Sequence[tuple[int, str, str]],
                    audit_items: Sequence[tuple[int, str, str]], result: Any, fetcher: Any) -> dict[str, Any] | None:
     """The fine-tuned model against the proxy on the audit labels (the gate's paired test, alignment/gate.py):
     the model never trained on them, and each is predicted by a proxy fitted on every other label
@@ -242,7 +254,7 @@ def verdict_text(comparison: dict[str, Any]) -> str:
     return f"the proxy is the better model: {figures}"
 
 
-def finish_pending(runtime: Any, pid: int, purpose: str, model: str | None, failed: str | None = None) -> None:
+def finish_pending(runtime: Runtime, pid: int, purpose: str, model: str | None, failed: str | None = None) -> None:
     """An update that cannot go on ends here, with its reason among the decisions."""
     if purpose != "align":
         return
@@ -261,7 +273,7 @@ def finish_pending(runtime: Any, pid: int, purpose: str, model: str | None, fail
         runtime.queue.count("decision_failed", "alignment")
 
 
-def generation_served(runtime: Any, pid: int, generation: int, verdict: GateDecision | None = None) -> None:
+def generation_served(runtime: Runtime, pid: int, generation: int, verdict: GateDecision | None = None) -> None:
     """Extraction made `generation` current: the update (if one was pending) is complete."""
 
     def done(current: ProjectState | None) -> ProjectState | None:
@@ -282,7 +294,6 @@ def generation_served(runtime: Any, pid: int, generation: int, verdict: GateDeci
 
 # ------------------------------------------------------------------------------------ the refresh gate
 ADOPTED, REJECTED = "adopted", "rejected"  # the gate's decisions as the alignment history records them
-JUDGE_STAGE = "judge"  # `pending.stage` of a refreshed generation that waits for audit labels
 
 
 def serve_generation(ctx: JobContext, store: Any, generation: Any) -> tuple[bool, GateDecision | None]:
@@ -313,10 +324,10 @@ def is_refresh(alignment: AlignmentState) -> bool:
     gate judges; the first generation and one made for a new BACKBONE serve as soon as they are complete."""
     pending = alignment.pending or {}
     model = alignment.feature_model
-    return model is not None and pending.get("stage") == "extract" and pending.get("model") == model
+    return model is not None and pending.get("stage") == PendingStage.EXTRACT and pending.get("model") == model
 
 
-def judge_refresh(runtime: Any, pid: int, serving: Any, candidate: Any) -> GateDecision | None:
+def judge_refresh(runtime: Runtime, pid: int, serving: Any, candidate: Any) -> GateDecision | None:
     """The gate's verdict on a refreshed generation against the serving one, on the audit labels with features
     in both (None: ALIGN_GATE=off, it serves unjudged)."""
     from asvp_backend.selection import create_proxy
@@ -339,7 +350,7 @@ def judge_refresh(runtime: Any, pid: int, serving: Any, candidate: Any) -> GateD
                           np.isin(ids, np.asarray(state.audit.labelled(tasks), dtype=np.int64)), seed=settings.seed)
 
 
-def refresh_held(runtime: Any, pid: int, generation: int, verdict: GateDecision) -> None:
+def refresh_held(runtime: Runtime, pid: int, generation: int, verdict: GateDecision) -> None:
     """A refreshed generation that may not serve: rejected (kept on disk, named in the decision) or waiting
     for enough audit labels. Either way the serving generation's backbone extracts new tasks again."""
 
@@ -350,11 +361,11 @@ def refresh_held(runtime: Any, pid: int, generation: int, verdict: GateDecision)
         model = (alignment.pending or {}).get("model") or alignment.feature_model
         alignment.feature_model = alignment.generation_models.get(str(current.generation))
         if verdict.decision == GATE_WAIT:
-            if (alignment.pending or {}).get("stage") != JUDGE_STAGE:  # one decision per wait, not one per round
+            if (alignment.pending or {}).get("stage") != PendingStage.JUDGE:  # one decision per wait, not one per round
                 alignment.record_decision({"decision": "waiting", "reason": verdict.reason, "at": time.time(),
                                            "generation": generation, "model": model, "gate": verdict.to_dict()})
-            alignment.pending = {"stage": JUDGE_STAGE, "since": time.time(), "model": model, "generation": generation,
-                                 "audit": verdict.n}
+            alignment.pending = {"stage": PendingStage.JUDGE, "since": time.time(), "model": model,
+                                 "generation": generation, "audit": verdict.n}
         else:
             alignment.record_decision({"decision": REJECTED, "reason": verdict.reason, "at": time.time(),
                                        "generation": generation, "model": model, "gate": verdict.to_dict()})
@@ -373,7 +384,9 @@ def judge_waiting_refresh(ctx: JobContext, state: ProjectState, tasks: dict[int,
 
     runtime, pid = ctx.runtime, ctx.project_id
     pending = state.alignment.pending or {}
-    if pending.get("stage") != JUDGE_STAGE or len(state.audit.labelled(tasks)) < runtime.settings.audit_min_labels:
+    if pending.get("stage") != PendingStage.JUDGE:
+        return None
+    if len(state.audit.labelled(tasks)) < runtime.settings.audit_min_labels:
         return None
     store = ctx.project.features()
     serving, generation = store.current(repair=True), int(pending["generation"])
@@ -402,7 +415,7 @@ def judge_waiting_refresh(ctx: JobContext, state: ProjectState, tasks: dict[int,
 
 # ------------------------------------------------------------------------------------ pre-annotations
 def pre_annotations(layout: ProjectLayout, state: ProjectState, inputs: RoundInputs, generation: int,
-                    proxy_labels: np.ndarray, audit_ids: Sequence[int], settings: Any,
+                    proxy_labels: np.ndarray, audit_ids: Sequence[int], settings: Settings,
                     device: str) -> tuple[np.ndarray, dict[str, Any]]:
     """The labels to pre-annotate with: the proxy's, or the fine-tuned model's when that model extracted this
     generation (its head then scores the cached features, no image is read) and the audit labels say it is the

@@ -13,7 +13,7 @@ import numpy as np
 from asvp_backend.artefacts import read_ranking
 from asvp_backend.jobs.context import JobContext
 from asvp_backend.layout import ProjectLayout
-from asvp_backend.state import ProjectState, SyncedTask
+from asvp_backend.state import PendingStage, ProjectState, SyncedTask
 
 
 def follow_up(ctx: JobContext, state: ProjectState | None, tasks: dict[int, SyncedTask]) -> str:
@@ -28,7 +28,7 @@ def follow_up(ctx: JobContext, state: ProjectState | None, tasks: dict[int, Sync
     if generation is None or set(generation.missing(with_image)) - set(generation.skipped()) or force:
         runtime.queue.submit("extract", pid, reason="tasks without features", force_round=force)
         return "extract"
-    if (state.alignment.pending or {}).get("stage") == "extract":  # a feature update's extraction was cut off
+    if (state.alignment.pending or {}).get("stage") == PendingStage.EXTRACT:  # an update's extraction was cut off
         runtime.queue.submit("extract", pid, reason="feature update")
     return after_features(ctx, state, tasks, generation, force)
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from asvp_backend.alignment.policy import AlignmentPolicy
 from asvp_backend.jobs.alignment import JUDGING, UNJUDGED, finish_pending, judge_against_proxy, judge_on_audit
 from asvp_backend.jobs.context import JobContext, JobTimeout
-from asvp_backend.state import ProjectState
+from asvp_backend.state import PendingStage, ProjectState
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -89,7 +89,7 @@ def run_finetune(ctx: JobContext) -> dict[str, Any]:
             current.alignment.feature_model = model_id
             current.alignment.updates += 1
             current.alignment.labels_at_last_update = len(items) + len(audit)  # the policy counts every label
-            current.alignment.pending = {**(current.alignment.pending or {}), "stage": "extract",
+            current.alignment.pending = {**(current.alignment.pending or {}), "stage": PendingStage.EXTRACT,
                                          "model": model_id, "since": time.time()}
         current.record_job(ctx.job_id)
         return current

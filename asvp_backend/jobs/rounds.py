@@ -20,11 +20,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from asvp_backend.artefacts import RankingArtefact, extend_ranking, proxy_path, prune_rounds, write_round
+from asvp_backend.config import Settings
 from asvp_backend.jobs.alignment import after_round, judge_waiting_refresh, pre_annotations
 from asvp_backend.jobs.chain import round_due, unranked_pool
 from asvp_backend.jobs.context import JobContext
@@ -43,6 +44,9 @@ from asvp_backend.selection.queue import (
 )
 from asvp_backend.state import AuditState, ProjectState, SyncedTask
 from asvp_backend.versioning import ModelVersion
+
+if TYPE_CHECKING:
+    from asvp_backend.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +117,7 @@ def predictions_for(spec: ClassificationSpec, version: ModelVersion, task_ids: n
 
 
 def push_ranking(client: Any, pid: int, spec: ClassificationSpec, version: ModelVersion, pool_ids: np.ndarray,
-                 ranking: RoundRanking, settings: Any) -> tuple[np.ndarray, int]:
+                 ranking: RoundRanking, settings: Settings) -> tuple[np.ndarray, int]:
     """Steps 2 and 3: predictions of the new version for the top of the ranking, then the project follows
     that version (and keeps its "label next" Data Manager tab). Returns the pushed pool rows, best first,
     and the tab's id."""
@@ -253,7 +257,7 @@ def _not_due(ctx: JobContext, state: ProjectState, generation: Any, tasks: dict[
     return result
 
 
-def _cross_validate(ranking: RoundRanking, inputs: RoundInputs, settings: Any, device: str) -> float | None:
+def _cross_validate(ranking: RoundRanking, inputs: RoundInputs, settings: Settings, device: str) -> float | None:
     """Cross-validated proxy accuracy on at most CV_MAX_LABELS labels (a stratified sample): a figure for
     people, not a decision input, so its cost is bounded (CV_FOLDS fits of a small proxy)."""
     from asvp_backend.selection import create_proxy, cross_val_accuracy
@@ -270,7 +274,7 @@ def _cross_validate(ranking: RoundRanking, inputs: RoundInputs, settings: Any, d
 
 
 def _audit_estimate_of_round(state: ProjectState, ranking: RoundRanking, inputs: RoundInputs,
-                             tasks: dict[int, SyncedTask], version: ModelVersion, settings: Any,
+                             tasks: dict[int, SyncedTask], version: ModelVersion, settings: Settings,
                              device: str) -> dict[str, Any] | None:
     """The round's audit estimate: measured again when the audit labels changed (AUDIT_FOLDS proxy fits), else
     the last one carried forward with the version it was measured at (most rounds add no audit label)."""
@@ -287,7 +291,7 @@ def _audit_estimate_of_round(state: ProjectState, ranking: RoundRanking, inputs:
     return {**estimate, "generation": version.generation, "version": str(version), "carried": False}
 
 
-def _amend_round(runtime: Any, pid: int, version: ModelVersion, record: dict[str, Any]) -> None:
+def _amend_round(runtime: Runtime, pid: int, version: ModelVersion, record: dict[str, Any]) -> None:
     """Add what was measured after the commit (accuracy, cleanup) to the round's stored record."""
 
     def amend(current: ProjectState | None) -> ProjectState | None:
