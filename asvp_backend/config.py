@@ -174,7 +174,7 @@ class Settings:
     extract_parts: int = _env("EXTRACT_PARTS", _int_in(1, 64), default=1)
     fetch_concurrency: int = _env("FETCH_CONCURRENCY", _int_in(1, 64), default=8)
     image_timeout: float = _env("IMAGE_TIMEOUT", _float_in(1.0, 600.0), default=30.0)
-    # MiB of image decoding at once per process, across fetch threads (labelstudio/images.py::DecodeBudget)
+    # MiB of image decoding at once per process, across fetch threads (imaging.py::DecodeBudget)
     decode_budget_mb: int = _env("DECODE_BUDGET_MB", _int_in(16, 1_048_576), default=1024)
     # Selection
     strategy: str = _env("STRATEGY", _text, default="margin")

@@ -26,7 +26,7 @@ Pure (no torch, no I/O): the API evaluates it on every status request.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from asvp_backend.labelstudio.label_config import ClassificationSpec
@@ -202,31 +202,3 @@ def training_now(jobs: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
         return {"job": job.get("id"), "kind": job.get("kind"), "status": job.get("status"),
                 "done": progress.get("done"), "total": progress.get("total"), "stage": stage or None, "text": text}
     return None
-
-
-# ------------------------------------------------------------------ the whole answer
-def learning_summary(state: Any, jobs: Sequence[Mapping[str, Any]] = (),
-                     damaged: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """What `GET /projects/N/learning` returns: title and classes, the accuracy curve with intervals (`audit`: the
-    unbiased one on the audit sample; `refreshes`: the gate's verdicts), the
-    pre-annotations accepted per round and overall, the label-config changes (newest last) and the
-    deliverable model with any fine-tune in progress (`jobs`: the project's jobs as /jobs lists them) and
-    why it is the one, or why there is none (`damaged`: models whose checkpoint is not whole, by id)."""
-    from asvp_backend.alignment.summary import deliverable
-
-    curve = [round_accuracy(r) for r in state.rounds if r.get("cv_accuracy") is not None]
-    latest = curve[-1] if curve else None
-    acceptance = state.acceptance
-    return {
-        "project": state.project_id,
-        "title": state.title,
-        "classes": list(state.spec.labels),
-        "model_version": str(state.version),
-        "accuracy": {"latest": latest, "measured_on": measured_on(latest) if latest else None, "curve": curve},
-        "audit": audit_accuracy(state),
-        "refreshes": refresh_verdicts(state),
-        "pre_annotations": acceptance_summary(acceptance.by_version, acceptance.accepted, acceptance.corrected),
-        "config_changes": list(state.config_changes),
-        "deliverable": {"model": state.alignment.current_model(damaged or ()), "training": training_now(jobs),
-                        "reason": deliverable(state, damaged)["reason"]},
-    }

@@ -16,13 +16,45 @@ from collections.abc import Mapping, Sequence
 from functools import cached_property
 from typing import Any
 
-from asvp_backend.alignment.summary import alignment_summary, damaged_models, model_summary
+from asvp_backend.alignment.summary import alignment_summary, damaged_models, deliverable, model_summary
 from asvp_backend.config import Settings
-from asvp_backend.health import project_problems
 from asvp_backend.layout import ProjectLayout
-from asvp_backend.learning import acceptance_summary, learning_summary, round_accuracy
+from asvp_backend.learning import (
+    acceptance_summary,
+    audit_accuracy,
+    measured_on,
+    refresh_verdicts,
+    round_accuracy,
+    training_now,
+)
+from asvp_backend.problems import project_problems
 from asvp_backend.state import ProjectState
 from asvp_backend.stopping import StopRule, StopSignal
+
+
+def learning_summary(state: Any, jobs: Sequence[Mapping[str, Any]] = (),
+                     damaged: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """What `GET /projects/N/learning` returns: title and classes, the accuracy curve with intervals (`audit`: the
+    unbiased one on the audit sample; `refreshes`: the gate's verdicts), the
+    pre-annotations accepted per round and overall, the label-config changes (newest last) and the
+    deliverable model with any fine-tune in progress (`jobs`: the project's jobs as /jobs lists them) and
+    why it is the one, or why there is none (`damaged`: models whose checkpoint is not whole, by id)."""
+    curve = [round_accuracy(r) for r in state.rounds if r.get("cv_accuracy") is not None]
+    latest = curve[-1] if curve else None
+    acceptance = state.acceptance
+    return {
+        "project": state.project_id,
+        "title": state.title,
+        "classes": list(state.spec.labels),
+        "model_version": str(state.version),
+        "accuracy": {"latest": latest, "measured_on": measured_on(latest) if latest else None, "curve": curve},
+        "audit": audit_accuracy(state),
+        "refreshes": refresh_verdicts(state),
+        "pre_annotations": acceptance_summary(acceptance.by_version, acceptance.accepted, acceptance.corrected),
+        "config_changes": list(state.config_changes),
+        "deliverable": {"model": state.alignment.current_model(damaged or ()), "training": training_now(jobs),
+                        "reason": deliverable(state, damaged)["reason"]},
+    }
 
 
 class ProjectSummary:

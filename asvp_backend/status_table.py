@@ -1,7 +1,7 @@
 """`asvp-backend status` for a person: the report `--json` prints, as plain-text tables.
 
 It reads only the report dict (what `status --json` prints), so the two outputs can never disagree. A
-project's `learning` entry (learning.py's `learning_summary`, what `GET /projects/N/learning` returns) adds
+project's `learning` entry (project_summary.py's `learning_summary`, what `GET /projects/N/learning` returns) adds
 the title, the accuracy's interval and what it is measured on, the pre-annotations accepted and any
 fine-tune in progress; jobs are folded one row per kind, as on the status page.
 """

@@ -14,9 +14,9 @@ Every step is logged as a warning and recorded in a ``RepairReport`` for the job
   is moved aside; a bad ``CURRENT`` points at the newest generation that verifies clean (or is removed when
   none is left).
 
-This module builds on the file format in ``store.py`` (layout names, manifest and shard checks). The public
-methods stay there (``FeatureStore.verify()/repair()``, ``FeatureGeneration.verify()/repair()``) and import
-this module when called, so at import time only this module imports the other.
+This module builds on the file format in ``store_format.py`` (layout names, manifest and shard checks) and
+works on paths; the public methods (``FeatureStore.verify()/repair()``, ``FeatureGeneration.verify()/repair()``)
+are in ``store.py``, which imports this module.
 """
 
 from __future__ import annotations
@@ -31,24 +31,24 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from asvp_backend.features.store import (
-    _GEN_RE,
-    _SHARD_FILE_RE,
-    _SHARD_RETRIES,
+from asvp_backend.features.store_format import (
     CORRUPT_DIR,
     CURRENT,
+    GEN_RE,
     INFO,
     MANIFEST,
-    FeatureStore,
+    SHARD_FILE_RE,
+    SHARD_RETRIES,
     FeatureStoreCorrupt,
     GenerationInfo,
     Problem,
-    _file_key,
-    _holds_shard_files,
-    _inspect_shard,
-    _load_manifest,
-    _new_manifest,
-    _shard_paths,
+    file_key,
+    holds_shard_files,
+    inspect_shard,
+    load_manifest,
+    new_manifest,
+    read_pointer,
+    shard_paths,
 )
 from asvp_backend.fsutil import atomic_write_bytes, flocked, fsync_dir
 
@@ -104,7 +104,7 @@ def _shard_problems(path: Path, manifest: dict[str, Any]) -> dict[str, FeatureSt
     bad = {}
     for entry in manifest["shards"]:
         try:
-            _inspect_shard(path / "shards", entry["name"], dim, entry["count"])
+            inspect_shard(path / "shards", entry["name"], dim, entry["count"])
         except FeatureStoreCorrupt as e:
             bad[entry["name"]] = e
     return bad
@@ -114,16 +114,16 @@ def verify_generation(path: Path) -> list[Problem]:
     """Problems of one generation, without its lock: a writer that replaces the manifest meanwhile (and
     deletes shards) makes us look again rather than report a file it legitimately removed."""
     problems: list[Problem] = []
-    for _attempt in range(_SHARD_RETRIES):
+    for _attempt in range(SHARD_RETRIES):
         try:
-            manifest, key = _load_manifest(path)
+            manifest, key = load_manifest(path)
         except FileNotFoundError:
             return [Problem(path / MANIFEST, "is missing")]
         except FeatureStoreCorrupt as e:
             return [e.as_problem()]
         problems = [e.as_problem() for e in _shard_problems(path, manifest).values()]
         with contextlib.suppress(FileNotFoundError):
-            if not problems or _file_key(path / MANIFEST) == key:
+            if not problems or file_key(path / MANIFEST) == key:
                 return problems
     return problems
 
@@ -134,7 +134,7 @@ def _set_aside(path: Path, names: Iterable[str]) -> None:
     aside = path / CORRUPT_DIR
     aside.mkdir(exist_ok=True)
     for name in names:
-        for file in _shard_paths(path / "shards", name):
+        for file in shard_paths(path / "shards", name):
             with contextlib.suppress(FileNotFoundError):
                 os.replace(file, aside / file.name)
     fsync_dir(aside)
@@ -156,18 +156,18 @@ def _rebuild_manifest(path: Path, problem: str, report: RepairReport) -> None:
     shard_dir.mkdir(exist_ok=True)
     names = set()
     for p in shard_dir.iterdir():
-        match = _SHARD_FILE_RE.match(p.name)
+        match = SHARD_FILE_RE.match(p.name)
         if match:
             names.add(match.group(1))
     entries, bad = [], {}
     for name in sorted(names, key=lambda n: int(n[1:])):
         try:
-            _, vec = _inspect_shard(shard_dir, name, info.dim, None)
+            _, vec = inspect_shard(shard_dir, name, info.dim, None)
         except FeatureStoreCorrupt as e:
             bad[name] = e
         else:
             entries.append({"name": name, "count": vec.shape[0]})
-    manifest = _new_manifest(info, entries, next_shard=max((int(n[1:]) + 1 for n in names), default=0))
+    manifest = new_manifest(info, entries, next_shard=max((int(n[1:]) + 1 for n in names), default=0))
     atomic_write_bytes(manifest_path, json.dumps(manifest, separators=(",", ":")).encode())
     report.rebuilt.append(manifest_path)
     report.act(f"rebuilt {manifest_path} from {len(entries)} shards ({problem}); tombstones and skips are reset")
@@ -194,7 +194,7 @@ def repair_generation(path: Path) -> RepairReport:
     report = RepairReport()
     with flocked(path / ".lock"):
         try:
-            manifest, _ = _load_manifest(path)
+            manifest, _ = load_manifest(path)
         except FileNotFoundError:
             _rebuild_manifest(path, f"{MANIFEST} is missing", report)
             report.problems.insert(0, Problem(path / MANIFEST, "is missing"))
@@ -220,49 +220,51 @@ def repair_generation(path: Path) -> RepairReport:
 
 def _generation_dirs(root: Path) -> list[tuple[int, Path]]:
     """(number, path) of every ``g<N>`` directory, complete or not, by generation number."""
-    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _GEN_RE.match(p.name)) and p.is_dir())
+    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := GEN_RE.match(p.name)) and p.is_dir())
 
 
-def _pointer_problem(store: FeatureStore) -> Problem | None:
+def _pointer_problem(root: Path) -> Problem | None:
+    """What is wrong with ``root/CURRENT``: not a pointer, or naming a generation without a manifest."""
     try:
-        store.current()
+        g = read_pointer(root)
     except FeatureStoreCorrupt as e:
-        if e.path == store.root / CURRENT:
-            return e.as_problem()
+        return e.as_problem()
+    if g is not None and not (root / f"g{g}" / MANIFEST).exists():
+        return Problem(root / CURRENT, f"names generation {g}, which does not exist")
     return None  # a bad manifest is the generation's problem, reported with it
 
 
-def verify_store(store: FeatureStore) -> list[Problem]:
+def verify_store(root: Path) -> list[Problem]:
     """Every damaged file in the store (pointer, manifests, shards), from headers and sizes only."""
     problems = []
-    pointer = _pointer_problem(store)
+    pointer = _pointer_problem(root)
     if pointer is not None:
         problems.append(pointer)
-    for _, path in _generation_dirs(store.root):
+    for _, path in _generation_dirs(root):
         if (path / MANIFEST).exists():
             problems += verify_generation(path)
-        elif _holds_shard_files(path):
+        elif holds_shard_files(path):
             problems.append(Problem(path / MANIFEST, "is missing, but shards/ holds shard files"))
     return problems
 
 
-def repair_store(store: FeatureStore) -> RepairReport:
+def repair_store(root: Path) -> RepairReport:
     """Repair every generation (bad shards leave the manifest, a lost manifest is rebuilt or its
     generation moved aside), then point a bad ``CURRENT`` at the newest clean generation."""
     report = RepairReport()
-    with flocked(store.root / ".lock"):
-        for _, path in _generation_dirs(store.root):
-            if not (path / MANIFEST).exists() and not _holds_shard_files(path):
+    with flocked(root / ".lock"):
+        for _, path in _generation_dirs(root):
+            if not (path / MANIFEST).exists() and not holds_shard_files(path):
                 continue  # an empty leftover; create_generation() replaces it
             try:
                 report.merge(repair_generation(path))
             except FeatureStoreCorrupt as e:
                 report.problems.append(e.as_problem())
-                quarantine(store.root, path, str(e), report)
-        pointer = _pointer_problem(store)
+                quarantine(root, path, str(e), report)
+        pointer = _pointer_problem(root)
         if pointer is not None:
             report.problems.append(pointer)
-            _repoint(store.root, pointer, report)
+            _repoint(root, pointer, report)
     return report
 
 

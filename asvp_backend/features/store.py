@@ -30,8 +30,8 @@ Corruption (disk errors, partial copies, hand edits) is detected and named, neve
   command must see the problem, not a silently repaired store. Jobs call ``current(repair=True)``, which
   verifies the current generation and repairs the store when anything is wrong.
 * ``verify()`` and ``repair()`` (of a generation, or the whole store) list such problems and fix what can
-  be fixed without guessing. Their machinery is in ``repair.py``, which builds on the file format defined
-  here (manifest and shard checks); the methods import it when called, so only it imports the other.
+  be fixed without guessing. Their machinery is in ``repair.py``; the file format both build on (names,
+  manifest and shard checks, the errors) is in ``store_format.py``, so neither imports the other's internals.
 """
 
 from __future__ import annotations
@@ -41,254 +41,52 @@ import functools
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
+from asvp_backend.features.repair import (
+    RepairReport,
+    quarantine,
+    repair_generation,
+    repair_store,
+    verify_generation,
+    verify_store,
+)
+from asvp_backend.features.store_format import (
+    CURRENT,
+    GEN_RE,
+    ID_DTYPE,
+    INFO,
+    MANIFEST,
+    SHARD_RETRIES,
+    VECTOR_DTYPE,
+    FeatureStoreCorrupt,
+    FeatureStoreError,
+    GenerationInfo,
+    Problem,
+    file_key,
+    holds_shard_files,
+    inspect_shard,
+    load_manifest,
+    new_manifest,
+    read_pointer,
+    save_npy,
+    shard_paths,
+)
 from asvp_backend.fsutil import atomic_write_bytes, flocked, fsync_dir
-
-if TYPE_CHECKING:
-    from asvp_backend.features.repair import RepairReport
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-INFO = "info.json"
-CURRENT = "CURRENT"
-CORRUPT_DIR = "corrupt"
-FORMAT_VERSION = 1
-VECTOR_DTYPE = np.dtype(np.float16)
-ID_DTYPE = np.dtype(np.int64)
-_GEN_RE = re.compile(r"^g(\d+)$")
-_SHARD_LIST_RE = re.compile(r"s[0-9]+(?: s[0-9]+)*")  # shard names joined by spaces
-_SHARD_FILE_RE = re.compile(r"^(s[0-9]+)\.(ids|vec)\.npy$")
-_SHARD_RETRIES = 5
-
 T = TypeVar("T")
 
-
-class FeatureStoreError(RuntimeError):
-    """Raised for an unusable store state (missing generation, mismatched vectors, ...)."""
-
-
-class FeatureStoreCorrupt(FeatureStoreError):
-    """A file of the store is damaged; ``path`` names it and ``problem`` says what is wrong with it."""
-
-    def __init__(self, path: Path | str, problem: str) -> None:
-        super().__init__(f"{path}: {problem}")
-        self.path = Path(path)
-        self.problem = problem
-
-    def __reduce__(self) -> tuple[type[FeatureStoreCorrupt], tuple[Path, str]]:
-        # The default would call cls(message) and fail: keep it picklable for worker processes.
-        return type(self), (self.path, self.problem)
-
-    def as_problem(self) -> Problem:
-        return Problem(self.path, self.problem)
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One damaged file, as ``verify()`` reports it."""
-
-    path: Path
-    problem: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.problem}"
-
-    def to_dict(self) -> dict[str, str]:
-        return {"path": str(self.path), "problem": self.problem}
-
-
-@dataclass(frozen=True)
-class GenerationInfo:
-    """What produced a generation's vectors; two generations are comparable only if all fields match."""
-
-    generation: int
-    backbone: str
-    weights_hash: str
-    preprocessing: dict = field(default_factory=dict)
-    dim: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return _jsonable(asdict(self))
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GenerationInfo:
-        return cls(
-            generation=int(d["generation"]),
-            backbone=str(d["backbone"]),
-            weights_hash=str(d["weights_hash"]),
-            preprocessing=dict(d.get("preprocessing") or {}),
-            dim=int(d["dim"]),
-        )
-
-
-def _jsonable(obj: Any) -> Any:
-    """Tuples -> lists recursively so that a round trip through JSON compares equal."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    return obj
-
-
-# ---------------------------------------------------------------------------------------------- file helpers
-
-
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.save(f, arr, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _file_key(path: Path) -> tuple[int, int, int]:
-    """Identity of one version of an atomically replaced file (each replace makes a new inode)."""
-    st = os.stat(path)
-    return st.st_ino, st.st_mtime_ns, st.st_size
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-@dataclass(frozen=True)
-class _NpyHeader:
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    fortran_order: bool
-    data_offset: int
-
-
-def _read_npy_header(path: Path) -> _NpyHeader:
-    """The header of a .npy file whose size matches it; FeatureStoreCorrupt names the file otherwise."""
-    try:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
-            elif version == (2, 0):
-                shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
-            else:
-                raise ValueError(f"unsupported .npy version {version}")
-            offset = f.tell()
-            size = os.fstat(f.fileno()).st_size
-    except FileNotFoundError:
-        raise FeatureStoreCorrupt(path, "is missing") from None
-    except ValueError as e:  # bad magic, a torn or garbled header
-        raise FeatureStoreCorrupt(path, f"is not a valid .npy file ({e})") from e
-    expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if size < expected:
-        raise FeatureStoreCorrupt(path, f"is truncated: {size} bytes, its header {shape} {dtype} needs {expected}")
-    if size > expected:
-        raise FeatureStoreCorrupt(path, f"is {size} bytes, its header {shape} {dtype} describes {expected}")
-    return _NpyHeader(tuple(int(n) for n in shape), np.dtype(dtype), bool(fortran_order), offset)
-
-
-def _shard_paths(shard_dir: Path, name: str) -> tuple[Path, Path]:
-    return shard_dir / f"{name}.ids.npy", shard_dir / f"{name}.vec.npy"
-
-
-def _inspect_shard(shard_dir: Path, name: str, dim: int, count: int | None) -> tuple[_NpyHeader, _NpyHeader]:
-    """Headers of a shard's ids and vectors after checking them against each other, the generation's
-    dimension and (when known) the manifest's count. Cheap: reads headers and sizes, not the data."""
-    ids_path, vec_path = _shard_paths(shard_dir, name)
-    ids = _read_npy_header(ids_path)
-    if ids.dtype != ID_DTYPE or len(ids.shape) != 1:
-        raise FeatureStoreCorrupt(ids_path, f"holds {ids.dtype} of shape {ids.shape}, expected int64 task ids")
-    vec = _read_npy_header(vec_path)
-    if vec.dtype != VECTOR_DTYPE:
-        raise FeatureStoreCorrupt(vec_path, f"holds {vec.dtype} vectors, the store keeps {VECTOR_DTYPE}")
-    if len(vec.shape) != 2 or vec.shape[1] != dim or vec.fortran_order:
-        raise FeatureStoreCorrupt(vec_path, f"holds an array of shape {vec.shape}, the generation's dimension is {dim}")
-    if count is not None and vec.shape[0] != count:
-        raise FeatureStoreCorrupt(vec_path, f"holds {vec.shape[0]} vectors, the manifest says {count}")
-    if ids.shape[0] != vec.shape[0]:
-        raise FeatureStoreCorrupt(ids_path, f"holds {ids.shape[0]} ids for the {vec.shape[0]} vectors of {name}")
-    return ids, vec
-
-
-def _manifest_problem(manifest: Any, dir_name: str) -> str | None:
-    """What makes parsed JSON unusable as this generation's manifest (None when it is usable)."""
-    if not isinstance(manifest, dict):
-        return "is not a JSON object"
-    try:
-        info = GenerationInfo.from_dict(manifest["info"])
-    except (KeyError, TypeError, ValueError) as e:
-        return f"has no valid generation info ({e!r})"
-    if info.dim < 0:
-        return f"has a negative dimension {info.dim}"
-    numbered = _GEN_RE.match(dir_name)
-    if numbered and int(numbered.group(1)) != info.generation:
-        return f"describes generation {info.generation} but lies in {dir_name}"
-    shards, next_shard = manifest.get("shards"), manifest.get("next_shard", 0)
-    if not isinstance(shards, list) or not _is_int(next_shard):
-        return "has no valid shard list"
-    try:  # in bulk, not entry by entry: every read and every append parses the manifest
-        names = [entry["name"] for entry in shards]
-        counts = [entry["count"] for entry in shards]
-        valid_names = not names or _SHARD_LIST_RE.fullmatch(" ".join(names)) is not None
-    except (TypeError, KeyError):
-        return "has an invalid shard entry"
-    if not valid_names or len(set(names)) != len(names):
-        return "has an invalid or repeated shard name"
-    if not all(type(count) is int and count >= 0 for count in counts):
-        return "has an invalid shard count"
-    if names and max(int(name[1:]) for name in names) >= next_shard:  # the next append would overwrite one
-        return f"names shards at or after next_shard {next_shard}"
-    tombstones, skips = manifest.get("tombstones", []), manifest.get("skips", {})
-    if not isinstance(tombstones, list) or not all(type(t) is int for t in tombstones):
-        return "has invalid tombstones"
-    if not isinstance(skips, dict) or not all(k.lstrip("-").isdigit() and isinstance(v, str) for k, v in skips.items()):
-        return "has invalid skip reasons"
-    return None
-
-
-def _load_manifest(path: Path) -> tuple[dict[str, Any], tuple[int, int, int]]:
-    """(manifest, file key) of the generation at ``path``; FileNotFoundError when it has none,
-    FeatureStoreCorrupt when it is unreadable."""
-    manifest_path = path / MANIFEST
-    with open(manifest_path, "rb") as f:
-        st = os.fstat(f.fileno())
-        raw = f.read()
-    try:
-        manifest = json.loads(raw)
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-        raise FeatureStoreCorrupt(manifest_path, f"is not valid JSON ({e})") from e
-    problem = _manifest_problem(manifest, path.name)
-    if problem is not None:
-        raise FeatureStoreCorrupt(manifest_path, problem)
-    return manifest, (st.st_ino, st.st_mtime_ns, st.st_size)
-
-
-def _new_manifest(
-    info: GenerationInfo, shards: list[dict[str, Any]] | None = None, next_shard: int = 0
-) -> dict[str, Any]:
-    """A generation's first manifest (or one rebuilt from its shards): no tombstones, no skip reasons."""
-    return {
-        "format": FORMAT_VERSION,
-        "version": 1,
-        "info": info.to_dict(),
-        "shards": shards or [],
-        "next_shard": next_shard,
-        "tombstones": [],
-        "skips": {},
-    }
-
-
-def _holds_shard_files(path: Path) -> bool:
-    """Whether ``path`` holds shard files (a generation whose manifest is lost still has vectors)."""
-    shard_dir = path / "shards"
-    return shard_dir.is_dir() and any(_SHARD_FILE_RE.match(p.name) for p in shard_dir.iterdir())
+__all__ = ["FeatureGeneration", "FeatureStore", "FeatureStoreCorrupt", "FeatureStoreError", "GenerationInfo", "Problem"]
 
 
 # ---------------------------------------------------------------------------------------------- generation
@@ -335,7 +133,7 @@ class FeatureGeneration:
 
     def _read_manifest_keyed(self) -> tuple[dict[str, Any], tuple[int, int, int]]:
         try:
-            return _load_manifest(self.path)
+            return load_manifest(self.path)
         except FileNotFoundError as e:
             raise FeatureStoreError(f"no feature generation at {self.path}") from e
 
@@ -344,7 +142,7 @@ class FeatureGeneration:
 
     def _manifest_key(self) -> tuple[int, int, int]:
         try:
-            return _file_key(self.path / MANIFEST)
+            return file_key(self.path / MANIFEST)
         except FileNotFoundError as e:
             raise FeatureStoreError(f"no feature generation at {self.path}") from e
 
@@ -374,16 +172,12 @@ class FeatureGeneration:
 
     def verify(self) -> list[Problem]:
         """Damaged files of this generation (manifest, shards), from headers and sizes only."""
-        from asvp_backend.features.repair import verify_generation  # builds on this module: imported when used
-
         return verify_generation(self.path)
 
     def repair(self) -> RepairReport:
         """Take bad shards out of the manifest (their tasks become missing), or rebuild a lost manifest
         from ``info.json`` and the shards. Raises FeatureStoreCorrupt when the manifest is lost and cannot
         be rebuilt; ``FeatureStore.repair()`` then moves the generation aside."""
-        from asvp_backend.features.repair import repair_generation
-
         report = repair_generation(self.path)
         self._cache = None
         return report
@@ -392,7 +186,7 @@ class FeatureGeneration:
 
     def _index(self) -> _Index:
         """Load (or reuse) the index of the newest manifest; retries if a writer replaced it under us."""
-        for attempt in range(_SHARD_RETRIES):
+        for attempt in range(SHARD_RETRIES):
             if self._cache is not None and self._cache.key == self._manifest_key():
                 return self._cache
             manifest, key = self._read_manifest_keyed()
@@ -410,7 +204,7 @@ class FeatureGeneration:
     def _read(self, read: Callable[[_Index], T]) -> T:
         """Run ``read`` on the newest index. Shard files are opened during the read, so a writer may have
         deleted one since the index was built: then read again with the manifest that replaced it."""
-        for attempt in range(_SHARD_RETRIES):
+        for attempt in range(SHARD_RETRIES):
             idx = self._index()
             try:
                 return read(idx)
@@ -425,8 +219,8 @@ class FeatureGeneration:
         cached = self._shards.get(name)
         if cached is not None and cached.rows == count:
             return cached
-        ids_header, vec_header = _inspect_shard(self._shard_dir, name, self.info.dim, count)
-        ids_path, vec_path = _shard_paths(self._shard_dir, name)
+        ids_header, vec_header = inspect_shard(self._shard_dir, name, self.info.dim, count)
+        ids_path, vec_path = shard_paths(self._shard_dir, name)
         try:
             ids = np.fromfile(ids_path, dtype=ID_DTYPE, count=count, offset=ids_header.data_offset)
         except FileNotFoundError:
@@ -567,8 +361,8 @@ class FeatureGeneration:
         with self._writing() as manifest:
             seq = int(manifest.get("next_shard", 0))
             name = f"s{seq:07d}"
-            _save_npy(self._shard_dir / f"{name}.vec.npy", np.ascontiguousarray(vec16))
-            _save_npy(self._shard_dir / f"{name}.ids.npy", ids)
+            save_npy(self._shard_dir / f"{name}.vec.npy", np.ascontiguousarray(vec16))
+            save_npy(self._shard_dir / f"{name}.ids.npy", ids)
             fsync_dir(self._shard_dir)
             manifest["shards"].append({"name": name, "count": int(len(ids))})
             manifest["next_shard"] = seq + 1
@@ -641,7 +435,7 @@ class FeatureGeneration:
             del out
             with open(vec_path, "rb+") as f:
                 os.fsync(f.fileno())
-            _save_npy(self._shard_dir / f"{name}.ids.npy", idx.ids)
+            save_npy(self._shard_dir / f"{name}.ids.npy", idx.ids)
             fsync_dir(self._shard_dir)
             manifest["shards"] = [{"name": name, "count": int(len(idx.ids))}]
             manifest["tombstones"] = []
@@ -671,7 +465,7 @@ class FeatureStore:
         """Complete generations (those with a manifest), ascending."""
         out = []
         for p in self.root.iterdir():
-            m = _GEN_RE.match(p.name)
+            m = GEN_RE.match(p.name)
             if m and (p / MANIFEST).exists():
                 out.append(int(m.group(1)))
         return sorted(out)
@@ -684,19 +478,7 @@ class FeatureStore:
     def current_generation(self) -> int | None:
         """The number ``CURRENT`` holds (None before the first ``activate()``); FeatureStoreCorrupt when
         it holds anything else."""
-        path = self.root / CURRENT
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        try:
-            data = json.loads(raw)
-        except ValueError as e:
-            raise FeatureStoreCorrupt(path, f"is not valid JSON ({e})") from e
-        g = data.get("generation") if isinstance(data, dict) else None
-        if isinstance(g, bool) or not isinstance(g, int) or g < 0:
-            raise FeatureStoreCorrupt(path, f'holds {raw[:60]!r}, not {{"generation": <number>}}')
-        return int(g)
+        return read_pointer(self.root)
 
     def current(self, repair: bool = False) -> FeatureGeneration | None:
         """The active generation, or None before the first ``activate()``.
@@ -729,16 +511,12 @@ class FeatureStore:
 
     def verify(self) -> list[Problem]:
         """Every damaged file in the store (pointer, manifests, shards), from headers and sizes only."""
-        from asvp_backend.features.repair import verify_store  # builds on this module: imported when used
-
-        return verify_store(self)
+        return verify_store(self.root)
 
     def repair(self) -> RepairReport:
         """Repair every generation (bad shards leave the manifest, a lost manifest is rebuilt or its
         generation moved aside), then point a bad ``CURRENT`` at the newest clean generation."""
-        from asvp_backend.features.repair import repair_store
-
-        return repair_store(self)
+        return repair_store(self.root)
 
     # -- generations ---------------------------------------------------------------------------------------
 
@@ -754,15 +532,13 @@ class FeatureStore:
                         f"generation {info.generation} already exists with different info: {gen.info}"
                     )
                 return gen
-            if _holds_shard_files(path):  # vectors without a manifest: keep them for repair or inspection
-                from asvp_backend.features.repair import RepairReport, quarantine
-
+            if holds_shard_files(path):  # vectors without a manifest: keep them for repair or inspection
                 quarantine(self.root, path, f"{path / MANIFEST} is missing", RepairReport())
             elif path.exists():
                 shutil.rmtree(path)
             tmp = Path(tempfile.mkdtemp(prefix=f".g{info.generation}.", dir=self.root))
             (tmp / "shards").mkdir()
-            manifest = _new_manifest(info)
+            manifest = new_manifest(info)
             atomic_write_bytes(tmp / INFO, json.dumps(info.to_dict()).encode())
             atomic_write_bytes(tmp / MANIFEST, json.dumps(manifest).encode())
             os.replace(tmp, path)

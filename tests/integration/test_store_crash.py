@@ -90,13 +90,13 @@ def test_sigkill_mid_shard_then_resume(store, tmp_path):
         "writer",
         f"""
         gen = S.FeatureStore({str(store.root)!r}).generation(0)
-        real_save = S._save_npy
+        real_save = S.save_npy
         def save(path, arr):
             real_save(path, arr)
             if path.name.endswith(".vec.npy") and "s0000002" in path.name:
                 open({str(marker)!r}, "w").close()
                 time.sleep(600)
-        S._save_npy = save
+        S.save_npy = save
         gen.append(np.arange(100, 200), vec(np.arange(100, 200)))
         gen.append(np.arange(200, 300), vec(np.arange(200, 300)))
         """,

@@ -14,9 +14,9 @@ import pytest
 from asvp_backend.alignment.integrity import CHECKPOINT_META, CHECKPOINT_WEIGHTS
 from asvp_backend.alignment.summary import model_summary
 from asvp_backend.config import Settings
-from asvp_backend.health import project_problems
 from asvp_backend.labelstudio.label_config import parse_label_config
 from asvp_backend.layout import ProjectLayout
+from asvp_backend.problems import project_problems
 from asvp_backend.state import FileStateStore, ProjectState
 from tests.helpers import IMAGE_CONFIG, write_checkpoint
 

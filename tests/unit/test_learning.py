@@ -13,13 +13,13 @@ from asvp_backend.labelstudio.label_config import parse_label_config
 from asvp_backend.learning import (
     acceptance_summary,
     accuracy_fields,
-    learning_summary,
     measured_on,
     reviewed_pre_annotations,
     round_accuracy,
     training_now,
     wilson_interval,
 )
+from asvp_backend.project_summary import learning_summary
 from asvp_backend.state import AcceptanceState, ProjectState, config_change
 from tests.helpers import IMAGE_CONFIG
 from tests.unit.test_rounds_fake_label_studio import PID, Stack

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from asvp_backend.features import store as store_module
+from asvp_backend.features import store_format
 from asvp_backend.features.store import FeatureGeneration, FeatureStore, GenerationInfo
 
 DIM = 4
@@ -67,13 +67,13 @@ def test_reads_and_compaction_need_no_descriptor_per_shard(many_shards, few_file
 def test_reindex_after_append_reads_only_the_new_shard(many_shards, monkeypatch):
     assert len(many_shards) == SHARDS * PER_SHARD
     read: list[str] = []
-    real = store_module._read_npy_header
+    real = store_format.read_npy_header
 
     def counting(path):
         read.append(path.name)
         return real(path)
 
-    monkeypatch.setattr(store_module, "_read_npy_header", counting)
+    monkeypatch.setattr(store_format, "read_npy_header", counting)
     many_shards.append([10_000], _vec([10_000]))
     assert len(many_shards) == SHARDS * PER_SHARD + 1
     assert sorted(read) == [f"s{SHARDS:07d}.ids.npy", f"s{SHARDS:07d}.vec.npy"]
