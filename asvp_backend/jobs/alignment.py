@@ -30,8 +30,9 @@ from asvp_backend.alignment.gate import WAIT as GATE_WAIT
 from asvp_backend.alignment.gate import Gate, GateDecision, cross_fitted_right, judge_features
 from asvp_backend.alignment.policy import UPDATE, WAIT, AlignmentPolicy, Decision
 from asvp_backend.config import Settings
+from asvp_backend.features.store import FeatureGeneration, FeatureStore
 from asvp_backend.jobs.context import JobContext
-from asvp_backend.jobs.resources import Project, feature_store, proxy_device
+from asvp_backend.jobs.resources import Project, proxy_device
 from asvp_backend.layout import ProjectLayout
 from asvp_backend.state import AlignmentState, PendingStage, ProjectState
 
@@ -142,7 +143,8 @@ MODEL, PROXY, UNJUDGED = Verdict.MODEL, Verdict.PROXY, Verdict.UNJUDGED
 JUDGING = "comparing with the proxy"
 
 
-def judge_against_proxy(settings: Settings, pid: int, items: Sequence[tuple[int, str, str]], held: Sequence[int],
+def judge_against_proxy(settings: Settings, generation: FeatureGeneration | None,
+                        items: Sequence[tuple[int, str, str]], held: Sequence[int],
                         predictions: Sequence[str]) -> dict[str, Any]:
     """The fine-tuned model against the proxy on the same held-out labelled tasks: both never trained on them.
 
@@ -159,7 +161,6 @@ def judge_against_proxy(settings: Settings, pid: int, items: Sequence[tuple[int,
     if not held:
         return {"verdict": UNJUDGED, "reason": "not compared with the proxy: no held-out labels (fewer than 10 "
                                                "readable labelled images)", "n": 0}
-    generation = feature_store(settings.model_dir, pid).current(repair=True)
     if generation is None:
         return {"verdict": UNJUDGED, "reason": "not compared with the proxy: no cached features", "n": 0}
     held_set = set(held)
@@ -190,7 +191,7 @@ def judge_against_proxy(settings: Settings, pid: int, items: Sequence[tuple[int,
     return record
 
 
-def judge_on_audit(settings: Settings, pid: int, items: Sequence[tuple[int, str, str]],
+def judge_on_audit(settings: Settings, generation: FeatureGeneration | None, items: Sequence[tuple[int, str, str]],
                    audit_items: Sequence[tuple[int, str, str]], result: Any, fetcher: Any) -> dict[str, Any] | None:
     """The fine-tuned model against the proxy on the audit labels (the gate's paired test, alignment/gate.py):
     the model never trained on them, and each is predicted by a proxy fitted on every other label
@@ -200,7 +201,6 @@ def judge_on_audit(settings: Settings, pid: int, items: Sequence[tuple[int, str,
     from asvp_backend.selection import create_proxy
 
     gate = Gate.from_settings(settings)
-    generation = feature_store(settings.model_dir, pid).current(repair=True)
     if generation is None or len(audit_items) < gate.min_labels:
         return None
     ids, images, truth = [], [], []
@@ -296,11 +296,12 @@ def generation_served(runtime: Runtime, pid: int, generation: int, verdict: Gate
 ADOPTED, REJECTED = "adopted", "rejected"  # the gate's decisions as the alignment history records them
 
 
-def serve_generation(ctx: JobContext, store: Any, generation: Any) -> tuple[bool, GateDecision | None]:
+def serve_generation(ctx: JobContext, store: FeatureStore,
+                     generation: FeatureGeneration) -> tuple[bool, GateDecision | None]:
     """A complete new generation becomes current, unless it is a feature update's that the gate holds
     (rejected, or waiting for audit labels): then the serving generation stays. Returns (served, verdict)."""
     runtime, pid = ctx.runtime, ctx.project_id
-    state = runtime.store.require(pid)
+    state = ctx.project.state()
     verdict = None
     if is_refresh(state.alignment) and (serving := store.current(repair=True)) is not None:
         verdict = judge_refresh(runtime, pid, serving, generation)
@@ -312,7 +313,7 @@ def serve_generation(ctx: JobContext, store: Any, generation: Any) -> tuple[bool
     return True, verdict
 
 
-def _activate(ctx: JobContext, store: Any, generation: int, verdict: GateDecision | None) -> None:
+def _activate(ctx: JobContext, store: FeatureStore, generation: int, verdict: GateDecision | None) -> None:
     """The one place a generation becomes current: fenced, then the store's switch, then the state's record."""
     ctx.check_fence()
     store.activate(generation)
@@ -327,7 +328,8 @@ def is_refresh(alignment: AlignmentState) -> bool:
     return model is not None and pending.get("stage") == PendingStage.EXTRACT and pending.get("model") == model
 
 
-def judge_refresh(runtime: Runtime, pid: int, serving: Any, candidate: Any) -> GateDecision | None:
+def judge_refresh(runtime: Runtime, pid: int, serving: FeatureGeneration,
+                  candidate: FeatureGeneration) -> GateDecision | None:
     """The gate's verdict on a refreshed generation against the serving one, on the audit labels with features
     in both (None: ALIGN_GATE=off, it serves unjudged)."""
     from asvp_backend.selection import create_proxy

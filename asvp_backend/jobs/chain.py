@@ -6,11 +6,10 @@ time limit, and a burst of events collapses into one waiting job (jobs/queue.py)
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from asvp_backend.artefacts import read_ranking
+from asvp_backend.features.store import FeatureGeneration
 from asvp_backend.jobs.context import JobContext
 from asvp_backend.layout import ProjectLayout
 from asvp_backend.state import PendingStage, ProjectState, SyncedTask
@@ -33,14 +32,14 @@ def follow_up(ctx: JobContext, state: ProjectState | None, tasks: dict[int, Sync
     return after_features(ctx, state, tasks, generation, force)
 
 
-def after_features(ctx: JobContext, state: ProjectState, tasks: dict[int, SyncedTask], generation: Any,
+def after_features(ctx: JobContext, state: ProjectState, tasks: dict[int, SyncedTask], generation: FeatureGeneration,
                     force: bool) -> str:
     runtime, pid = ctx.runtime, ctx.project_id
     labelled = sum(1 for t in tasks.values() if t.label is not None)
     if round_due(labelled, state.labels_at_last_round, len(state.rounds), runtime.settings.retrain_every, force):
         runtime.queue.submit("round", pid, reason="new labels", force_round=force)
         return "round"
-    if unranked_pool(runtime.layout(pid), state, generation, tasks):
+    if unranked_pool(ctx.project.layout, state, generation, tasks):
         runtime.queue.submit("rescore", pid, reason="new tasks without a score")
         return "rescore"
     return "none"
@@ -59,7 +58,8 @@ def after_extraction(ctx: JobContext, activated: bool, force: bool) -> str:
     return after_features(ctx, state, tasks, generation, force)
 
 
-def labels_caught_up(state: ProjectState, tasks: dict[int, SyncedTask], generation: Any, retrain_every: int) -> bool:
+def labels_caught_up(state: ProjectState, tasks: dict[int, SyncedTask], generation: FeatureGeneration,
+                     retrain_every: int) -> bool:
     """A round counts every label it saw, but trains only on labelled tasks that had features: when the
     extraction has since given features to RETRAIN_EVERY more of them, a round is due although no label
     changed (bench/results/load_cpu.md found the ranking lagging behind the labels without this)."""
@@ -76,7 +76,7 @@ def round_due(labelled: int, labels_at_last_round: int, rounds_done: int, retrai
     return force or rounds_done == 0 or abs(labelled - labels_at_last_round) >= retrain_every
 
 
-def unranked_pool(layout: ProjectLayout, state: ProjectState, generation: Any,
+def unranked_pool(layout: ProjectLayout, state: ProjectState, generation: FeatureGeneration,
                   tasks: dict[int, SyncedTask]) -> list[int]:
     """Unlabelled tasks with features that the current round's ranking does not hold (added since)."""
     if not state.round:

@@ -18,6 +18,7 @@ import logging
 import time
 from typing import Any
 
+from asvp_backend.features.store import FeatureGeneration, FeatureStore
 from asvp_backend.jobs.alignment import serve_generation
 from asvp_backend.jobs.chain import after_extraction
 from asvp_backend.jobs.context import JobContext
@@ -32,7 +33,7 @@ EXTRACT_PART = "extract_part"  # the slotted job kind of one part of a split ext
 SPLIT_MIN_TASKS = 2000  # fewer missing tasks are extracted by one job (EXTRACT_PARTS > 1 or not)
 
 
-def _target_generation(store: Any, backbone: Any) -> tuple[Any, bool]:
+def _target_generation(store: FeatureStore, backbone: Any) -> tuple[FeatureGeneration, bool]:
     """The generation to fill: the current one if the backbone still matches it; otherwise a newer one
     (resumed when an interrupted run left it behind) that becomes current only once it is complete, so
     the old generation keeps serving meanwhile."""
@@ -126,7 +127,7 @@ def extract_share(ctx: JobContext) -> dict[str, Any]:
             "images_per_second": round(report.images_per_second, 1)}
 
 
-def _missing(generation: Any, tasks: dict[int, SyncedTask]) -> list[int]:
+def _missing(generation: FeatureGeneration, tasks: dict[int, SyncedTask]) -> list[int]:
     """Tasks with an image and neither a vector nor a recorded reason why they have none."""
     skipped = generation.skipped()
     with_image = [tid for tid, task in tasks.items() if task.image]
@@ -150,14 +151,14 @@ def _split(ctx: JobContext, missing: list[int]) -> dict[int, list[int]]:
     return dict(sorted(shares.items()))
 
 
-def _matches(generation: Any, backbone: Any) -> bool:
+def _matches(generation: FeatureGeneration, backbone: Any) -> bool:
     from asvp_backend.features import matches
 
     return bool(matches(generation.info, backbone))
 
 
-def _extract(ctx: JobContext, backbone: Any, generation: Any, tasks: dict[int, SyncedTask], task_ids: list[int],
-             endless: bool) -> Any:
+def _extract(ctx: JobContext, backbone: Any, generation: FeatureGeneration, tasks: dict[int, SyncedTask],
+             task_ids: list[int], endless: bool) -> Any:
     """Embed `task_ids` into `generation` until done or EXTRACT_SLICE_SECONDS (or the job's time) runs out."""
     from asvp_backend.features import extract_to_store
 

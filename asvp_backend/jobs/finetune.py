@@ -67,8 +67,9 @@ def run_finetune(ctx: JobContext) -> dict[str, Any]:
     try:
         audit_items = [(tid, str(t.image), str(t.label)) for tid, t in sorted(tasks.items())
                        if tid in audit and t.label and t.image]
-        comparison = judge_on_audit(settings, pid, items, audit_items, result, images.fetcher) or \
-            judge_against_proxy(settings, pid, items, result.holdout_indices, result.holdout_predictions)
+        serving = project.serving_generation()
+        comparison = judge_on_audit(settings, serving, items, audit_items, result, images.fetcher) or \
+            judge_against_proxy(settings, serving, items, result.holdout_indices, result.holdout_predictions)
     except Exception as exc:  # a missing or damaged feature store must not throw the fine-tune away
         log.warning("project %s: the fine-tuned model could not be compared with the proxy", pid, exc_info=True)
         comparison = {"verdict": UNJUDGED, "reason": f"no comparison with the proxy ({type(exc).__name__}: "

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from asvp_backend.config import Settings
+from asvp_backend.features.store import FeatureGeneration, FeatureStore
 from asvp_backend.layout import ProjectLayout
 from asvp_backend.state import AlignmentState, ProjectState, SyncedTask, TaskSnapshot
 
 if TYPE_CHECKING:
-    from asvp_backend.features import FeatureGeneration, FeatureStore
     from asvp_backend.runtime import Runtime
 
 MAX_LOADED_BACKBONES = 3
@@ -57,8 +57,7 @@ class Project:
 
     def serving_generation(self) -> FeatureGeneration | None:
         """The generation that serves now, verified (and the store repaired when it is not)."""
-        generation: FeatureGeneration | None = self.features().current(repair=True)
-        return generation
+        return self.features().current(repair=True)
 
     def state(self) -> ProjectState:
         return self.runtime.store.require(self.id)
@@ -80,9 +79,7 @@ class Project:
         return backbone_for(self.settings, feature_weights(self.layout, alignment))
 
 
-def feature_store(model_dir: Path, project_id: int) -> Any:
-    from asvp_backend.features import FeatureStore
-
+def feature_store(model_dir: Path, project_id: int) -> FeatureStore:
     return FeatureStore(ProjectLayout(model_dir, project_id).features_dir)
 
 

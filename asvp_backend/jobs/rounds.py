@@ -26,6 +26,7 @@ import numpy as np
 
 from asvp_backend.artefacts import RankingArtefact, extend_ranking, proxy_path, prune_rounds, write_round
 from asvp_backend.config import Settings
+from asvp_backend.features.store import FeatureGeneration
 from asvp_backend.jobs.alignment import after_round, judge_waiting_refresh, pre_annotations
 from asvp_backend.jobs.chain import round_due, unranked_pool
 from asvp_backend.jobs.context import JobContext
@@ -82,7 +83,7 @@ def last_round_seconds(state: ProjectState) -> float | None:
     return float(sum(timings.values())) + float((state.last_sync or {}).get("seconds") or 0.0)
 
 
-def load_inputs(generation: Any, tasks: dict[int, SyncedTask]) -> RoundInputs:
+def load_inputs(generation: FeatureGeneration, tasks: dict[int, SyncedTask]) -> RoundInputs:
     ids, vectors = generation.matrix()
     row_of = {int(tid): row for row, tid in enumerate(ids.tolist())}
     labelled = [(tid, t.label) for tid, t in tasks.items() if t.label is not None and tid in row_of]
@@ -137,8 +138,8 @@ def push_ranking(client: Any, pid: int, spec: ClassificationSpec, version: Model
 def run_round(ctx: JobContext) -> dict[str, Any]:
     runtime, pid = ctx.runtime, ctx.project_id
     settings = runtime.settings
-    layout = runtime.layout(pid)
-    state = runtime.store.require(pid)
+    layout = ctx.project.layout
+    state = ctx.project.state()
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -220,7 +221,7 @@ def run_round(ctx: JobContext) -> dict[str, Any]:
         current.record_job(ctx.job_id)
         return current
 
-    runtime.store.update(pid, commit)  # step 4: right after the switch
+    ctx.project.update_state(commit)  # step 4: right after the switch
     record["deleted_versions"] = _delete_old_versions(client, pid, previous=state.version, current=version)
     ctx.check_fence()
     prune_rounds(layout, keep={str(version), str(state.version)})
@@ -242,8 +243,8 @@ def run_round(ctx: JobContext) -> dict[str, Any]:
     return record
 
 
-def _not_due(ctx: JobContext, state: ProjectState, generation: Any, tasks: dict[int, SyncedTask], changed: int,
-             every: int) -> dict[str, Any]:
+def _not_due(ctx: JobContext, state: ProjectState, generation: FeatureGeneration, tasks: dict[int, SyncedTask],
+             changed: int, every: int) -> dict[str, Any]:
     """A round job that finds no round due. Under RETRAIN_EVERY=auto a sync queues a round at every label
     (Settings.retrain_every is 1) and the round applies the project's cadence here; the sync then queued
     no rescore, so tasks added since the round are scored by a rescore job, as the sync would have."""
@@ -251,7 +252,7 @@ def _not_due(ctx: JobContext, state: ProjectState, generation: Any, tasks: dict[
                               "reason": "no round due (labels unchanged since the last round)" if not changed else
                               f"no round due ({changed} of {every} labels since the last round)"}
     settings = ctx.runtime.settings
-    if every > settings.retrain_every and unranked_pool(ctx.runtime.layout(ctx.project_id), state, generation, tasks):
+    if every > settings.retrain_every and unranked_pool(ctx.project.layout, state, generation, tasks):
         result["next"] = "rescore"
         ctx.runtime.queue.submit("rescore", ctx.project_id, reason="new tasks without a score")
     return result
@@ -332,8 +333,8 @@ def rescore_new_tasks(ctx: JobContext) -> dict[str, Any]:
 
     runtime, pid = ctx.runtime, ctx.project_id
     settings = runtime.settings
-    layout = runtime.layout(pid)
-    state = runtime.store.require(pid)
+    layout = ctx.project.layout
+    state = ctx.project.state()
     generation = ctx.project.serving_generation()
     if generation is None or not state.round or generation.info.generation != state.generation:
         return {"status": "skipped", "reason": "no current round on the current features"}

@@ -21,6 +21,7 @@ from asvp_backend.artefacts import (
     read_stop_set,
     write_stop_set,
 )
+from asvp_backend.features.store import FeatureGeneration
 from asvp_backend.layout import ProjectLayout
 from asvp_backend.stopping import STOP_SET_SIZE, cohen_kappa
 
@@ -42,7 +43,7 @@ def stop_set(layout: ProjectLayout, pool_ids: np.ndarray, seed: int) -> np.ndarr
     return drawn
 
 
-def predict_stop_set(layout: ProjectLayout, seed: int, pool_ids: np.ndarray, generation: Any, proxy: Any,
+def predict_stop_set(layout: ProjectLayout, seed: int, pool_ids: np.ndarray, generation: FeatureGeneration, proxy: Any,
                      previous_version: object) -> tuple[StopPredictions | None, dict[str, Any]]:
     """The round proxy's labels for the stop set, and the round record's `stop` entry: kappa against
     `previous_version`'s predictions (None when either round made none, e.g. at cold start)."""

@@ -100,9 +100,9 @@ class _Opened:
 def _open(ctx: JobContext) -> _Opened | str:
     """The state, the project and the snapshot; or why only a whole read will do (every task's label under a
     new config, or a snapshot to rebuild)."""
-    runtime, pid = ctx.runtime, ctx.project_id
-    state = runtime.store.require(pid)
-    client = runtime.label_studio(pid)
+    pid = ctx.project_id
+    state = ctx.project.state()
+    client = ctx.project.label_studio()
     project = client.get_project(pid)
     if (project.get("label_config") or state.label_config) != state.label_config:
         return LABEL_CONFIG_CHANGED
@@ -265,7 +265,7 @@ def _save_sync(ctx: JobContext, project: dict[str, Any], state: ProjectState, ta
                **detail: Any) -> tuple[dict[str, Any], dict[int, SyncedTask], ProjectState | None]:
     """Save the snapshot, then record the sync in the state (the label config, pre-annotation reviews, and a
     reconcile's progress: `reconcile` False leaves it as it is, None ends it)."""
-    runtime, pid = ctx.runtime, ctx.project_id
+    pid = ctx.project_id
     spec, label_config, config_error = _spec_of(project, state)
     ctx.check_fence()  # a job whose lease was lost writes nothing more (jobs/fencing.py)
     ctx.project.snapshot.save(tasks)
@@ -299,7 +299,7 @@ def _save_sync(ctx: JobContext, project: dict[str, Any], state: ProjectState, ta
         current.record_job(ctx.job_id)
         return current
 
-    new_state = runtime.store.update(pid, record)
+    new_state = ctx.project.update_state(record)
     ctx.progress(len(tasks), len(tasks), stage="done", force=True)
     log.info("project %s synced (%s read%s): %s tasks, %s labelled", pid, read,
              f", {detail['reason']}" if detail.get("reason") else "", len(tasks), labelled)
@@ -309,7 +309,7 @@ def _save_sync(ctx: JobContext, project: dict[str, Any], state: ProjectState, ta
 def _clear_connection_problem(ctx: JobContext) -> None:
     """This sync read every task: a failed /setup check (a timeout on a busy machine) no longer applies,
     so `problems` stops showing it without waiting for Label Studio's next /setup."""
-    layout = ctx.runtime.layout(ctx.project_id)
+    layout = ctx.project.layout
     if credentials.problem(layout) is None:
         return
     try:
@@ -326,7 +326,7 @@ def _rebuild_state(ctx: JobContext, project: dict[str, Any]) -> ProjectState:
     label_config = str(project.get("label_config") or "")
     spec = parse_label_config(label_config)  # a config we cannot serve: the job fails and says why
     store.quarantine(pid)
-    fresh = ProjectState.recovered(pid, label_config, spec, round_versions_on_disk(ctx.runtime.layout(pid)))
+    fresh = ProjectState.recovered(pid, label_config, spec, round_versions_on_disk(ctx.project.layout))
     store.update(pid, lambda current: current if current is not None else fresh)
     return store.require(pid)
 
@@ -336,7 +336,7 @@ def train(ctx: JobContext) -> dict[str, Any]:
     deliverable model with the policy's training method (features refresh only through the trigger)."""
     ctx.params["force_round"] = True
     summary = sync(ctx)
-    state = ctx.runtime.store.require(ctx.project_id)
+    state = ctx.project.state()
     under_way = ctx.runtime.queue.active(ctx.project_id, frozenset({"finetune"}))
     if under_way is not None:  # pressed again meanwhile: one fine-tune of the same labels is enough
         summary["finetune"], summary["finetune_joined"] = under_way.id, True

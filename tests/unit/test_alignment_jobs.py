@@ -22,6 +22,7 @@ from asvp_backend.jobs.alignment import (
 )
 from asvp_backend.jobs.chain import follow_up
 from asvp_backend.jobs.finetune import run_finetune
+from asvp_backend.jobs.resources import Project
 from asvp_backend.jobs.rounds import load_inputs, run_round
 from asvp_backend.jobs.sync import sync
 from asvp_backend.layout import ProjectLayout
@@ -203,24 +204,24 @@ def _items(labelling) -> list[tuple[int, str, str]]:
 
 def test_the_verdict_scores_both_models_on_the_same_held_out_tasks(tmp_path):
     stack = Stack(tmp_path)  # features: even tasks around +3, odd ones around -3
-    settings = stack.runtime.settings
+    settings, serving = stack.runtime.settings, Project(stack.runtime, PID).serving_generation()
     held = list(range(10))  # tasks 1..10; the proxy fits the other 30
     items = _items(lambda t: "cat" if t % 2 == 0 else "dog")  # labels the features separate
     truth = [items[i][2] for i in held]
-    tie = judge_against_proxy(settings, PID, items, held, truth)
+    tie = judge_against_proxy(settings, serving, items, held, truth)
     assert tie["verdict"] == "proxy" and tie["model_accuracy"] == tie["proxy_accuracy"] == 1.0  # a tie: the proxy
     assert tie["n"] == 10 and tie["proxy_trained_on"] == 30 and tie["proxy"] == "logistic"
     assert tie["reason"] == ("the proxy is the better model: 1.000 for the fine-tuned model vs 1.000 for the proxy "
                              "(logistic) on the same 10 held-out labels")
-    worse = judge_against_proxy(settings, PID, items, held, ["cat"] * 10)
+    worse = judge_against_proxy(settings, serving, items, held, ["cat"] * 10)
     assert worse["verdict"] == "proxy" and worse["model_accuracy"] == 0.5 and worse["proxy_only"] == 5
     items = _items(lambda t: "cat" if t % 4 < 2 else "dog")  # labels the features cannot tell apart
     truth = [items[i][2] for i in held]
-    win = judge_against_proxy(settings, PID, items, held, truth)
+    win = judge_against_proxy(settings, serving, items, held, truth)
     assert win["verdict"] == "model" and win["model_accuracy"] == 1.0 > win["proxy_accuracy"]
     assert win["model_only"] == round(10 * (1 - win["proxy_accuracy"])) and win["proxy_only"] == 0
     assert win["reason"].startswith("the fine-tuned model beats the proxy: 1.000 for the fine-tuned model vs")
-    none = judge_against_proxy(settings, PID, items, [], [])
+    none = judge_against_proxy(settings, serving, items, [], [])
     assert none["verdict"] == "unjudged" and "no held-out labels" in none["reason"]
 
 
@@ -228,7 +229,8 @@ def test_held_out_tasks_without_features_are_left_out_of_both_scores(tmp_path):
     stack = Stack(tmp_path)  # features for tasks 1..40 only
     items = _items(lambda t: "cat" if t % 2 == 0 else "dog") + [(41, "u", "dog"), (42, "u", "cat")]
     held = [40, 41, 0, 1]  # tasks 41 and 42 (no features), 1 and 2
-    judged = judge_against_proxy(stack.runtime.settings, PID, items, held, ["cat", "dog", "dog", "cat"])
+    serving = Project(stack.runtime, PID).serving_generation()
+    judged = judge_against_proxy(stack.runtime.settings, serving, items, held, ["cat", "dog", "dog", "cat"])
     assert judged["held_out"] == 4 and judged["n"] == 2 and judged["model_accuracy"] == 1.0
 
 
