@@ -257,7 +257,7 @@ def run_parts(args: argparse.Namespace) -> int:
         stack = Stack(args.redis_url, args.image_size, {"EXTRACT_BATCH_SIZE": str(args.batch_size), **env})
         try:
             write_images(stack.docroot, 0, args.tasks)
-            pid = connect(stack, f"parts bench: {name}")
+            pid = connect(stack, f"parts bench, {workers} workers")
             import_tasks(stack.ls, pid, 0, args.tasks, labelled=0)
             stack.start_backend(workers=workers)
             attach_backend(stack, pid)
@@ -271,6 +271,11 @@ def run_parts(args: argparse.Namespace) -> int:
             cached = max((j["result"] or {}).get("cached", 0) for j in extraction if j["kind"] == "extract")
             rows.append((name, wall, extracted, cached, len(extraction)))
             print(f"{name}: {wall:.1f} s, {extracted} extracted, {cached} cached", file=sys.stderr)
+            start = min(j["started_at"] for j in extraction)
+            for job in sorted(extraction, key=lambda j: j["started_at"]):  # the timeline, for the reader
+                took = job["ended_at"] - job["started_at"]
+                print(f"  {job['kind']:16} +{job['started_at'] - start:6.1f} s  {took:6.1f} s  "
+                      f"extracted {(job['result'] or {}).get('extracted')}", file=sys.stderr)
         finally:
             stack.stop()
     print(f"### One project's first extraction, {args.tasks} tasks ({header})\n")
