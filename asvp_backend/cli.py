@@ -67,7 +67,9 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     if unknown:
         print(f"unknown queue(s): {', '.join(sorted(unknown))}; use cpu and/or gpu", file=sys.stderr)
         return 2
-    preload()  # import the job code once, before forking work-horses
+    missing = preload()  # import the job code and its libraries once, before forking work-horses
+    if missing:
+        print(f"worker: not preloaded (each job imports them itself): {', '.join(missing)}", file=sys.stderr)
     run_worker(build_runtime(settings), queues, name=args.name, burst=args.burst, in_process=args.in_process)
     return 0
 

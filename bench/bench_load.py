@@ -501,12 +501,14 @@ def annotation_latency(stack: Stack, pid: int, args: argparse.Namespace) -> None
         wait_for(lambda: labelled() >= count, timeout=args.timeout, interval=0.05, what=f"{count} labels")
         return time.perf_counter() - started
 
-    singles = []
+    singles, phases = [], []
     for tid in free[: args.annotate]:
         before = labelled()
-        started = time.perf_counter()
+        started, wall = time.perf_counter(), time.time()
         annotate(tid)
+        posted = time.time()
         singles.append(until(before + 1, started))
+        phases.append(_phases(stack, pid, wall, posted, wall + singles[-1]))
     burst_tasks = free[args.annotate : args.annotate + args.burst]
     before = labelled()
     started = time.perf_counter()
@@ -543,9 +545,39 @@ def annotation_latency(stack: Stack, pid: int, args: argparse.Namespace) -> None
     print(f"| the same burst: all {len(burst_tasks)} in the state | {burst_all:.2f} |")
     print(f"| reconcile: every task read again, job time summed over its {len(slices)} slices | {reconcile:.1f} |")
     print(f"| reconcile (wall, queued from the status page) | {reconcile_wall:.1f} |")
+    known = [p for p in phases if p is not None]
+    if known:
+        print(f"\nWhere one annotation's time goes (medians of the {len(known)} single annotations whose sync job "
+              "was found; clocks of one machine):\n")
+        print("| phase | seconds |\n|---|---|")
+        for name in PHASES:
+            print(f"| {name} | {statistics.median(p[name] for p in known):.2f} |")
     print(f"\nSync jobs that served the {len(singles) + len(burst_tasks)} annotations: {len(targeted)} targeted "
           f"reads of {sum((j.get('result') or {}).get('tasks_read', 0) for j in targeted)} tasks in all.")
     print("Peak RSS during these (MiB): " + ", ".join(f"{name} {mib:.0f}" for name, mib in memory.items()) + ".")
+
+
+PHASES = ("Label Studio's annotation request (POST, until it answers)",
+          "its answer to the sync job queued (the webhook's hop)",
+          "queued to started (the queue, rq's work-horse)",
+          "the sync job: read the task, save the snapshot and the state",
+          "the sync job: queue what follows (features, rounds, rescore)",
+          "the sync job: the rest (lease, fencing, rq's bookkeeping)",
+          "the job's end to the state seen (polled every 50 ms)")
+
+
+def _phases(stack: Stack, pid: int, sent: float, answered: float, seen: float) -> dict[str, float] | None:
+    """The annotation's time in phases, from the first sync job queued after it was sent (None: not found)."""
+    syncs = sorted((j for j in stack.jobs(pid) if j["kind"] == "sync" and (j.get("enqueued_at") or 0) >= sent
+                    and j.get("started_at") and j.get("ended_at")), key=lambda j: j["enqueued_at"])
+    if not syncs:
+        return None
+    job = syncs[0]
+    timings = (job.get("result") or {}).get("timings") or {}
+    read, follow = float(timings.get("read_and_save", 0.0)), float(timings.get("follow_up", 0.0))
+    points = (sent, answered, job["enqueued_at"], job["started_at"], job["started_at"] + read,
+              job["started_at"] + read + follow, job["ended_at"], seen)
+    return {name: points[k + 1] - points[k] for k, name in enumerate(PHASES)}
 
 
 def main() -> int:

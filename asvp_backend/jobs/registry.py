@@ -61,10 +61,27 @@ JOB_KINDS: dict[str, JobKind] = {kind.name: kind for kind in (
 )}
 
 
-def preload() -> None:
-    """Import every job body once (a worker does, so that its forked work-horses do not each pay for it)."""
+# What the job bodies import inside their functions (to keep the API process light). rq runs each job in a
+# work-horse forked from the worker: whatever the worker has not imported, every job imports again. Measured:
+# the client of label_studio_sdk (which the package imports lazily, on first use) took about 0.7 s of each
+# 1.3 s targeted sync (bench_load.py scale, 5,000 tasks, profiled with py-spy).
+HEAVY_IMPORTS = ("label_studio_sdk.client", "torch", "torchvision", "timm", "sklearn", "PIL.Image",
+                 "asvp_backend.features", "asvp_backend.selection", "asvp_backend.alignment.finetune")
+
+
+def preload() -> list[str]:
+    """Import every job body and HEAVY_IMPORTS once (a worker does before it forks, so that its work-horses do
+    not each pay for them). Importing runs no torch operation, so no thread pool exists yet to break a fork.
+    Returns what could not be imported (a light worker image may lack a library its queue never needs)."""
     for kind in JOB_KINDS.values():
         kind.function()
+    missing = []
+    for name in HEAVY_IMPORTS:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
 
 
 class UnknownJobKind(KeyError):

@@ -37,9 +37,14 @@ RECONCILE_PAGE = 500  # tasks per request of a reconcile (keyset pages in id ord
 
 
 def sync(ctx: JobContext) -> dict[str, Any]:
-    """Bring the project's snapshot and state up to what Label Studio holds, then queue what follows."""
+    """Bring the project's snapshot and state up to what Label Studio holds, then queue what follows
+    (`timings`: seconds of each, so that a slow annotation-to-state path says where its time went)."""
+    clock = time.perf_counter()
     summary, tasks, state = sync_tasks(ctx)
+    read = time.perf_counter()
     summary["next"] = follow_up(ctx, state, tasks)
+    summary["timings"] = {"read_and_save": round(read - clock, 3),
+                          "follow_up": round(time.perf_counter() - read, 3)}
     return summary
 
 
