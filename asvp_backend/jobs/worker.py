@@ -67,8 +67,8 @@ def run_worker(runtime: Runtime, queues: list[str], name: str | None, burst: boo
     if not in_process:
         # Every object made so far (the preloaded libraries: torch, timm, Label Studio's SDK) lives as long as
         # the worker. Frozen, the garbage collector of a forked work-horse skips them instead of writing to
-        # each one's header and copying every page they sit on: that cost each short job about 0.4 s (a
-        # targeted sync of 1.3 s, profiled with py-spy; bench/results/scale_cpu.md).
+        # each one's header and copying every page they sit on. Our reading of a py-spy profile put that at
+        # about 0.4 s of a 1.3 s targeted sync; with the preload, 1.3 s became 0.44 s (bench/results/scale_cpu.md).
         gc.freeze()
     try:
         worker.work(burst=burst, with_scheduler=False)
