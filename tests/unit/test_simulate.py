@@ -21,7 +21,13 @@ from PIL import Image
 from asvp_backend.evaluation.command import main
 from asvp_backend.evaluation.datasets import SEEDED_SPLIT, load_dataset, stratified_sample
 from asvp_backend.evaluation.report import build_results, write_report
-from asvp_backend.evaluation.simulate import ConfigMismatchError, Simulation, SimulationConfig
+from asvp_backend.evaluation.simulate import (
+    ConfigMismatchError,
+    DeliverableCache,
+    Simulation,
+    SimulationConfig,
+    Workspace,
+)
 
 TINY = {"backbone": "test_efficientnet", "weights": "random", "image_size": 32, "device": "cpu"}
 BASE = {"dataset": "digits", "subset": 300, "test_subset": 120, "initial": 20, "budget_per_round": 20, "rounds": 2,
@@ -180,6 +186,43 @@ def test_finetune_evaluation_trains_the_policy_deliverable(tmp_path: Path):
     assert [rec["evaluated_by"] for rec in runs[0].rounds] == ["lpft", "lpft"]  # generation 0: LP-FT
     (run,) = build_results(sim, runs, "test")["runs"]["random"]
     assert run["seconds"]["final_model"] > 0 and run["cpu_hours"] > 0  # the shipped model is charged
+
+
+def test_runs_that_pick_the_same_labels_share_their_deliverables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    trained: list[tuple[str, int]] = []
+    train = Workspace.finetune
+
+    def counting(self: Workspace, method: str, rows: np.ndarray, seed: int) -> Any:
+        trained.append((method, len(rows)))
+        return train(self, method, rows, seed)
+
+    monkeypatch.setattr(Workspace, "finetune", counting)
+    _, runs = simulate(tmp_path, methods=("svpp", "asvp"), rounds=1, eval="finetune", finetune_epochs=1, lp_epochs=1)
+    svpp, asvp = sorted(runs, key=lambda run: run.method != "svpp")
+    assert asvp.updates == 0 and [r["added"] for r in asvp.rounds] == [r["added"] for r in svpp.rounds]
+    assert trained == [("lpft", 20), ("lpft", 40)]  # one run's two rounds; the other run read them back
+    assert [(r["accuracy"], r["evaluated_by"]) for r in asvp.rounds] == [
+        (r["accuracy"], r["evaluated_by"]) for r in svpp.rounds
+    ]
+    # a read-back round is charged what training cost (the bucket also holds the audit estimate, under a second)
+    stored = sum(json.loads(f.read_text())["seconds"] for f in (tmp_path / "cache" / "deliverables").glob("*.json"))
+    trained_seconds, read_back_seconds = (sum(r["seconds"]["evaluation"] for r in run.rounds) for run in (svpp, asvp))
+    assert stored > 1 and stored <= read_back_seconds and abs(read_back_seconds - trained_seconds) < 1
+
+
+def test_an_unreadable_deliverable_entry_is_trained_again(tmp_path: Path):
+    cache, calls = DeliverableCache(tmp_path), []
+
+    def train() -> tuple[float, str]:
+        calls.append(1)
+        return 0.75, "lpft"
+
+    assert cache.get({"seed": 1}, train)[:2] == (0.75, "lpft") and cache.get({"seed": 1}, train)[:2] == (0.75, "lpft")
+    assert len(calls) == 1
+    (entry,) = (tmp_path / "deliverables").glob("*.json")
+    entry.write_text('{"accuracy": ')  # cut short
+    assert cache.get({"seed": 1}, train)[:2] == (0.75, "lpft") and len(calls) == 2
+    assert json.loads(entry.read_text())["accuracy"] == 0.75
 
 
 def test_update_decided_in_the_last_round_is_recorded_not_run(tmp_path: Path):
