@@ -290,8 +290,8 @@ class FeatureCache:
 class DeliverableCache:
     """``deliverables/<key>.json`` under ``root``: what an ``--eval finetune`` deliverable scored and cost.
 
-    A round's deliverable is a pure function of the labelled rows (in their order), the training method and the
-    round's seed (it is always trained from the pre-trained weights), so runs that share a round share it: SVPp and
+    A round's deliverable is a pure function of the labelled rows (in their order) and the recipe, seed included
+    (it is always trained from the pre-trained weights), so runs that share a round share it: SVPp and
     ASVP of one seed pick the same labels until ASVP's first adopted refresh, and a gated ASVP whose refresh was
     rejected goes on picking SVPp's. A hit charges the stored seconds, so each run's cost reads as if it had
     trained the model; only the wall time of the simulation is shorter."""
@@ -450,15 +450,21 @@ class Workspace:
         return float(np.mean(pred == self.dataset.test.labels)), "proxy"
 
     # -- fine-tuning
-    def finetune(self, method: str, rows: np.ndarray, seed: int) -> Any:
-        """FT or LP-FT from the pre-trained weights on the labelled rows. The test split measures accuracy,
-        so no labelled slice is held out."""
-        from asvp_backend.alignment.finetune import finetune, recipe_for
+    def recipe(self, method: str, n_rows: int, seed: int) -> Any:
+        """The backend's recipe for ``n_rows`` labels, with no held-out slice: the test split measures accuracy."""
+        from asvp_backend.alignment.finetune import recipe_for
 
-        recipe = recipe_for(method, len(rows), epochs=self.config.finetune_epochs, seed=seed)
+        recipe = recipe_for(method, n_rows, epochs=self.config.finetune_epochs, seed=seed)
         recipe = replace(recipe, holdout_fraction=0.0)
         if self.config.lp_epochs is not None:
             recipe = replace(recipe, lp_epochs=self.config.lp_epochs)
+        return recipe
+
+    def finetune(self, method: str, rows: np.ndarray, seed: int) -> Any:
+        """FT or LP-FT from the pre-trained weights on the labelled rows."""
+        from asvp_backend.alignment.finetune import finetune
+
+        recipe = self.recipe(method, len(rows), seed)
         with _bar(0, f"fine-tune {method} on {len(rows)}", self.progress, unit="step") as bar:
 
             def progress(done: int, total: int, stage: str) -> None:
@@ -510,8 +516,8 @@ class Workspace:
 
         cfg = self.config
         parts = {"dataset": self.dataset.key, "backbone": cfg.backbone, "weights": cfg.weights,
-                 "image_size": cfg.image_size, "finetune_epochs": cfg.finetune_epochs, "lp_epochs": cfg.lp_epochs,
-                 "device": self.device.type, "method": method, "seed": seed,
+                 "image_size": cfg.image_size, "device": self.device.type,
+                 "recipe": self.recipe(method, len(rows), seed).to_dict(),
                  "rows": hashlib.sha256(np.asarray(rows, np.int64).tobytes()).hexdigest()}  # fmt: skip
         accuracy, evaluated_by, seconds = self.deliverables.get(parts, train_and_measure)
         laps.add("evaluation", seconds)
