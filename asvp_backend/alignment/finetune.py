@@ -14,9 +14,10 @@ labels"):
 - the learning rates are those of the reference batch (128) and scale linearly with the batch, so batch 8 does
   not take batch-128 steps; LP-FT's FT stage moves the backbone at a tenth of FT's rate (it starts from a
   fitted head, and at 224 px the full rate undid the probe within 16 steps);
-- BatchNorm keeps its pre-trained statistics during FT (its affine weights learn) unless ``bn_min_batch`` sets
-  a batch from which they are re-estimated: statistics re-estimated on a few hundred augmented crops are what
-  evaluation then uses, and they cost both methods 6 to 22 points of test accuracy at 150 to 350 labels;
+- LP-FT's FT stage keeps BatchNorm's pre-trained statistics (its affine weights learn): its head was fitted on
+  features normalised by them, and re-estimated on a few hundred augmented crops they cost it 8 to 22 points of
+  test accuracy at 150 to 350 labels. FT re-estimates them from batch ``bn_min_batch`` (32) up: at its full
+  rate, with the statistics kept, batch 64 ended at chance, and a batch of 8 gives noisy statistics;
 - the step floor: ``recipe_for`` never gives the FT stage fewer than MIN_STEPS optimiser steps, whatever
   epochs were asked for, unless the caller insists.
 
@@ -93,8 +94,8 @@ class FinetuneRecipe:
     milestones: tuple[float, ...] = (0.6, 0.8)  # lr x 0.1 at these fractions of the FT steps
     lp_epochs: int = 10  # LP stage of lpft: passes over the training images whose frozen features fit the head
     lp_l2: float = 1e-3  # L2 penalty of the LP fit (mean cross-entropy + lp_l2 / 2 |W|^2, unit-norm features)
-    bn_min_batch: int | None = None  # None: BatchNorm keeps its pre-trained statistics during FT; N: trains them
-    # from batch N. Re-estimated on a few hundred augmented labels they cost 6 to 22 points (docs/decisions.md)
+    bn_min_batch: int | None = 32  # FT re-estimates BatchNorm's statistics from this batch up (None: never);
+    # LP-FT never does (docs/decisions.md, "BatchNorm's statistics in fine-tuning")
     holdout_fraction: float = 0.1
     max_holdout: int = 500
     augment: bool = True  # RandomResizedCrop(input) + horizontal flip; off: the eval centre crop
@@ -126,8 +127,8 @@ class FinetuneRecipe:
 
     @property
     def trains_batchnorm(self) -> bool:
-        """Whether the FT stage re-estimates BatchNorm's statistics (only from ``bn_min_batch``, when set)."""
-        return self.bn_min_batch is not None and self.batch_size >= self.bn_min_batch
+        """Whether the FT stage re-estimates BatchNorm's statistics: FT from ``bn_min_batch`` up, LP-FT never."""
+        return self.method == "ft" and self.bn_min_batch is not None and self.batch_size >= self.bn_min_batch
 
     @property
     def lr_scale(self) -> float:

@@ -124,7 +124,7 @@ def test_ft_learns_the_patterns_and_reports_metrics(trained, fresh):
     assert m["ft_steps"] == 3 * 7 and m["lp_losses"] == [] and m["feature_sq_norm"] > 0
     assert m["ft_lr"]["backbone"] == pytest.approx(0.01 * 8 / 128)  # the linear scaling rule
     assert m["ft_lr"]["head_weight"] == pytest.approx(25.0 * 8 / 128 / m["feature_sq_norm"])
-    assert m["batchnorm"] == "pre-trained statistics"  # the default, at every batch
+    assert m["batchnorm"] == "pre-trained statistics"  # batch 8 < bn_min_batch
     assert m["images_per_second"] > 0 and m["seconds"] >= m["ft_seconds"]
     assert len(m["train_losses"]) == 3 and m["final_train_loss"] == m["train_losses"][-1]
     assert m["train_losses"][-1] < m["train_losses"][0]
@@ -283,21 +283,24 @@ def test_the_step_floor_raises_asked_epochs_unless_the_caller_insists():
     assert step_floor_epochs(40, 8) == 30 and step_floor_epochs(1, 8) == 150
 
 
-def test_batchnorm_keeps_the_pretrained_statistics_unless_a_batch_is_set_to_train_them():
+def test_small_batches_and_lpft_keep_the_pretrained_batchnorm_statistics():
     def running_means(model: torch.nn.Module) -> list[torch.Tensor]:
         return [m.running_mean.clone() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
 
     ref = create_backbone(TINY, "random", device="cpu", image_size=SIZE).model
-    frozen = run(Labelled.patterns(24), epochs=1, seed=3)  # the default: never re-estimated
+    frozen = run(Labelled.patterns(24), epochs=1, seed=3)  # batch 8 < bn_min_batch 32
     trained_bn = run(Labelled.patterns(24), epochs=1, seed=3, bn_min_batch=8)
-    assert not recipe_for("ft", 100_000).trains_batchnorm  # batch 128: still the pre-trained statistics
-    assert FinetuneRecipe("ft", 1, 64, bn_min_batch=32).trains_batchnorm
-    assert not FinetuneRecipe("ft", 1, 16, bn_min_batch=32).trains_batchnorm
+    lpft = run(Labelled.patterns(24), "lpft", epochs=1, seed=3, bn_min_batch=8)
+    assert lpft.metrics["batchnorm"] == "pre-trained statistics"
+    assert recipe_for("ft", 500).trains_batchnorm and not recipe_for("lpft", 500).trains_batchnorm  # batch 64
+    assert not recipe_for("ft", 100).trains_batchnorm  # batch 16
+    assert not FinetuneRecipe("ft", 1, 64, bn_min_batch=None).trains_batchnorm
     with pytest.raises(ValueError, match="bn_min_batch"):
         FinetuneRecipe("ft", 1, 16, bn_min_batch=1)
     assert frozen.metrics["batchnorm"] == "pre-trained statistics" and trained_bn.metrics["batchnorm"] == "trained"
-    for before, after in zip(running_means(ref), running_means(frozen.model), strict=True):
-        torch.testing.assert_close(after, before, rtol=0, atol=0)
+    for kept in (frozen, lpft):
+        for before, after in zip(running_means(ref), running_means(kept.model), strict=True):
+            torch.testing.assert_close(after, before, rtol=0, atol=0)
     assert any(not torch.equal(a, b) for a, b in zip(running_means(ref), running_means(trained_bn.model), strict=True))
 
 
