@@ -16,7 +16,7 @@ labels"):
   fitted head, and at 224 px the full rate undid the probe within 16 steps);
 - LP-FT's FT stage keeps BatchNorm's pre-trained statistics (its affine weights learn): its head was fitted on
   features normalised by them, and re-estimated on a few hundred augmented crops they cost it 8 to 22 points of
-  test accuracy at 150 to 350 labels. FT re-estimates them from batch ``bn_min_batch`` (32) up: at its full
+  test accuracy at 150 to 500 labels. FT re-estimates them from batch ``bn_min_batch`` (32) up: at its full
   rate, with the statistics kept, batch 64 ended at chance, and a batch of 8 gives noisy statistics;
 - the step floor: ``recipe_for`` never gives the FT stage fewer than MIN_STEPS optimiser steps, whatever
   epochs were asked for, unless the caller insists.

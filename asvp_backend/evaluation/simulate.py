@@ -50,7 +50,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -70,6 +70,10 @@ from asvp_backend.selection.queue import (
 )
 
 from .datasets import Dataset, Split, load_dataset
+
+if TYPE_CHECKING:  # torch loads when a run fine-tunes, not when the module is imported
+    from asvp_backend.alignment.finetune import FinetuneRecipe
+
 
 log = logging.getLogger(__name__)
 
@@ -291,10 +295,10 @@ class DeliverableCache:
     """``deliverables/<key>.json`` under ``root``: what an ``--eval finetune`` deliverable scored and cost.
 
     A round's deliverable is a pure function of the labelled rows (in their order) and the recipe, seed included
-    (it is always trained from the pre-trained weights), so runs that share a round share it: SVPp and
-    ASVP of one seed pick the same labels until ASVP's first adopted refresh, and a gated ASVP whose refresh was
-    rejected goes on picking SVPp's. A hit charges the stored seconds, so each run's cost reads as if it had
-    trained the model; only the wall time of the simulation is shorter."""
+    (it is always trained from the pre-trained weights), so runs that share a round share it: SVPp and ASVP of
+    one seed pick the same labels until ASVP's first adopted refresh, and a gated ASVP whose refresh was rejected
+    goes on picking SVPp's. A hit charges the stored seconds, so each run's cost reads as if it had trained the
+    model; only the wall time of the simulation is shorter."""
 
     def __init__(self, root: Path) -> None:
         self.root = root / "deliverables"
@@ -450,7 +454,7 @@ class Workspace:
         return float(np.mean(pred == self.dataset.test.labels)), "proxy"
 
     # -- fine-tuning
-    def recipe(self, method: str, n_rows: int, seed: int) -> Any:
+    def recipe(self, method: str, n_rows: int, seed: int) -> FinetuneRecipe:
         """The backend's recipe for ``n_rows`` labels, with no held-out slice: the test split measures accuracy."""
         from asvp_backend.alignment.finetune import recipe_for
 
