@@ -17,10 +17,13 @@
 #                                       when the audit has 60 labels) and gate_*_350_cpu (the same command with
 #                                       OUT bench/results/gate_*_350_cpu and --align-min-labels 350 appended:
 #                                       the refresh is fine-tuned when the audit can judge it at once).
-#                                       gate_mnist_350_finetune_cpu: the deliverable instead of the proxy, one
-#                                       seed (appended: --align-min-labels 350 --methods svpp,asvp --seeds 1
-#                                       --eval finetune); 79 min, most of it beside other benchmarks, so its
-#                                       seconds and CPU hours are inflated. 3 seeds and Fashion-MNIST: not run.
+#                                       gate_mnist_350_finetune_cpu and gate_fmnist_350_finetune_cpu: the
+#                                       deliverable instead of the proxy, one seed (appended: --align-min-labels
+#                                       350 --methods svpp,asvp --seeds 1 --eval finetune); about 58 min each,
+#                                       the two side by side. Their rounds ran at fb4525e (LP-FT keeps
+#                                       BatchNorm's statistics), before a51e710 (no batch under half a batch);
+#                                       a report's "Code" line names the commit it was rebuilt at. 3 seeds: not
+#                                       run.
 #   bench/bench_simulate.sh gpu [OUT]   the benchmark of record on a GPU machine (not run yet): the full
 #                                       60,000 / 10,000 split at 224 px, --eval finetune, 100 + 100 x 10 labels
 #                                       (the labels of docs/method.md, *Measuring the savings*), 3 seeds.
