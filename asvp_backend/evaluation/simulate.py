@@ -257,18 +257,19 @@ class Features:
     key: str
 
 
+def cache_key(parts: dict[str, Any]) -> str:
+    """The file name of a cache entry: a hash of what decides its content."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
 class FeatureCache:
     """``<key>.npy`` + ``<key>.json`` under ``root``; the JSON is written last and marks a complete entry."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    @staticmethod
-    def key(parts: dict[str, Any]) -> str:
-        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
     def get(self, parts: dict[str, Any], compute: Callable[[], np.ndarray]) -> Features:
-        key = self.key(parts)
+        key = cache_key(parts)
         vec_path, meta_path = self.root / f"{key}.npy", self.root / f"{key}.json"
         if meta_path.is_file() and vec_path.is_file():
             try:
@@ -305,7 +306,7 @@ class DeliverableCache:
 
     def get(self, parts: dict[str, Any], compute: Callable[[], tuple[float, str]]) -> tuple[float, str, float]:
         """(accuracy, evaluated_by, seconds) of the deliverable ``parts`` names, training it when none is stored."""
-        path = self.root / f"{FeatureCache.key(parts)}.json"
+        path = self.root / f"{cache_key(parts)}.json"
         if path.is_file():
             try:
                 found = json.loads(path.read_text())
