@@ -23,6 +23,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from asvp_backend.alignment.policy import deliverable_rank
 from asvp_backend.fsutil import atomic_write_bytes, flocked
 from asvp_backend.labelstudio.label_config import ClassificationSpec
 from asvp_backend.layout import ProjectLayout, projects_root
@@ -89,23 +90,22 @@ class AlignmentState:
                 and s.get("labelled") is not None]
 
     def current_model(self, damaged: Collection[str] = ()) -> dict[str, Any] | None:
-        """The deliverable: the newest model, i.e. the one trained on the most labels (on a tie, one the proxy
-        did not beat, then the more accurate; models trained on different label sets are not compared by
-        accuracy: more labels win). None when no model exists, or when that model lost to the proxy on the
-        same held-out labels (`verdict` "proxy", jobs/alignment.py judge_against_proxy): the proxy is then the
-        better model, and no worse model is named as the deliverable. `damaged`: ids of models whose
-        checkpoint files are not whole (alignment/integrity.py); they are passed over."""
+        """The deliverable: the best-ranked model (alignment/policy.py `deliverable_rank`: the one trained on
+        the most labels; on a tie, one the proxy did not beat, then the more accurate on the audit labels).
+        None when no model exists, or when that model lost to the proxy on the same labels (`verdict` "proxy",
+        jobs/alignment.py): the proxy is then the better model, and no worse model is named as the
+        deliverable. `damaged`: ids of models whose checkpoint files are not whole
+        (alignment/integrity.py); they are passed over."""
         newest = self.newest_model(damaged)
         return None if newest is None or newest.get("verdict") == "proxy" else newest
 
     def newest_model(self, damaged: Collection[str] = ()) -> dict[str, Any] | None:
-        """The model trained on the most labels, whatever its verdict (`export --even-if-worse` writes it),
+        """The best-ranked model, whatever its verdict (`export --even-if-worse` writes it),
         among those not `damaged`."""
         whole = [m for m in self.models if m.get("id") not in damaged]
         if not whole:
             return None
-        return max(whole, key=lambda m: (m.get("labelled", 0), m.get("verdict") != "proxy",
-                                               m.get("holdout_accuracy") or 0.0, m["at"]))
+        return max(whole, key=deliverable_rank)
 
 
 @dataclass

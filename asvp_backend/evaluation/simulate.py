@@ -20,8 +20,10 @@ model's test accuracy and picks the next batch. Methods (``METHODS``):
 - ``standard``: fine-tune the backbone every round (FT, from the pre-trained weights) and select with its
   softmax over the pool.
 
-What "the deliverable" is: ``--eval finetune`` trains FT or LP-FT (``policy.method_for(generation)``) on
-the labels and measures it on the test split, as the authors' scripts do (docs/method.md, *Measuring the savings*);
+What "the deliverable" is: ``--eval finetune`` trains what Start Training trains (``policy.deliverable_methods``:
+LP-FT on generation 0, after a refresh FT and LP-FT with the audit labels choosing, ``deliverable_rank``) on the
+labels but the audit ones, and measures it on the test split, as the authors' scripts do (docs/method.md,
+*Measuring the savings*);
 ``--eval proxy`` measures the proxy instead (cheap, for CPU runs). ``standard`` has no proxy: its curve is
 always its own fine-tuned model.
 
@@ -56,7 +58,7 @@ import numpy as np
 
 from asvp_backend.alignment.gate import WAIT, Gate, judge_features
 from asvp_backend.alignment.integrity import CHECKPOINT_WEIGHTS
-from asvp_backend.alignment.policy import AlignmentPolicy, Decision
+from asvp_backend.alignment.policy import AlignmentPolicy, Decision, deliverable_rank
 from asvp_backend.fsutil import atomic_write_bytes
 from asvp_backend.selection.audit import AuditPolicy
 from asvp_backend.selection.queue import (
@@ -304,22 +306,23 @@ class DeliverableCache:
     def __init__(self, root: Path) -> None:
         self.root = root / "deliverables"
 
-    def get(self, parts: dict[str, Any], compute: Callable[[], tuple[float, str]]) -> tuple[float, str, float]:
-        """(accuracy, evaluated_by, seconds) of the deliverable ``parts`` names, training it when none is stored."""
+    def get(self, parts: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """What the deliverable ``parts`` names measured (``compute``'s values) and ``seconds``, its training and
+        measuring time, training it when none is stored."""
         path = self.root / f"{cache_key(parts)}.json"
         if path.is_file():
             try:
                 found = json.loads(path.read_text())
-                return float(found["accuracy"]), str(found["evaluated_by"]), float(found["seconds"])
+                return {**found["measured"], "seconds": float(found["seconds"])}
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.warning("deliverable cache entry %s is unreadable (%s): training again", path.name, exc)
         start = time.perf_counter()
-        accuracy, evaluated_by = compute()
+        measured = compute()
         seconds = time.perf_counter() - start
         self.root.mkdir(parents=True, exist_ok=True)
-        entry = {**parts, "accuracy": accuracy, "evaluated_by": evaluated_by, "seconds": seconds}
+        entry = {**parts, "measured": measured, "seconds": seconds}
         atomic_write_bytes(path, json.dumps(entry, indent=1, default=str).encode())
-        return accuracy, evaluated_by, seconds
+        return {**measured, "seconds": seconds}
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -507,26 +510,37 @@ class Workspace:
         result.model.to("cpu")
         return probs
 
-    def deliverable_accuracy(self, method: str, rows: np.ndarray, seed: int, laps: Laps) -> tuple[float, str]:
-        """``--eval finetune``: train the deliverable (FT or LP-FT) and measure it on the test split."""
+    def deliverable(self, method: str, rows: np.ndarray, audit: np.ndarray, seed: int, laps: Laps) -> dict[str, Any]:
+        """``--eval finetune``: train a deliverable (FT or LP-FT) on ``rows`` and measure it on the test split and
+        on the ``audit`` rows (never trained on), as a model record ``deliverable_rank`` can rank: the backend's
+        job judges it on the audit labels once there are AUDIT_MIN_LABELS of them."""
         labels = self.dataset.train.labels[rows]
         if len(set(labels.tolist())) < 2:
-            return constant_accuracy(labels, self.dataset.test.labels), "constant"
-        test = self.dataset.test
+            return {"method": "constant", "labelled": len(rows), "comparison": {},
+                    "test_accuracy": constant_accuracy(labels, self.dataset.test.labels)}
+        test, train = self.dataset.test, self.dataset.train
 
-        def train_and_measure() -> tuple[float, str]:
+        def train_and_measure() -> dict[str, Any]:
             result = self.finetune(method, rows, seed)
             probs = self.classify(result, test, np.arange(len(test)), f"test {method}")
-            return float(np.mean(probs.argmax(axis=1) == test.labels)), method
+            measured = {"test_accuracy": float(np.mean(probs.argmax(axis=1) == test.labels)), "audit_accuracy": None}
+            if len(audit):
+                audit_probs = self.classify(result, train, audit, f"audit {method}")
+                measured["audit_accuracy"] = float(np.mean(audit_probs.argmax(axis=1) == train.labels[audit]))
+            return measured
 
         cfg = self.config
         parts = {"dataset": self.dataset.key, "backbone": cfg.backbone, "weights": cfg.weights,
                  "image_size": cfg.image_size, "device": self.device.type,
                  "recipe": self.recipe(method, len(rows), seed).to_dict(),
-                 "rows": hashlib.sha256(np.asarray(rows, np.int64).tobytes()).hexdigest()}  # fmt: skip
-        accuracy, evaluated_by, seconds = self.deliverables.get(parts, train_and_measure)
-        laps.add("evaluation", seconds)
-        return accuracy, evaluated_by
+                 "rows": hashlib.sha256(np.asarray(rows, np.int64).tobytes()).hexdigest(),
+                 "audit": hashlib.sha256(np.asarray(audit, np.int64).tobytes()).hexdigest()}  # fmt: skip
+        measured = self.deliverables.get(parts, train_and_measure)
+        laps.add("evaluation", measured["seconds"])
+        judged = measured["audit_accuracy"] is not None and len(audit) >= cfg.audit_min_labels
+        return {"method": method, "labelled": len(rows), "test_accuracy": measured["test_accuracy"],
+                "comparison": {"judged_on": "audit", "model_accuracy": measured["audit_accuracy"], "n": len(audit)}
+                if judged else {}}
 
 
 # ---------------------------------------------------------------------------------------------- methods
@@ -558,7 +572,8 @@ class Method(ABC):
         return np.setdiff1d(np.arange(len(self.ws.dataset.train), dtype=np.int64), rows)
 
     def _evaluate(self, run: RunState, round_no: int, rows: np.ndarray, proxy: Any, laps: Laps,
-                  train_bucket: str = "evaluation") -> tuple[float, str]:  # fmt: skip
+                  train_bucket: str = "evaluation",
+                  extra: dict[str, Any] | None = None) -> tuple[float, str]:  # fmt: skip
         ws = self.ws
         if ws.config.eval == "proxy":
             if proxy is None and len(set(ws.dataset.train.labels[rows].tolist())) >= 2:
@@ -569,8 +584,19 @@ class Method(ABC):
             x_test = self._features(run, run.checkpoint, "test", "evaluation", laps)
             with laps("evaluation"):
                 return ws.proxy_accuracy(proxy, x_test, ws.dataset.train.labels[rows])
-        method = ws.policy.method_for(run.generation)
-        return ws.deliverable_accuracy(method, rows, derive_seed(run.seed, round_no, _EVAL), laps)
+        # the backend's Start Training: trained on the labels but the audit ones, with the policy's methods, the
+        # deliverable ranked as the job ranks it (on the audit labels when there are enough of them)
+        audit = np.intersect1d(np.asarray(run.audit, dtype=np.int64), rows)
+        trained = rows[~np.isin(rows, audit)]  # in labelling order, as the rounds added them
+        seed = derive_seed(run.seed, round_no, _EVAL)
+        candidates = [{**ws.deliverable(method, trained, audit, seed, laps), "at": order}
+                      for order, method in enumerate(ws.policy.deliverable_methods(run.generation))]
+        best = max(candidates, key=deliverable_rank)
+        if len(candidates) > 1 and extra is not None:
+            extra["deliverables"] = [{"method": c["method"], "test_accuracy": round(c["test_accuracy"], 4),
+                                      "audit_accuracy": (c["comparison"] or {}).get("model_accuracy"),
+                                      "chosen": c is best} for c in candidates]
+        return best["test_accuracy"], best["method"]
 
 
 class RandomMethod(Method):
@@ -663,7 +689,7 @@ class AlignedProxyMethod(ProxyMethod):
             extra["gate"] = self._judge(run, rows, str(run.held["checkpoint"]), laps)  # waited: judge it now
         generation = run.generation
         inputs, ranking = self._rank(run, round_no, rows, budget, laps)
-        accuracy, by = self._evaluate(run, round_no, rows, ranking.proxy, laps)
+        accuracy, by = self._evaluate(run, round_no, rows, ranking.proxy, laps, extra=extra)
         extra["audit"] = self._audit_estimate(run, rows, inputs, laps)
         decision = self.decide(run, inputs, laps)
         extra["decision"] = decision.to_dict()

@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from asvp_backend.alignment.policy import AlignmentPolicy
+from asvp_backend.alignment.policy import AlignmentPolicy, deliverable_rank
 from asvp_backend.jobs.alignment import JUDGING, UNJUDGED, finish_pending, judge_against_proxy, judge_on_audit
 from asvp_backend.jobs.context import JobContext, JobTimeout
 from asvp_backend.state import PendingStage, ProjectState
@@ -24,19 +24,23 @@ log = logging.getLogger(__name__)
 
 
 def run_finetune(ctx: JobContext) -> dict[str, Any]:
-    """Fine-tune the backbone on the labelled tasks but the audit ones (FT or LP-FT), judge it against the proxy
-    on the audit labels (on its held-out slice while they are too few), save the checkpoint, record the model
-    with the verdict; for a feature update, hand its backbone to the extract job (whatever the verdict: the
-    update is about the features, not the deliverable)."""
-    from asvp_backend.alignment.checkpoint import save_checkpoint
-    from asvp_backend.alignment.finetune import FinetuneInterrupted, finetune, recipe_for
-
+    """Fine-tune the backbone on the labelled tasks but the audit ones, judge it against the proxy on the audit
+    labels (on its held-out slice while they are too few), save the checkpoint, record the model with the
+    verdict; for a feature update, hand its backbone to the extract job (whatever the verdict: the update is
+    about the features, not the deliverable). The deliverable may be trained with several methods
+    (`AlignmentPolicy.deliverable_methods`), one after the other: each is recorded as soon as it is saved, and
+    `deliverable_rank` names the deliverable among them. Returns the best-ranked model's record."""
     runtime, pid, project = ctx.runtime, ctx.project_id, ctx.project
     settings = runtime.settings
-    layout = project.layout
     purpose = "align" if ctx.kind == "align" else "deliverable"  # two kinds, so one never swallows the other
     state = project.state()
-    method = str(ctx.params.get("method") or AlignmentPolicy.from_settings(settings).method_for(state.generation))
+    policy = AlignmentPolicy.from_settings(settings)
+    if ctx.params.get("methods"):
+        methods = [str(m) for m in ctx.params["methods"]]
+    elif ctx.params.get("method"):  # a feature update (the decision's method), or a job queued before `methods`
+        methods = [str(ctx.params["method"])]
+    else:
+        methods = list(policy.deliverable_methods(state.generation))
     tasks = project.tasks()
     audit = set(state.audit.labelled(tasks))  # the labels that judge models are never trained on
     items = [(tid, str(t.image), str(t.label)) for tid, t in sorted(tasks.items())
@@ -46,6 +50,26 @@ def run_finetune(ctx: JobContext) -> dict[str, Any]:
         finish_pending(runtime, pid, purpose, None, failed=reason)
         return {"status": "skipped", "reason": reason}
     images = TaskImages(items, project.image_fetcher())
+    audit_items = [(tid, str(t.image), str(t.label)) for tid, t in sorted(tasks.items())
+                   if tid in audit and t.label and t.image]
+    trained = [_train_one(ctx, purpose, method, state, items, audit_items, len(audit), images) for method in methods]
+    best = max(trained, key=deliverable_rank)
+    if len(trained) > 1:
+        best = {**best, "candidates": [{k: m.get(k) for k in ("id", "method", "verdict", "comparison")}
+                                       for m in trained]}
+        log.info("project %s: the deliverable is %s (%s) among %s", pid, best["id"], best["method"],
+                 ", ".join(m["id"] for m in trained))
+    return best
+
+
+def _train_one(ctx: JobContext, purpose: str, method: str, state: ProjectState, items: list[tuple[int, str, str]],
+               audit_items: list[tuple[int, str, str]], audit_size: int, images: TaskImages) -> dict[str, Any]:
+    """One fine-tune with `method`: train, judge against the proxy, save the checkpoint, record the model."""
+    from asvp_backend.alignment.checkpoint import save_checkpoint
+    from asvp_backend.alignment.finetune import FinetuneInterrupted, finetune, recipe_for
+
+    runtime, pid, project = ctx.runtime, ctx.project_id, ctx.project
+    settings = runtime.settings
     # the step floor (alignment/finetune.py recipe_for) holds unless FINETUNE_EXACT_EPOCHS says otherwise
     insist = settings.finetune_exact_epochs
     recipe = recipe_for(method, len(items), epochs=settings.finetune_epochs,
@@ -65,8 +89,6 @@ def run_finetune(ctx: JobContext) -> dict[str, Any]:
         raise
     ctx.progress(0, 1, stage=JUDGING, force=True)
     try:
-        audit_items = [(tid, str(t.image), str(t.label)) for tid, t in sorted(tasks.items())
-                       if tid in audit and t.label and t.image]
         serving = project.serving_generation()
         comparison = judge_on_audit(settings, serving, items, audit_items, result, images.fetcher) or \
             judge_against_proxy(settings, serving, items, result.holdout_indices, result.holdout_predictions)
@@ -80,7 +102,7 @@ def run_finetune(ctx: JobContext) -> dict[str, Any]:
             "trained_on_version": str(state.version), "at": time.time(), **_model_metrics(result.metrics),
             "verdict": comparison["verdict"], "comparison": comparison}
     ctx.check_fence()  # a job whose lease was lost writes nothing more (jobs/fencing.py)
-    save_checkpoint(result, layout.checkpoint_dir(model_id), extra={"project": pid, **info})
+    save_checkpoint(result, project.layout.checkpoint_dir(model_id), extra={"project": pid, **info})
 
     def record(current: ProjectState | None) -> ProjectState | None:
         if current is None:
@@ -89,7 +111,7 @@ def run_finetune(ctx: JobContext) -> dict[str, Any]:
         if purpose == "align":
             current.alignment.feature_model = model_id
             current.alignment.updates += 1
-            current.alignment.labels_at_last_update = len(items) + len(audit)  # the policy counts every label
+            current.alignment.labels_at_last_update = len(items) + audit_size  # the policy counts every label
             current.alignment.pending = {**(current.alignment.pending or {}), "stage": PendingStage.EXTRACT,
                                          "model": model_id, "since": time.time()}
         current.record_job(ctx.job_id)
@@ -122,7 +144,7 @@ def _stage_progress(ctx: JobContext) -> Any:
 
 
 def finetune(ctx: JobContext) -> dict[str, Any]:
-    """Fine-tune the deliverable model on the labelled tasks with the policy's method (Start Training)."""
+    """Fine-tune the deliverable model on the labelled tasks with the policy's methods (Start Training)."""
     return run_finetune(ctx)
 
 

@@ -338,7 +338,7 @@ def _rebuild_state(ctx: JobContext, project: dict[str, Any]) -> ProjectState:
 
 def train(ctx: JobContext) -> dict[str, Any]:
     """Start Training: sync, retrain the proxy whatever the number of new labels, and fine-tune the
-    deliverable model with the policy's training method (features refresh only through the trigger)."""
+    deliverable model with the policy's training methods (features refresh only through the trigger)."""
     ctx.params["force_round"] = True
     summary = sync(ctx)
     state = ctx.project.state()
@@ -346,9 +346,9 @@ def train(ctx: JobContext) -> dict[str, Any]:
     if under_way is not None:  # pressed again meanwhile: one fine-tune of the same labels is enough
         summary["finetune"], summary["finetune_joined"] = under_way.id, True
         return summary
-    method = AlignmentPolicy.from_settings(ctx.runtime.settings).method_for(state.generation)
+    methods = list(AlignmentPolicy.from_settings(ctx.runtime.settings).deliverable_methods(state.generation))
     summary["finetune"] = ctx.runtime.queue.submit("finetune", ctx.project_id, reason="Start Training",
-                                                   method=method).job_id
+                                                   methods=methods).job_id
     return summary
 
 

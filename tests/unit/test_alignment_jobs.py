@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 
+from asvp_backend.alignment.policy import deliverable_rank
 from asvp_backend.alignment.summary import alignment_summary, generations_of, model_summary
 from asvp_backend.features.store import GenerationInfo
 from asvp_backend.jobs.alignment import (
@@ -361,3 +362,29 @@ def test_with_audit_labels_the_fine_tuned_model_and_its_pre_annotations_are_judg
     _, fallback = pre_annotations(layout, state, inputs, 1, np.zeros(0), audit, few, "cpu")
     assert "AUDIT_MIN_LABELS=60" in fallback["reason"] and fallback["source"] == ("model" if info["verdict"] == "model"
                                                                                   else "proxy")
+
+
+def test_after_a_refresh_start_training_trains_lpft_and_ft_and_the_audit_labels_pick_the_deliverable(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr("asvp_backend.jobs.resources.image_fetcher", lambda settings, client: PatternFetcher())
+    monkeypatch.setattr("asvp_backend.alignment.finetune.MIN_STEPS", 12)
+    stack = Stack(tmp_path, AUDIT_MIN_LABELS="8", **TINY_FINETUNE)
+    stack.label(range(1, 41))
+    sync(stack.ctx("sync"))
+
+    def refreshed_with_audit(current: ProjectState | None) -> ProjectState | None:
+        assert current is not None
+        current.generation = 1  # a refresh served (its features do not matter here: the models are judged)
+        current.audit.started_labelled, current.audit.tasks = 0, list(range(31, 41))
+        return current
+
+    stack.runtime.store.update(PID, refreshed_with_audit)
+    best = run_finetune(stack.ctx("finetune"))  # no method given: the policy's, as Start Training queues it
+    models = stack.state().alignment.models
+    assert [m["method"] for m in models] == ["lpft", "ft"] and all(m["labelled"] == 30 for m in models)
+    assert all(m["comparison"]["judged_on"] == "audit" and m["comparison"]["n"] == 10 for m in models)
+    assert [c["id"] for c in best["candidates"]] == [m["id"] for m in models]
+    lpft, ft = (m["comparison"]["model_accuracy"] for m in models)
+    assert best["id"] == max(models, key=deliverable_rank)["id"] == stack.state().alignment.newest_model()["id"]
+    if models[0]["verdict"] == models[1]["verdict"] and lpft != ft:
+        assert best["method"] == ("lpft" if lpft > ft else "ft")  # the audit labels decide

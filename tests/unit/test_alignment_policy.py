@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from asvp_backend.alignment.policy import AlignmentPolicy, trend
+from asvp_backend.alignment.policy import AlignmentPolicy, deliverable_rank, trend
 from asvp_backend.config import ConfigError, Settings
 
 
@@ -113,6 +113,32 @@ def test_every_decision_carries_its_inputs():
 ])
 def test_training_method_follows_the_feature_state(setting, generation, expected):
     assert AlignmentPolicy(training_method=setting).method_for(generation) == expected
+
+
+@pytest.mark.parametrize(("setting", "generation", "expected"), [
+    ("auto", 0, ("lpft",)), ("auto", 1, ("lpft", "ft")), ("auto", 3, ("lpft", "ft")), ("ft", 2, ("ft",)),
+    ("lpft", 1, ("lpft",)),
+])
+def test_after_a_refresh_auto_trains_the_deliverable_both_ways(setting, generation, expected):
+    assert AlignmentPolicy(training_method=setting).deliverable_methods(generation) == expected
+
+
+def test_the_deliverable_ranks_by_labels_then_the_proxy_verdict_then_the_audit_labels():
+    def model(name: str, labelled: int = 100, verdict: str = "model", audit: float | None = None,
+              holdout: float = 0.5, at: float = 0.0) -> dict:
+        comparison = {} if audit is None else {"judged_on": "audit", "model_accuracy": audit}
+        return {"id": name, "labelled": labelled, "verdict": verdict, "comparison": comparison,
+                "holdout_accuracy": holdout, "at": at}
+
+    def best(*models: dict) -> str:
+        return max(models, key=deliverable_rank)["id"]
+
+    assert best(model("more", 120, audit=0.5), model("fewer", 100, audit=0.9)) == "more"
+    assert best(model("lost", verdict="proxy", audit=0.9), model("beat", audit=0.6)) == "beat"
+    assert best(model("lpft", audit=0.82, holdout=0.9, at=1), model("ft", audit=0.80, at=2)) == "lpft"
+    assert best(model("audit", audit=0.5, holdout=0.1), model("held-out only", holdout=0.99)) == "audit"
+    assert best(model("lpft", audit=0.8, at=1), model("ft", audit=0.8, at=2)) == "ft"  # full tie: the later
+    assert best(model("old", holdout=0.7, at=1), model("new", holdout=0.6, at=2)) == "old"
 
 
 def test_settings_build_the_policy_and_refuse_bad_values():

@@ -188,6 +188,27 @@ def test_finetune_evaluation_trains_the_policy_deliverable(tmp_path: Path):
     assert run["seconds"]["final_model"] > 0 and run["cpu_hours"] > 0  # the shipped model is charged
 
 
+@pytest.mark.parametrize("audit_min_labels", [4, 60])
+def test_after_a_refresh_the_deliverable_is_trained_both_ways_and_the_audit_labels_choose(tmp_path: Path,
+                                                                                          audit_min_labels: int):
+    _, (asvp,) = simulate(tmp_path, methods=("asvp-ungated",), eval="finetune", align_threshold=1e9,
+                          align_window=1, align_min_labels=0, align_min_new_labels=0, finetune_epochs=1,
+                          lp_epochs=1, audit_min_labels=audit_min_labels)  # fmt: skip
+    assert [rec["generation"] for rec in asvp.rounds] == [0, 0, 1] and asvp.generation == 1
+    assert [rec["evaluated_by"] for rec in asvp.rounds[:2]] == ["lpft", "lpft"]
+    assert "deliverables" not in asvp.rounds[1]  # generation 0: LP-FT alone
+    lpft, ft = asvp.rounds[2]["deliverables"]
+    assert (lpft["method"], ft["method"]) == ("lpft", "ft") and lpft["chosen"] != ft["chosen"]
+    chosen = lpft if lpft["chosen"] else ft
+    assert asvp.rounds[2]["evaluated_by"] == chosen["method"] and asvp.rounds[2]["accuracy"] == pytest.approx(
+        chosen["test_accuracy"], abs=1e-4)
+    if audit_min_labels == 4:  # 8 audit labels judge: the more accurate on them, FT on a tie
+        assert lpft["audit_accuracy"] is not None and ft["audit_accuracy"] is not None
+        assert chosen is (lpft if lpft["audit_accuracy"] > ft["audit_accuracy"] else ft)
+    else:  # too few audit labels to judge: FT, the method after a refresh
+        assert lpft["audit_accuracy"] is None and chosen is ft
+
+
 def test_runs_that_pick_the_same_labels_share_their_deliverables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     trained: list[tuple[str, int]] = []
     train = Workspace.finetune
@@ -200,7 +221,8 @@ def test_runs_that_pick_the_same_labels_share_their_deliverables(tmp_path: Path,
     _, runs = simulate(tmp_path, methods=("svpp", "asvp"), rounds=1, eval="finetune", finetune_epochs=1, lp_epochs=1)
     svpp, asvp = sorted(runs, key=lambda run: run.method != "svpp")
     assert asvp.updates == 0 and [r["added"] for r in asvp.rounds] == [r["added"] for r in svpp.rounds]
-    assert trained == [("lpft", 20), ("lpft", 40)]  # one run's two rounds; the other run read them back
+    # one run's two rounds (the second without its 4 audit labels); the other run read them back
+    assert trained == [("lpft", 20), ("lpft", 36)]
     assert [(r["accuracy"], r["evaluated_by"]) for r in asvp.rounds] == [
         (r["accuracy"], r["evaluated_by"]) for r in svpp.rounds
     ]
@@ -213,16 +235,17 @@ def test_runs_that_pick_the_same_labels_share_their_deliverables(tmp_path: Path,
 def test_an_unreadable_deliverable_entry_is_trained_again(tmp_path: Path):
     cache, calls = DeliverableCache(tmp_path), []
 
-    def train() -> tuple[float, str]:
+    def train() -> dict[str, Any]:
         calls.append(1)
-        return 0.75, "lpft"
+        return {"test_accuracy": 0.75, "audit_accuracy": 0.5}
 
-    assert cache.get({"seed": 1}, train)[:2] == (0.75, "lpft") and cache.get({"seed": 1}, train)[:2] == (0.75, "lpft")
+    first, again = cache.get({"seed": 1}, train), cache.get({"seed": 1}, train)
+    assert first["test_accuracy"] == again["test_accuracy"] == 0.75 and again["seconds"] == first["seconds"]
     assert len(calls) == 1
     (entry,) = (tmp_path / "deliverables").glob("*.json")
-    entry.write_text('{"accuracy": ')  # cut short
-    assert cache.get({"seed": 1}, train)[:2] == (0.75, "lpft") and len(calls) == 2
-    assert json.loads(entry.read_text())["accuracy"] == 0.75
+    entry.write_text('{"measured": ')  # cut short
+    assert cache.get({"seed": 1}, train)["audit_accuracy"] == 0.5 and len(calls) == 2
+    assert json.loads(entry.read_text())["measured"]["test_accuracy"] == 0.75
 
 
 def test_update_decided_in_the_last_round_is_recorded_not_run(tmp_path: Path):

@@ -1,0 +1,100 @@
+"""The deliverable of chosen rounds of a `simulate` run, as `--eval finetune` trains it, without the other rounds.
+
+`simulate --eval finetune` trains a deliverable every round; on a CPU that is most of an hour per seed. Selection
+does not depend on the deliverable (the proxy methods select with the proxy), so a `--eval proxy` run picks the
+same labels, and this script trains only the rounds asked for, through the simulator's own step (the policy's
+methods on the labels but the audit ones, `deliverable_rank` on the audit labels, the same seeds and deliverable
+cache under OUT/cache). For each round it prints every candidate's test and audit accuracy and which one the
+backend would deliver.
+
+    python bench/bench_deliverable.py --out bench/results/gate_fmnist_350_cpu --rounds 8,9 --methods svpp,asvp
+
+Writes OUT/deliverables.json (one row per run, round and candidate; rerunning reads trained rounds back from the
+cache) and prints a table of the delivered model per method and round (mean over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def generation_at_evaluation(record: dict[str, Any]) -> int:
+    """The feature generation a round's deliverable was trained for: the round's starting generation, plus one
+    when a refresh that waited for audit labels was adopted at the start of the round (before the evaluation; a
+    refresh fired in the round itself is judged after it, and then the round also records its `update`)."""
+    gate = record.get("gate") or {}
+    adopted_first = gate.get("outcome") == "adopted" and "update" not in record
+    return int(record["generation"]) + int(adopted_first)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="a simulate OUT folder (config.json, progress/)")
+    parser.add_argument("--rounds", required=True, help="comma-separated round numbers, e.g. 8,9")
+    parser.add_argument("--methods", default="svpp,asvp", help="comma-separated simulate methods to retrain")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: every seed in progress/)")
+    args = parser.parse_args(argv)
+
+    from asvp_backend.evaluation.datasets import load_dataset
+    from asvp_backend.evaluation.simulate import METHODS, Laps, RunState, SimulationConfig, Workspace
+
+    config = SimulationConfig.from_dict(json.loads((args.out / "config.json").read_text())["config"])
+    config = dataclasses.replace(config, eval="finetune")
+    dataset = load_dataset(config.dataset, config.subset, config.test_subset, config.data_seed, skip_unreadable=True)
+    workspace = Workspace(config, dataset, args.out, progress=False)
+    rounds = [int(r) for r in args.rounds.split(",")]
+    seeds = None if args.seeds is None else {int(s) for s in args.seeds.split(",")}
+    rows_out: list[dict[str, Any]] = []
+    for method_name in args.methods.split(","):
+        for path in sorted((args.out / "progress").glob(f"{method_name}-seed*.json")):
+            saved = json.loads(path.read_text())
+            if seeds is not None and int(saved["seed"]) not in seeds:
+                continue
+            method = METHODS[method_name](workspace)
+            for round_no in rounds:
+                if round_no >= len(saved["rounds"]):
+                    parser.error(f"{path.stem} has rounds 0..{len(saved['rounds']) - 1}")
+                run = RunState.from_dict(saved)
+                run.generation = generation_at_evaluation(saved["rounds"][round_no])
+                rows = np.concatenate([np.asarray(r["added"], np.int64) for r in saved["rounds"][: round_no + 1]])
+                extra: dict[str, Any] = {}
+                accuracy, by = method._evaluate(run, round_no, rows, None, Laps(), extra=extra)
+                candidates = extra.get("deliverables") or [{"method": by, "test_accuracy": accuracy,
+                                                            "audit_accuracy": None, "chosen": True}]
+                for c in candidates:
+                    rows_out.append({"run": path.stem, "method": method_name, "seed": saved["seed"],
+                                     "round": round_no, "labels": len(rows), "generation": run.generation,
+                                     "audit": len(np.intersect1d(np.asarray(run.audit, np.int64), rows)),
+                                     "trained_with": c["method"], "test_accuracy": c["test_accuracy"],
+                                     "audit_accuracy": c["audit_accuracy"], "chosen": c["chosen"]})
+                shown = ", ".join(f"{c['method']} {c['test_accuracy']:.3f} (audit {c['audit_accuracy']})"
+                                  f"{' *' if c['chosen'] else ''}" for c in candidates)
+                print(f"{path.stem} round {round_no} ({len(rows)} labels, generation {run.generation}): {shown}",
+                      flush=True)
+    (args.out / "deliverables.json").write_text(json.dumps(rows_out, indent=1))
+    columns: dict[tuple[str, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows_out:
+        cells = columns[(row["method"], row["labels"])]
+        cells[row["trained_with"]].append(row["test_accuracy"])
+        if row["chosen"]:
+            cells["delivered"].append(row["test_accuracy"])
+    print("\n| method | labels | delivered | lpft | ft | seeds |\n|---|---|---|---|---|---|")
+    for (name, labels), cells in sorted(columns.items()):
+        mean = {k: f"{np.mean(v):.3f}" if v else "" for k, v in cells.items()}
+        print(f"| {name} | {labels} | {mean['delivered']} | {mean.get('lpft', '')} | {mean.get('ft', '')} | "
+              f"{len(cells['delivered'])} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
