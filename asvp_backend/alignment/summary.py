@@ -27,7 +27,7 @@ def alignment_summary(state: ProjectState, settings: Any) -> dict[str, Any]:
         "pending": alignment.pending,
         "last_decision": alignment.decisions[-1] if alignment.decisions else None,
         "decisions": len(alignment.decisions),
-        "next_training_method": policy.method_for(state.generation),
+        "next_training_method": next_training_method(policy, state.generation),
         "feature_model": alignment.feature_model,
         "gate": {"ALIGN_GATE": settings.align_gate, "GATE_Z": settings.gate_z,
                  "AUDIT_FRACTION": settings.audit_fraction, "AUDIT_EARLY_FRACTION": settings.audit_early_fraction,
@@ -35,6 +35,11 @@ def alignment_summary(state: ProjectState, settings: Any) -> dict[str, Any]:
         "refreshes": refresh_verdicts(state),
         "audit": audit_accuracy(state)["latest"],
     }
+
+
+def next_training_method(policy: AlignmentPolicy, generation: int) -> str:
+    """What Start Training trains now: "lpft", "ft", or "lpft, ft" (both, the audit labels choose)."""
+    return ", ".join(policy.deliverable_methods(generation))
 
 
 def damaged_models(layout: ProjectLayout, state: ProjectState) -> dict[str, str]:
@@ -66,7 +71,7 @@ def model_summary(state: ProjectState, settings: Any) -> dict[str, Any]:
         "proxy": {"name": last_round.get("proxy"), "cv_accuracy": last_round.get("cv_accuracy"),
                   "labelled": last_round.get("labelled"), "version": last_round.get("version")} if last_round else None,
         "models": state.alignment.models,
-        "next_training_method": AlignmentPolicy.from_settings(settings).method_for(state.generation),
+        "next_training_method": next_training_method(AlignmentPolicy.from_settings(settings), state.generation),
         "export": f"asvp-backend export --project {state.project_id} --out DIR" if current else None,
     }
 
