@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from asvp_backend.alignment.policy import TRAINING_METHODS
 from asvp_backend.state import MAX_SCORES
 
 
@@ -209,7 +210,7 @@ class Settings:
     audit_existing: str = _env("AUDIT_EXISTING", _choice("ignore", "random"), default="ignore")
     align_gate: bool = _env("ALIGN_GATE", _bool, default=True)  # false: a refresh serves unjudged (comparisons)
     gate_z: float = _env("GATE_Z", _float_in(0.0, 10.0), default=1.0)
-    training_method: str = _env("TRAINING_METHOD", _choice("auto", "ft", "lpft"), default="auto")
+    training_method: str = _env("TRAINING_METHOD", _choice(*TRAINING_METHODS), default="auto")
     finetune_epochs: int | None = _env("FINETUNE_EPOCHS", _int_in(1, 1000), default=None)  # None: scaled
     finetune_batch_size: int | None = _env("FINETUNE_BATCH_SIZE", _int_in(2, 4096), default=None)  # None: scaled
     # FINETUNE_EPOCHS is raised to reach 150 optimiser steps (alignment/finetune.py MIN_STEPS); true: exactly

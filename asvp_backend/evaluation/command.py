@@ -115,7 +115,8 @@ def add_simulate_arguments(p: argparse.ArgumentParser) -> None:
     align.add_argument("--align-max-updates", type=int, default=policy.max_updates,
                        help=f"at most this many feature updates (default {policy.max_updates})")  # fmt: skip
     align.add_argument("--training-method", default=policy.training_method, choices=TRAINING_METHODS,
-                       help="auto: LP-FT before the first update, FT after (default auto)")  # fmt: skip
+                       help="auto: LP-FT before the first update, FT after (default auto); audit: after an "
+                            "update train both and let the audit labels choose")  # fmt: skip
 
     from asvp_backend.alignment.gate import Gate
     from asvp_backend.selection.audit import AuditPolicy

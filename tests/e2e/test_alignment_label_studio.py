@@ -146,7 +146,7 @@ def test_a_stalled_logme_ped_refreshes_the_features_even_through_a_killed_worker
     model_id = alignment["generation_models"]["1"]
     assert model_id == alignment["feature_model"]
     assert next(m for m in alignment["models"] if m["id"] == model_id)["method"] == "ft"
-    assert state["alignment_summary"]["next_training_method"] == "lpft, ft"  # the audit labels choose
+    assert state["alignment_summary"]["next_training_method"] == "ft"
     assert refreshed["alignment"]["decision"] == "wait"  # generation 1's first score: a fresh history
     assert refreshed["pre_annotations"]["source"] in {"proxy", "model"}
 

@@ -364,11 +364,11 @@ def test_with_audit_labels_the_fine_tuned_model_and_its_pre_annotations_are_judg
                                                                                   else "proxy")
 
 
-def test_after_a_refresh_start_training_trains_lpft_and_ft_and_the_audit_labels_pick_the_deliverable(
+def test_training_method_audit_trains_lpft_and_ft_after_a_refresh_and_the_audit_labels_pick_the_deliverable(
         tmp_path, monkeypatch):
     monkeypatch.setattr("asvp_backend.jobs.resources.image_fetcher", lambda settings, client: PatternFetcher())
     monkeypatch.setattr("asvp_backend.alignment.finetune.MIN_STEPS", 12)
-    stack = Stack(tmp_path, AUDIT_MIN_LABELS="8", **TINY_FINETUNE)
+    stack = Stack(tmp_path, AUDIT_MIN_LABELS="8", TRAINING_METHOD="audit", **TINY_FINETUNE)
     stack.label(range(1, 41))
     sync(stack.ctx("sync"))
 

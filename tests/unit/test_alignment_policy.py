@@ -110,16 +110,17 @@ def test_every_decision_carries_its_inputs():
 
 @pytest.mark.parametrize(("setting", "generation", "expected"), [
     ("auto", 0, "lpft"), ("auto", 1, "ft"), ("auto", 4, "ft"), ("ft", 0, "ft"), ("lpft", 2, "lpft"),
+    ("audit", 0, "lpft"), ("audit", 2, "ft"),
 ])
 def test_training_method_follows_the_feature_state(setting, generation, expected):
     assert AlignmentPolicy(training_method=setting).method_for(generation) == expected
 
 
 @pytest.mark.parametrize(("setting", "generation", "expected"), [
-    ("auto", 0, ("lpft",)), ("auto", 1, ("lpft", "ft")), ("auto", 3, ("lpft", "ft")), ("ft", 2, ("ft",)),
-    ("lpft", 1, ("lpft",)),
+    ("auto", 0, ("lpft",)), ("auto", 1, ("ft",)), ("audit", 0, ("lpft",)), ("audit", 1, ("lpft", "ft")),
+    ("audit", 3, ("lpft", "ft")), ("ft", 2, ("ft",)), ("lpft", 1, ("lpft",)),
 ])
-def test_after_a_refresh_auto_trains_the_deliverable_both_ways(setting, generation, expected):
+def test_after_a_refresh_audit_trains_the_deliverable_both_ways(setting, generation, expected):
     assert AlignmentPolicy(training_method=setting).deliverable_methods(generation) == expected
 
 

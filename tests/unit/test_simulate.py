@@ -189,11 +189,11 @@ def test_finetune_evaluation_trains_the_policy_deliverable(tmp_path: Path):
 
 
 @pytest.mark.parametrize("audit_min_labels", [4, 60])
-def test_after_a_refresh_the_deliverable_is_trained_both_ways_and_the_audit_labels_choose(tmp_path: Path,
+def test_with_training_method_audit_a_refreshed_deliverable_is_trained_both_ways_and_the_audit_chooses(tmp_path: Path,
                                                                                           audit_min_labels: int):
     _, (asvp,) = simulate(tmp_path, methods=("asvp-ungated",), eval="finetune", align_threshold=1e9,
                           align_window=1, align_min_labels=0, align_min_new_labels=0, finetune_epochs=1,
-                          lp_epochs=1, audit_min_labels=audit_min_labels)  # fmt: skip
+                          lp_epochs=1, audit_min_labels=audit_min_labels, training_method="audit")  # fmt: skip
     assert [rec["generation"] for rec in asvp.rounds] == [0, 0, 1] and asvp.generation == 1
     assert [rec["evaluated_by"] for rec in asvp.rounds[:2]] == ["lpft", "lpft"]
     assert "deliverables" not in asvp.rounds[1]  # generation 0: LP-FT alone
