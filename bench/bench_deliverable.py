@@ -7,7 +7,7 @@ methods on the labels but the audit ones, `deliverable_rank` on the audit labels
 cache under OUT/cache). For each round it prints every candidate's test and audit accuracy and which one the
 backend would deliver.
 
-    python bench/bench_deliverable.py --out bench/results/gate_fmnist_350_cpu --rounds 8,9 --methods svpp,asvp
+    python bench/bench_deliverable.py --out bench/results/gate_fmnist_350_cpu --rounds 9 --training-method audit
 
 Writes OUT/deliverables.json (one row per run, round and candidate; rerunning reads trained rounds back from the
 cache) and prints a table of the delivered model per method and round (mean over seeds).
@@ -43,13 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", required=True, help="comma-separated round numbers, e.g. 8,9")
     parser.add_argument("--methods", default="svpp,asvp", help="comma-separated simulate methods to retrain")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: every seed in progress/)")
+    parser.add_argument("--training-method", default=None, help="TRAINING_METHOD for the deliverable (default: the "
+                        "run's); audit trains LP-FT and FT after a refresh and shows both")
     args = parser.parse_args(argv)
 
     from asvp_backend.evaluation.datasets import load_dataset
     from asvp_backend.evaluation.simulate import METHODS, Laps, RunState, SimulationConfig, Workspace
 
     config = SimulationConfig.from_dict(json.loads((args.out / "config.json").read_text())["config"])
-    config = dataclasses.replace(config, eval="finetune")
+    training_method = args.training_method or config.training_method
+    config = dataclasses.replace(config, eval="finetune", training_method=training_method)
     dataset = load_dataset(config.dataset, config.subset, config.test_subset, config.data_seed, skip_unreadable=True)
     workspace = Workspace(config, dataset, args.out, progress=False)
     rounds = [int(r) for r in args.rounds.split(",")]
