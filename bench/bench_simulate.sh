@@ -16,14 +16,16 @@
 #                                       The committed variants: gate_*_cpu (refresh at 150 labels, judged at 350
 #                                       when the audit has 60 labels) and gate_*_350_cpu (the same command with
 #                                       OUT bench/results/gate_*_350_cpu and --align-min-labels 350 appended:
-#                                       the refresh is fine-tuned when the audit can judge it at once).
+#                                       the refresh is fine-tuned when the audit can judge it at once; rerun
+#                                       2026-12-07, about 115 min each beside other work on 2 cores).
 #                                       gate_mnist_350_finetune_cpu and gate_fmnist_350_finetune_cpu: the
 #                                       deliverable instead of the proxy, one seed (appended: --align-min-labels
 #                                       350 --methods svpp,asvp --seeds 1 --eval finetune); about 58 min each,
 #                                       the two side by side. Their rounds ran at fb4525e (LP-FT keeps
 #                                       BatchNorm's statistics), before a51e710 (no batch under half a batch);
-#                                       a report's "Code" line names the commit it was rebuilt at. 3 seeds: not
-#                                       run.
+#                                       a report's "Code" line names the commit it was rebuilt at. The
+#                                       deliverable of chosen rounds of the gate_*_350_cpu runs, without the
+#                                       others: bench/bench_deliverable.py (results/deliverable_cpu.md).
 #   bench/bench_simulate.sh gpu [OUT]   the benchmark of record on a GPU machine (not run yet): the full
 #                                       60,000 / 10,000 split at 224 px, --eval finetune, 100 + 100 x 10 labels
 #                                       (the labels of docs/method.md, *Measuring the savings*), 3 seeds.
