@@ -9,8 +9,9 @@ backend would deliver.
 
     python bench/bench_deliverable.py --out bench/results/gate_fmnist_350_cpu --rounds 9 --training-method audit
 
-Writes OUT/deliverables.json (one row per run, round and candidate; rerunning reads trained rounds back from the
-cache) and prints a table of the delivered model per method and round (mean over seeds).
+Writes OUT/deliverables.json (one row per run, round, TRAINING_METHOD and candidate; rows of other runs, rounds and
+training methods already there are kept, and rerunning reads trained rounds back from the cache) and prints a table
+of the delivered model per method, training method and round (mean over seeds).
 """
 
 from __future__ import annotations
@@ -35,6 +36,17 @@ def generation_at_evaluation(record: dict[str, Any]) -> int:
     gate = record.get("gate") or {}
     adopted_first = gate.get("outcome") == "adopted" and "update" not in record
     return int(record["generation"]) + int(adopted_first)
+
+
+def merged(path: Path, new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows already in ``path`` that ``new`` does not measure again, and ``new``, in a stable order. Rows
+    written before the file named their TRAINING_METHOD were all measured with ``audit``."""
+    old = json.loads(path.read_text()) if path.is_file() else []
+    measured = {(r["run"], r["round"], r["training_method"]) for r in new}
+    kept = [{**r, "training_method": r.get("training_method", "audit")} for r in old]
+    kept = [r for r in kept if (r["run"], r["round"], r["training_method"]) not in measured]
+    return sorted(kept + new, key=lambda r: (r["method"], r["training_method"], r["seed"], r["round"],
+                                             r["trained_with"]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                                                             "audit_accuracy": None, "chosen": True}]
                 for c in candidates:
                     rows_out.append({"run": path.stem, "method": method_name, "seed": saved["seed"],
-                                     "round": round_no, "labels": len(rows), "generation": run.generation,
+                                     "training_method": training_method, "round": round_no, "labels": len(rows),
+                                     "generation": run.generation,
                                      "audit": len(np.intersect1d(np.asarray(run.audit, np.int64), rows)),
                                      "trained_with": c["method"], "test_accuracy": c["test_accuracy"],
                                      "audit_accuracy": c["audit_accuracy"], "chosen": c["chosen"]})
@@ -84,18 +97,19 @@ def main(argv: list[str] | None = None) -> int:
                                   f"{' *' if c['chosen'] else ''}" for c in candidates)
                 print(f"{path.stem} round {round_no} ({len(rows)} labels, generation {run.generation}): {shown}",
                       flush=True)
+    rows_out = merged(args.out / "deliverables.json", rows_out)
     (args.out / "deliverables.json").write_text(json.dumps(rows_out, indent=1))
-    columns: dict[tuple[str, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    columns: dict[tuple[str, str, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for row in rows_out:
-        cells = columns[(row["method"], row["labels"])]
+        cells = columns[(row["method"], row["training_method"], row["labels"])]
         cells[row["trained_with"]].append(row["test_accuracy"])
         if row["chosen"]:
             cells["delivered"].append(row["test_accuracy"])
-    print("\n| method | labels | delivered | lpft | ft | seeds |\n|---|---|---|---|---|---|")
-    for (name, labels), cells in sorted(columns.items()):
+    print("\n| method | TRAINING_METHOD | labels | delivered | lpft | ft | seeds |\n|---|---|---|---|---|---|---|")
+    for (name, training, labels), cells in sorted(columns.items()):
         mean = {k: f"{np.mean(v):.3f}" if v else "" for k, v in cells.items()}
-        print(f"| {name} | {labels} | {mean['delivered']} | {mean.get('lpft', '')} | {mean.get('ft', '')} | "
-              f"{len(cells['delivered'])} |")
+        print(f"| {name} | {training} | {labels} | {mean['delivered']} | {mean.get('lpft', '')} | "
+              f"{mean.get('ft', '')} | {len(cells['delivered'])} |")
     return 0
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,14 @@ from asvp_backend.learning import wilson_interval
 
 AUDIT_FOLDS = 5
 ADOPT, REJECT, WAIT = "adopt", "reject", "wait"
+
+
+class Verdict(StrEnum):
+    """A fine-tuned model against the proxy on the same labels (stored as its text in the model's record)."""
+
+    MODEL = "model"  # the model is the more accurate: it is the deliverable and may pre-annotate
+    PROXY = "proxy"  # the proxy is at least as accurate: export refuses the model without --even-if-worse
+    UNJUDGED = "unjudged"  # nothing to compare on
 
 
 def cross_fitted_right(make_proxy: Callable[[], Any], x_other: np.ndarray, y_other: np.ndarray,
@@ -145,3 +154,21 @@ def judge_features(gate: Gate, make_proxy: Callable[[], Any], x_challenger: np.n
 
     return gate.judge(right(x_challenger), right(x_incumbent), what=what)
 
+
+
+def judge_model(gate: Gate, make_proxy: Callable[[], Any], model_right: np.ndarray, x_other: np.ndarray,
+                y_other: np.ndarray, x_audit: np.ndarray, y_audit: np.ndarray, *,
+                seed: int = 0) -> dict[str, Any] | None:
+    """A fine-tuned model against the proxy on the same audit labels (the gate's paired test): `model_right` is
+    whether the model, which never trained on them, labels each right; the proxy's are cross-fitted on the
+    other labels (`x_other`). The comparison a model's record carries (`deliverable_rank` reads its verdict);
+    None when the proxy cannot be cross-fitted. The finetune job and `simulate` both judge through this."""
+    model_right = np.asarray(model_right, dtype=bool)
+    proxy_right = cross_fitted_right(make_proxy, x_other, y_other, x_audit, y_audit, seed=seed)
+    if proxy_right is None:
+        return None
+    decision = gate.judge(model_right, proxy_right, what="the fine-tuned model's labels")
+    return {"verdict": Verdict.MODEL if decision.adopts else Verdict.PROXY, "judged_on": "audit",
+            "n": int(len(model_right)), "model_accuracy": float(model_right.mean()),
+            "proxy_accuracy": float(proxy_right.mean()), "model_only": int((model_right & ~proxy_right).sum()),
+            "proxy_only": int((proxy_right & ~model_right).sum()), "gate": decision.to_dict()}

@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from asvp_backend.alignment.gate import WAIT, Gate, judge_features
+from asvp_backend.alignment.gate import WAIT, Gate, judge_features, judge_model
 from asvp_backend.alignment.integrity import CHECKPOINT_WEIGHTS
 from asvp_backend.alignment.policy import AlignmentPolicy, Decision, deliverable_rank
 from asvp_backend.fsutil import atomic_write_bytes
@@ -513,7 +513,8 @@ class Workspace:
     def deliverable(self, method: str, rows: np.ndarray, audit: np.ndarray, seed: int, laps: Laps) -> dict[str, Any]:
         """``--eval finetune``: train a deliverable (FT or LP-FT) on ``rows`` and measure it on the test split and
         on the ``audit`` rows (never trained on), as a model record ``deliverable_rank`` can rank: the backend's
-        job judges it on the audit labels once there are AUDIT_MIN_LABELS of them."""
+        job judges it on the audit labels once there are AUDIT_MIN_LABELS of them (``audit_right``: whether it
+        labels each right, for the verdict against the proxy)."""
         labels = self.dataset.train.labels[rows]
         if len(set(labels.tolist())) < 2:
             return {"method": "constant", "labelled": len(rows), "comparison": {},
@@ -523,10 +524,11 @@ class Workspace:
         def train_and_measure() -> dict[str, Any]:
             result = self.finetune(method, rows, seed)
             probs = self.classify(result, test, np.arange(len(test)), f"test {method}")
-            measured = {"test_accuracy": float(np.mean(probs.argmax(axis=1) == test.labels)), "audit_accuracy": None}
+            measured: dict[str, Any] = {"test_accuracy": float(np.mean(probs.argmax(axis=1) == test.labels)),
+                                        "audit_accuracy": None, "audit_right": []}
             if len(audit):
-                audit_probs = self.classify(result, train, audit, f"audit {method}")
-                measured["audit_accuracy"] = float(np.mean(audit_probs.argmax(axis=1) == train.labels[audit]))
+                right = self.classify(result, train, audit, f"audit {method}").argmax(axis=1) == train.labels[audit]
+                measured.update(audit_accuracy=float(np.mean(right)), audit_right=right.tolist())
             return measured
 
         cfg = self.config
@@ -534,11 +536,13 @@ class Workspace:
                  "image_size": cfg.image_size, "device": self.device.type,
                  "recipe": self.recipe(method, len(rows), seed).to_dict(),
                  "rows": hashlib.sha256(np.asarray(rows, np.int64).tobytes()).hexdigest(),
-                 "audit": hashlib.sha256(np.asarray(audit, np.int64).tobytes()).hexdigest()}  # fmt: skip
+                 "audit": hashlib.sha256(np.asarray(audit, np.int64).tobytes()).hexdigest(),
+                 "measures": "test, audit_right"}  # fmt: skip
         measured = self.deliverables.get(parts, train_and_measure)
         laps.add("evaluation", measured["seconds"])
         judged = measured["audit_accuracy"] is not None and len(audit) >= cfg.audit_min_labels
         return {"method": method, "labelled": len(rows), "test_accuracy": measured["test_accuracy"],
+                "audit_right": np.asarray(measured["audit_right"], dtype=bool),
                 "comparison": {"judged_on": "audit", "model_accuracy": measured["audit_accuracy"], "n": len(audit)}
                 if judged else {}}
 
@@ -591,12 +595,36 @@ class Method(ABC):
         seed = derive_seed(run.seed, round_no, _EVAL)
         candidates = [{**ws.deliverable(method, trained, audit, seed, laps), "at": order}
                       for order, method in enumerate(ws.policy.deliverable_methods(run.generation))]
+        if len(candidates) > 1:  # the verdict orders candidates; one deliverable is delivered whatever it says
+            self._judge_against_proxy(run, candidates, trained, audit, train_bucket, laps)
         best = max(candidates, key=deliverable_rank)
         if len(candidates) > 1 and extra is not None:
             extra["deliverables"] = [{"method": c["method"], "test_accuracy": round(c["test_accuracy"], 4),
                                       "audit_accuracy": (c["comparison"] or {}).get("model_accuracy"),
-                                      "chosen": c is best} for c in candidates]
+                                      "verdict": c.get("verdict"), "chosen": c is best} for c in candidates]
         return best["test_accuracy"], best["method"]
+
+    def _judge_against_proxy(self, run: RunState, candidates: list[dict[str, Any]], trained: np.ndarray,
+                             audit: np.ndarray, bucket: str, laps: Laps) -> None:
+        """Each deliverable judged on the audit labels gets the finetune job's verdict against the serving
+        proxy (``judge_model``: the proxy cross-fitted on the same audit labels), which ranks before the audit
+        accuracy."""
+        judged = [c for c in candidates if c["comparison"]]
+        if not judged:
+            return
+        x = self._features(run, run.checkpoint, "train", bucket, laps)
+        labels = self.ws.dataset.train.labels
+        with laps("evaluation"):
+            for c in judged:
+                comparison = judge_model(self.ws.config.gate(), self._make_proxy(run), c["audit_right"], x[trained],
+                                         labels[trained], x[audit], labels[audit], seed=run.seed)
+                if comparison is not None:
+                    c.update(verdict=str(comparison["verdict"]), comparison=comparison)
+
+    def _make_proxy(self, run: RunState) -> Callable[[], Any]:
+        from asvp_backend.selection import create_proxy
+
+        return lambda: create_proxy(self.ws.config.proxy, device=self.ws.proxy_device, seed=run.seed)
 
 
 class RandomMethod(Method):
@@ -661,11 +689,6 @@ class ProxyMethod(Method):
         """The proxy's accuracy estimated on the audit labels, as the round job records it."""
         with laps("evaluation"):
             return audit_estimate(inputs, self._audit_rows(run, rows), self._queue(run), self.ws.proxy_device)
-
-    def _make_proxy(self, run: RunState) -> Callable[[], Any]:
-        from asvp_backend.selection import create_proxy
-
-        return lambda: create_proxy(self.ws.config.proxy, device=self.ws.proxy_device, seed=run.seed)
 
     def play(self, run: RunState, round_no: int, rows: np.ndarray, budget: int, laps: Laps) -> Outcome:
         inputs, ranking = self._rank(run, round_no, rows, budget, laps)

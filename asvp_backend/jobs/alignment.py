@@ -21,13 +21,12 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from asvp_backend.alignment.gate import WAIT as GATE_WAIT
-from asvp_backend.alignment.gate import Gate, GateDecision, cross_fitted_right, judge_features
+from asvp_backend.alignment.gate import Gate, GateDecision, Verdict, cross_fitted_right, judge_features, judge_model
 from asvp_backend.alignment.policy import UPDATE, WAIT, AlignmentPolicy, Decision
 from asvp_backend.config import Settings
 from asvp_backend.features.store import FeatureGeneration, FeatureStore
@@ -131,14 +130,6 @@ def force_update(runtime: Runtime, pid: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ the verdict against the proxy
-class Verdict(StrEnum):
-    """A fine-tuned model against the proxy on the same labels (stored as its text in the model's record)."""
-
-    MODEL = "model"  # the model is the more accurate: it is the deliverable and may pre-annotate
-    PROXY = "proxy"  # the proxy is at least as accurate: export refuses the model without --even-if-worse
-    UNJUDGED = "unjudged"  # nothing to compare on
-
-
 MODEL, PROXY, UNJUDGED = Verdict.MODEL, Verdict.PROXY, Verdict.UNJUDGED
 JUDGING = "comparing with the proxy"
 
@@ -224,16 +215,11 @@ def judge_on_audit(settings: Settings, generation: FeatureGeneration | None, ite
     probs = model.predict_proba([image for image, keep in zip(images, found.tolist(), strict=True) if keep])
     model_right = np.asarray(result.classes, dtype=object)[probs.argmax(axis=1)] == y_audit
     device = proxy_device(settings.device)
-    proxy_right = cross_fitted_right(lambda: create_proxy(settings.proxy, device=device, seed=settings.seed),
-                                     x_other, y_other, x_audit, y_audit, seed=settings.seed)
-    if proxy_right is None:
+    record = judge_model(gate, lambda: create_proxy(settings.proxy, device=device, seed=settings.seed), model_right,
+                         x_other, y_other, x_audit, y_audit, seed=settings.seed)
+    if record is None:
         return None
-    verdict = gate.judge(model_right, proxy_right, what="the fine-tuned model's labels")
-    record = {"verdict": MODEL if verdict.adopts else PROXY, "judged_on": "audit", "n": int(len(y_audit)),
-              "proxy": settings.proxy, "proxy_generation": generation.info.generation,
-              "proxy_trained_on": int(len(y_other)), "model_accuracy": float(model_right.mean()),
-              "proxy_accuracy": float(proxy_right.mean()), "model_only": int((model_right & ~proxy_right).sum()),
-              "proxy_only": int((proxy_right & ~model_right).sum()), "gate": verdict.to_dict()}
+    record.update(proxy=settings.proxy, proxy_generation=generation.info.generation, proxy_trained_on=int(len(y_other)))
     record["reason"] = verdict_text(record)
     return record
 

@@ -8,7 +8,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from asvp_backend.alignment.gate import ADOPT, REJECT, WAIT, AuditEstimate, Gate, cross_fitted_right
+from asvp_backend.alignment.gate import (
+    ADOPT,
+    REJECT,
+    WAIT,
+    AuditEstimate,
+    Gate,
+    Verdict,
+    cross_fitted_right,
+    judge_model,
+)
 
 
 class _Memoriser:
@@ -58,6 +67,42 @@ def test_cross_fitting_says_none_without_labels_or_without_two_classes() -> None
     x = np.zeros((3, 2))
     assert cross_fitted_right(_Memoriser, x, np.array(["a"] * 3), x[:0], np.array([], dtype=object)) is None
     assert cross_fitted_right(_Memoriser, x[:0], np.array([], dtype=object), x, np.array(["a"] * 3)) is None
+
+
+def _separable(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two well-separated classes: a linear proxy labels nearly all of them right."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    return (np.where(y[:, None] == 1, 3.0, -3.0) + rng.normal(size=(n, 4))).astype(np.float32), \
+        y.astype(str).astype(object)
+
+
+def test_a_fine_tuned_model_is_judged_against_the_cross_fitted_proxy_on_the_same_audit_labels() -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    x_other, y_other = _separable(60, 2)
+    x_audit, y_audit = _separable(80, 3)
+    gate = Gate(z=1.0, min_labels=60)
+    proxy_right = cross_fitted_right(LogisticRegression, x_other, y_other, x_audit, y_audit, seed=4)
+    assert proxy_right is not None and proxy_right.mean() > 0.95
+    worse = np.arange(80) % 4 != 0  # the model misses a quarter: the proxy stays the better model
+    record = judge_model(gate, LogisticRegression, worse, x_other, y_other, x_audit, y_audit, seed=4)
+    assert record is not None and record["verdict"] == Verdict.PROXY and record["judged_on"] == "audit"
+    assert record["n"] == 80 and record["model_accuracy"] == 0.75
+    assert record["proxy_accuracy"] == pytest.approx(proxy_right.mean())
+    assert record["gate"]["decision"] == REJECT
+    assert record["model_only"] + record["proxy_only"] == int((worse != proxy_right).sum())
+    # a proxy with nothing to learn from (the features are noise) loses to a model that is right throughout
+    noise = np.random.default_rng(5).normal(size=(140, 4)).astype(np.float32)
+    record = judge_model(gate, LogisticRegression, np.ones(80, bool), noise[:60], y_other, noise[60:], y_audit, seed=4)
+    assert record is not None and record["verdict"] == Verdict.MODEL and record["gate"]["decision"] == ADOPT
+    assert record["model_accuracy"] == 1.0 and record["proxy_accuracy"] < 0.8
+
+
+def test_judging_a_model_says_none_when_the_proxy_cannot_be_cross_fitted() -> None:
+    x = np.zeros((3, 2))
+    assert judge_model(Gate(), _Memoriser, np.ones(3, bool), x[:0], np.array([], dtype=object), x,
+                       np.array(["a"] * 3, dtype=object)) is None
 
 
 def _paired(n: int, challenger_only: int, incumbent_only: int, both: int) -> tuple[np.ndarray, np.ndarray]:

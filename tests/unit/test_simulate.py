@@ -202,11 +202,13 @@ def test_with_training_method_audit_a_refreshed_deliverable_is_trained_both_ways
     chosen = lpft if lpft["chosen"] else ft
     assert asvp.rounds[2]["evaluated_by"] == chosen["method"] and asvp.rounds[2]["accuracy"] == pytest.approx(
         chosen["test_accuracy"], abs=1e-4)
-    if audit_min_labels == 4:  # 8 audit labels judge: the more accurate on them, FT on a tie
+    if audit_min_labels == 4:  # 8 audit labels judge: one the proxy did not beat, then the more accurate on
+        # them, FT on a tie, as the backend's finetune job ranks them
         assert lpft["audit_accuracy"] is not None and ft["audit_accuracy"] is not None
-        assert chosen is (lpft if lpft["audit_accuracy"] > ft["audit_accuracy"] else ft)
+        assert {lpft["verdict"], ft["verdict"]} <= {"model", "proxy"}
+        assert chosen is max((ft, lpft), key=lambda c: (c["verdict"] == "model", c["audit_accuracy"]))
     else:  # too few audit labels to judge: FT, the method after a refresh
-        assert lpft["audit_accuracy"] is None and chosen is ft
+        assert lpft["audit_accuracy"] is None and lpft["verdict"] is None and chosen is ft
 
 
 def test_runs_that_pick_the_same_labels_share_their_deliverables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
