@@ -29,13 +29,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def generation_at_evaluation(record: dict[str, Any]) -> int:
-    """The feature generation a round's deliverable was trained for: the round's starting generation, plus one
-    when a refresh that waited for audit labels was adopted at the start of the round (before the evaluation; a
-    refresh fired in the round itself is judged after it, and then the round also records its `update`)."""
-    gate = record.get("gate") or {}
-    adopted_first = gate.get("outcome") == "adopted" and "update" not in record
-    return int(record["generation"]) + int(adopted_first)
+def serving_at_evaluation(rounds: list[dict[str, Any]], round_no: int) -> tuple[int, str | None]:
+    """The feature generation and backbone checkpoint that served when round ``round_no``'s deliverable was
+    trained: every refresh adopted in an earlier round, and one adopted at the start of this round (a refresh that
+    waited for audit labels); a refresh fired in the round itself is judged after the evaluation, and then the
+    round also records its `update`."""
+    generation, checkpoint = 0, None
+    for number, record in enumerate(rounds[: round_no + 1]):
+        gate = record.get("gate") or {}
+        if gate.get("outcome") == "adopted" and (number < round_no or "update" not in record):
+            generation, checkpoint = generation + 1, gate.get("checkpoint")
+    return generation, checkpoint
 
 
 def merged(path: Path, new: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -80,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                 if round_no >= len(saved["rounds"]):
                     parser.error(f"{path.stem} has rounds 0..{len(saved['rounds']) - 1}")
                 run = RunState.from_dict(saved)
-                run.generation = generation_at_evaluation(saved["rounds"][round_no])
+                run.generation, run.checkpoint = serving_at_evaluation(saved["rounds"], round_no)
                 rows = np.concatenate([np.asarray(r["added"], np.int64) for r in saved["rounds"][: round_no + 1]])
                 extra: dict[str, Any] = {}
                 accuracy, by = method._evaluate(run, round_no, rows, None, Laps(), extra=extra)
