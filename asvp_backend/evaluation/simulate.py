@@ -614,6 +614,7 @@ class Method(ABC):
             return
         x = self._features(run, run.checkpoint, "train", bucket, laps)
         labels = self.ws.dataset.train.labels
+        trained = np.sort(trained)  # task-id order, as the job reads its labels
         with laps("evaluation"):
             for c in judged:
                 comparison = judge_model(self.ws.config.gate(), self._make_proxy(run), c["audit_right"], x[trained],
