@@ -1,5 +1,5 @@
 """Judging on the audit labels: the proxy's estimated accuracy, and the gate a refreshed feature generation
-must pass before it serves.
+must pass before it serves (and a fine-tuned model before it is the deliverable).
 
 Invariant: every audit label that judges a proxy is predicted by a proxy that did not train on it
 (cross-fitting: the audit labels are split into folds, and each fold is predicted by a proxy fitted on every
@@ -153,7 +153,6 @@ def judge_features(gate: Gate, make_proxy: Callable[[], Any], x_challenger: np.n
         return cross_fitted_right(make_proxy, x[~is_audit], y[~is_audit], x[is_audit], y[is_audit], seed=seed)
 
     return gate.judge(right(x_challenger), right(x_incumbent), what=what)
-
 
 
 def judge_model(gate: Gate, make_proxy: Callable[[], Any], model_right: np.ndarray, x_other: np.ndarray,
