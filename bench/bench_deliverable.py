@@ -11,7 +11,8 @@ backend would deliver.
 
 Writes OUT/deliverables.json (one row per run, round, TRAINING_METHOD and candidate; rows of other runs, rounds and
 training methods already there are kept, and rerunning reads trained rounds back from the cache) and prints a table
-of the delivered model per method, training method and round (mean over seeds).
+of the delivered model per method, training method and round (mean over seeds). `--pool ft,lpft` instead trains
+those methods again and measures each on the round's unlabelled pool as well (OUT/pool.json).
 """
 
 from __future__ import annotations
@@ -53,6 +54,28 @@ def merged(path: Path, new: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                              r["trained_with"]))
 
 
+def on_the_pool(workspace: Any, run: Any, round_no: int, rows: np.ndarray, methods: list[str]) -> dict[str, Any]:
+    """Each method's deliverable of the round trained again (the rows, recipe and seed `_evaluate` uses) and
+    measured on the test split and on the round's unlabelled pool: the images its pre-annotations would be shown
+    on, which the audit labels sample and the test split does not (margin sampling empties the pool of hard ones)."""
+    from asvp_backend.evaluation.simulate import _EVAL, derive_seed
+
+    audit = np.intersect1d(np.asarray(run.audit, np.int64), rows)
+    trained = rows[~np.isin(rows, audit)]
+    train, test = workspace.dataset.train, workspace.dataset.test
+    pool = np.setdiff1d(np.arange(len(train)), rows)
+    measured: dict[str, Any] = {"pool": len(pool)}
+    for method in methods:
+        result = workspace.finetune(method, trained, derive_seed(run.seed, round_no, _EVAL))
+        on_test = workspace.classify(result, test, np.arange(len(test)), f"test {method}").argmax(axis=1)
+        on_pool = workspace.classify(result, train, pool, f"pool {method}").argmax(axis=1)
+        on_audit = workspace.classify(result, train, audit, f"audit {method}").argmax(axis=1)
+        measured[method] = {"test_accuracy": float(np.mean(on_test == test.labels)),
+                            "pool_accuracy": float(np.mean(on_pool == train.labels[pool])),
+                            "audit_accuracy": float(np.mean(on_audit == train.labels[audit]))}
+    return measured
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="a simulate OUT folder (config.json, progress/)")
@@ -61,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: every seed in progress/)")
     parser.add_argument("--training-method", default=None, help="TRAINING_METHOD for the deliverable (default: the "
                         "run's); audit trains LP-FT and FT after a refresh and shows both")
+    parser.add_argument("--pool", default=None, help="comma-separated methods (e.g. ft,lpft): train each again and "
+                        "measure it on the round's unlabelled pool too; writes OUT/pool.json (one more fine-tune each)")
     args = parser.parse_args(argv)
 
     from asvp_backend.evaluation.datasets import load_dataset
@@ -74,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = [int(r) for r in args.rounds.split(",")]
     seeds = None if args.seeds is None else {int(s) for s in args.seeds.split(",")}
     rows_out: list[dict[str, Any]] = []
+    pool_rows: list[dict[str, Any]] = []
     for method_name in args.methods.split(","):
         for path in sorted((args.out / "progress").glob(f"{method_name}-seed*.json")):
             saved = json.loads(path.read_text())
@@ -86,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
                 run = RunState.from_dict(saved)
                 run.generation, run.checkpoint = serving_at_evaluation(saved["rounds"], round_no)
                 rows = np.concatenate([np.asarray(r["added"], np.int64) for r in saved["rounds"][: round_no + 1]])
+                if args.pool:
+                    measured = on_the_pool(workspace, run, round_no, rows, args.pool.split(","))
+                    pool_rows.append({"run": path.stem, "round": round_no, "labels": len(rows), **measured})
+                    print(f"{path.stem} round {round_no}: {json.dumps(measured)}", flush=True)
+                    continue
                 extra: dict[str, Any] = {}
                 accuracy, by = method._evaluate(run, round_no, rows, None, Laps(), extra=extra)
                 candidates = extra.get("deliverables") or [{"method": by, "test_accuracy": accuracy,
@@ -101,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
                                   f"{' *' if c['chosen'] else ''}" for c in candidates)
                 print(f"{path.stem} round {round_no} ({len(rows)} labels, generation {run.generation}): {shown}",
                       flush=True)
+    if args.pool:
+        path = args.out / "pool.json"
+        old = [r for r in (json.loads(path.read_text()) if path.is_file() else [])
+               if (r["run"], r["round"]) not in {(n["run"], n["round"]) for n in pool_rows}]
+        path.write_text(json.dumps(old + pool_rows, indent=1))
+        return 0
     rows_out = merged(args.out / "deliverables.json", rows_out)
     (args.out / "deliverables.json").write_text(json.dumps(rows_out, indent=1))
     columns: dict[tuple[str, str, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
