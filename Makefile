@@ -7,8 +7,9 @@ PYTHON      ?= python3
 VENV_ROOT   ?= $(HOME)/.cache/asvp-backend
 REQ_HASH    := $(shell cat requirements-api.txt requirements.txt requirements-test.txt | sha256sum | cut -c1-12)
 VENV        ?= $(VENV_ROOT)/venv-$(REQ_HASH)
-LS_VERSION  := 1.23.2
+LS_VERSION  := $(shell sed -n "s/^label-studio==//p" requirements-label-studio.txt)
 LS_VENV     ?= $(VENV_ROOT)/label-studio-$(LS_VERSION)
+LS_HASH     := $(shell sha256sum requirements-label-studio.txt | cut -c1-12)
 BIN         := $(VENV)/bin
 PYTEST_ARGS ?=
 
@@ -33,17 +34,17 @@ $(VENV)/.complete:  # the hash in $(VENV) tracks the requirements; mtimes of a f
 	$(BIN)/python -c "import torch, torchvision, timm, fastapi, rq, label_studio_sdk"
 	touch $@
 
-ls-venv: $(LS_VENV)/.complete  ## Label Studio $(LS_VERSION) in its own environment (for the e2e tests)
+ls-venv: $(LS_VENV)/.complete-$(LS_HASH)  ## Label Studio $(LS_VERSION) in its own environment (for the e2e tests)
 
 LS_PORT     ?= 8080
 label-studio: ls-venv  ## start Label Studio $(LS_VERSION) on port 8080 with the three settings a local backend needs
 	LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true ML_BLOCK_LOCAL_IP=false SSRF_PROTECTION_ENABLED=false \
 	  $(LS_VENV)/bin/label-studio start --no-browser --port $(LS_PORT)
 
-$(LS_VENV)/.complete:
+$(LS_VENV)/.complete-$(LS_HASH):  # the marker names the pins' hash: changed pins rebuild the environment
 	rm -rf $(LS_VENV)
 	$(PYTHON) -m venv $(LS_VENV)
-	$(LS_VENV)/bin/pip install -q label-studio==$(LS_VERSION) 2>&1 | grep -v "is ignored" || true
+	$(LS_VENV)/bin/pip install -q -r requirements-label-studio.txt 2>&1 | grep -v "is ignored" || true
 	$(LS_VENV)/bin/python -c "import label_studio, sys; sys.exit(label_studio.__version__ != '$(LS_VERSION)')"
 	touch $@
 
