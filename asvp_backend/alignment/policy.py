@@ -12,7 +12,7 @@ Training alignment: the training method follows the feature state. LP-FT while t
 the pre-trained features (generation 0), FT for a feature update (the FT model re-extracts the features).
 The deliverable follows the same rule; `TRAINING_METHOD=audit` instead trains it both ways after a refresh and
 lets the audit labels choose (`deliverable_methods`, `deliverable_rank`). Not the default: with about 67 audit
-labels it picked the better of the two in 1 of 4 measured cases (bench/results/deliverable_cpu.md).
+labels it picked the better of the two in 2 of 5 measured cases (bench/results/deliverable_cpu.md).
 
 Pure and deterministic: the backend's round job and `simulate` make the same decision from the same
 inputs, and every decision carries its inputs and its reason so that a person can check it.
