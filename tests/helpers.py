@@ -104,6 +104,11 @@ class TcpProxy:
     def stop(self) -> None:
         listener, self._listener = self._listener, None
         if listener is not None:
+            # close() alone does not wake a thread blocked in accept() on Linux: the socket keeps
+            # listening until the next client arrives, so start() could not bind the port again.
+            # shutdown() stops the listening at once and makes that accept() fail.
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
             listener.close()
         with self._lock:
             sockets, self._sockets = self._sockets, set()
@@ -119,6 +124,9 @@ class TcpProxy:
             try:
                 client, _ = listener.accept()
             except OSError:
+                return
+            if self._listener is not listener:  # accepted while stop() ran: refuse it too
+                client.close()
                 return
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
