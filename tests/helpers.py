@@ -125,17 +125,20 @@ class TcpProxy:
                 client, _ = listener.accept()
             except OSError:
                 return
-            if self._listener is not listener:  # accepted while stop() ran: refuse it too
-                client.close()
-                return
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
                 upstream.settimeout(None)
             except OSError:
                 client.close()
                 continue
-            with self._lock:
-                self._sockets.update((client, upstream))
+            with self._lock:  # stop() swaps the sockets under this lock: a pair accepted meanwhile is refused
+                stopped = self._listener is not listener
+                if not stopped:
+                    self._sockets.update((client, upstream))
+            if stopped:
+                client.close()
+                upstream.close()
+                return
             threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
 
